@@ -1,0 +1,189 @@
+"""One error shape for every service: OpenAI's ``{"error": {...}}`` envelope.
+
+Domain code raises :class:`APIError` subclasses (or plain domain exceptions that a
+service maps to them); the handlers installed by :func:`install_error_handlers` turn
+them, FastAPI's validation errors and anything unexpected into the envelope. A 500
+never carries a stack trace: the trace goes to the log with the request id.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.logs import request_id_var
+
+log = logging.getLogger(__name__)
+
+
+class APIError(StarletteHTTPException):
+    """An error with an HTTP status, rendered in the OpenAI envelope.
+
+    It is a Starlette ``HTTPException`` so that FastAPI lets it through unchanged
+    when it is raised while the request body is read (the body-size limit).
+    """
+
+    status: int = 500
+    type: str = "server_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(self.status, message, dict(headers or {}))
+        self.message = message
+        self.code = code or self.default_code
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return envelope(self.message, self.type, code=self.code, param=self.param)
+
+
+class BadRequest(APIError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(APIError):
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_token"
+
+    def __init__(self, message: str, *, error: str = "invalid_token") -> None:
+        challenge = 'Bearer realm="baton"'
+        if error:
+            challenge += f', error="{error}"'
+        super().__init__(message, code=error or "missing_token", headers={"WWW-Authenticate": challenge})
+
+
+class Forbidden(APIError):
+    status = 403
+    type = "permission_error"
+    default_code = "insufficient_scope"
+
+    def __init__(self, needed: Sequence[str]) -> None:
+        wanted = " ".join(needed)
+        super().__init__(
+            f"this token lacks the scope this endpoint needs: {' or '.join(needed)}",
+            headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{wanted}"'},
+        )
+
+
+class NotFound(APIError):
+    status = 404
+    type = "not_found_error"
+    default_code = "not_found"
+
+
+class Gone(APIError):
+    status = 410
+    type = "invalid_request_error"
+    default_code = "gone"
+
+
+class PayloadTooLarge(APIError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+
+class TooManyRequests(APIError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: float, code: str | None = None) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": _seconds(retry_after_s)})
+
+
+class ServiceUnavailable(APIError):
+    status = 503
+    type = "service_unavailable_error"
+    default_code = "unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, code: str | None = None) -> None:
+        headers = {"Retry-After": _seconds(retry_after_s)} if retry_after_s is not None else None
+        super().__init__(message, code=code, headers=headers)
+
+
+def _seconds(value: float) -> str:
+    return str(max(1, int(value + 0.999)))
+
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    410: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
+
+
+def envelope(message: str, type_: str, *, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def internal_message() -> str:
+    rid = request_id_var.get()
+    return f"internal error; the service log has the details under request id {rid}"
+
+
+def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """A one-line message and the offending parameter from pydantic's errors."""
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON (or not UTF-8)", None
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(cast(APIError, exc))
+
+    async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+        message, param = validation_message(cast(RequestValidationError, exc).errors())
+        return JSONResponse(envelope(message, "invalid_request_error", param=param, code="invalid_value"), 400)
+
+    async def on_http_error(_: Request, error: Exception) -> JSONResponse:
+        exc = cast(StarletteHTTPException, error)
+        type_ = _TYPE_BY_STATUS.get(
+            exc.status_code, "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        )
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return JSONResponse(envelope(message, type_), exc.status_code, headers=getattr(exc, "headers", None))
+
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=exc)
+        return JSONResponse(envelope(internal_message(), "server_error", code="internal_error"), 500)
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

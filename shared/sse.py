@@ -1,0 +1,57 @@
+"""Server-sent events: a response type, and the rule for failures mid-stream.
+
+Once a stream has started, its status is already 200: a failure is sent as an
+error event in the usual envelope, followed by ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+
+from shared.errors import APIError, envelope, internal_message
+
+log = logging.getLogger(__name__)
+
+DONE = "data: [DONE]\n\n"
+
+
+def frame(data: dict[str, Any] | str, event: str | None = None) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    prefix = f"event: {event}\n" if event else ""
+    return f"{prefix}data: {payload}\n\n"
+
+
+def error_frames(exc: BaseException) -> list[str]:
+    if isinstance(exc, APIError):
+        body = exc.body()
+    else:
+        body = envelope(internal_message(), "server_error", code="internal_error")
+    return [frame(body), DONE]
+
+
+async def guarded(frames: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Pass frames through; turn a failure into an error event and [DONE]."""
+    try:
+        async for item in frames:
+            yield item
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        if not isinstance(exc, APIError):
+            log.error("stream failed after it started", exc_info=exc)
+        for item in error_frames(exc):
+            yield item
+
+
+def sse_response(frames: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        guarded(frames),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,242 @@
+"""FastAPI pieces every service uses: auth dependencies, middleware, common routes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared import __version__
+from shared.auth import InvalidToken, Principal, TokenVerifier
+from shared.errors import (
+    Forbidden,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
+    envelope,
+    install_error_handlers,
+    internal_message,
+)
+from shared.logs import request_id_var
+from shared.metrics import Metrics
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("baton.access")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class Auth:
+    """Builds FastAPI dependencies that authenticate and check scopes."""
+
+    def __init__(self, verifier: TokenVerifier) -> None:
+        self.verifier = verifier
+
+    def authenticate(self, request: Request) -> Principal:
+        header = request.headers.get("authorization")
+        if header is None:
+            raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'", error="")
+        scheme, _, credential = header.partition(" ")
+        if scheme.lower() != "bearer" or not credential.strip():
+            raise Unauthorized("the Authorization header must be 'Bearer <token>'", error="invalid_request")
+        try:
+            return self.verifier.verify(credential.strip())
+        except InvalidToken as exc:
+            raise Unauthorized(f"invalid bearer token: {exc}") from None
+
+    def require(self, *scopes: str) -> Callable[[Request], Principal]:
+        """A dependency: a valid token holding any one of ``scopes`` (none: any valid token)."""
+
+        def dependency(request: Request) -> Principal:
+            principal = self.authenticate(request)
+            if scopes and not principal.has_any(scopes):
+                raise Forbidden(scopes)
+            return principal
+
+        return dependency
+
+
+@dataclass
+class Readiness:
+    ok: bool
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+ReadyCheck = Callable[[], Awaitable[Readiness]]
+
+
+async def always_ready() -> Readiness:
+    return Readiness(True)
+
+
+class RequestContextMiddleware:
+    """Request id, body-size limit, access log, HTTP metrics, and the last-resort 500.
+
+    A pure ASGI middleware (no ``BaseHTTPMiddleware``) so streaming responses pass
+    through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        token = request_id_var.set(rid)
+        started = time.perf_counter()
+        state = {"status": 500, "started": False}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+                state["started"] = True
+                MutableHeaders(scope=message).append("x-request-id", rid)
+            await send(message)
+
+        try:
+            too_large = _declared_too_large(headers, self.max_body_bytes)
+            if too_large is not None:
+                await _send_error(send_with_id, too_large)
+            else:
+                await self.app(scope, self._limited(receive), send_with_id)
+        except Exception as exc:
+            log.error("unhandled error", exc_info=exc)
+            if not state["started"]:
+                body = envelope(internal_message(), "server_error", code="internal_error")
+                await _send_json(send_with_id, 500, body)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            method = scope.get("method", "")
+            status = str(state["status"])
+            self.metrics.requests.labels(template, method, status).inc()
+            self.metrics.latency.labels(template, method).observe(elapsed)
+            access_log.info(
+                "request",
+                extra={
+                    "method": method,
+                    "path": scope.get("path"),
+                    "status": state["status"],
+                    "duration_ms": round(elapsed * 1000, 2),
+                },
+            )
+            request_id_var.reset(token)
+
+    def _limited(self, receive: Receive) -> Receive:
+        limit = self.max_body_bytes
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _too_large(limit)
+            return message
+
+        return limited_receive
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body larger than {limit / 1_048_576:g} MB")
+
+
+def _declared_too_large(headers: dict[bytes, bytes], limit: int) -> PayloadTooLarge | None:
+    declared = headers.get(b"content-length")
+    if declared is None:
+        return None
+    try:
+        size = int(declared)
+    except ValueError:
+        return None
+    return _too_large(limit) if size > limit else None
+
+
+async def _send_error(send: Send, exc: PayloadTooLarge) -> None:
+    await _send_json(send, exc.status, exc.body(), {"connection": "close"})
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any], extra: dict[str, str] | None = None) -> None:
+    payload = json.dumps(body).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw_headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def create_service_app(
+    *,
+    name: str,
+    auth: Auth,
+    metrics: Metrics,
+    max_body_bytes: int,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+    ready: ReadyCheck = always_ready,
+    info: Callable[[], dict[str, Any]] | None = None,
+) -> FastAPI:
+    """The FastAPI app every service starts from.
+
+    ``/health`` and ``/ready`` are open; ``/metrics`` and ``/openapi.json`` need scope
+    ``admin``; ``/v1/info`` needs any valid token.
+    """
+    app = FastAPI(
+        title=f"baton {name}",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=max_body_bytes)
+
+    router = APIRouter()
+
+    @router.get("/health", tags=["ops"])
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "service": name, "version": __version__}
+
+    @router.get("/ready", tags=["ops"], response_model=None)
+    async def readiness() -> Response:
+        state = await ready()
+        if state.ok:
+            return JSONResponse({"status": "ready", "service": name, **state.detail})
+        error = ServiceUnavailable(f"{name} is not ready", retry_after_s=1, code="not_ready")
+        body = error.body()
+        body["error"]["detail"] = state.detail
+        return JSONResponse(body, status_code=503, headers=error.headers)
+
+    @router.get("/metrics", tags=["ops"], dependencies=[Depends(auth.require("admin"))])
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @router.get("/openapi.json", tags=["ops"], dependencies=[Depends(auth.require())])
+    async def openapi() -> dict[str, Any]:
+        return app.openapi()
+
+    @router.get("/v1/info", tags=["ops"], dependencies=[Depends(auth.require())])
+    async def service_info() -> dict[str, Any]:
+        base: dict[str, Any] = {"service": name, "version": __version__}
+        return base | (info() if info else {})
+
+    app.include_router(router)
+    return app
