@@ -1,0 +1,1 @@
+"""Baton's four services: llm (Gemma), transcription, rag, coordinator."""

@@ -1,0 +1,115 @@
+"""HTTP routes of the coordinator: thin; the work is in :mod:`leases`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from sse_starlette import EventSourceResponse
+
+from services.coordinator.leases import (
+    CallerGone,
+    LeaseGone,
+    LeaseManager,
+    QueueFull,
+    StoreUnavailable,
+    WaitOver,
+)
+from services.coordinator.schemas import GpuStatus, HistoryEntry, LeaseGrant, LeaseRequest, Renewal
+from services.coordinator.settings import CoordinatorSettings
+from shared.errors import BadRequest, Gone, ServiceUnavailable, TooManyRequests
+from shared.web import Auth
+
+MAX_LEASE_ID = 128
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _unavailable(exc: StoreUnavailable) -> ServiceUnavailable:
+    return ServiceUnavailable(f"the lease store is unavailable: {exc}", retry_after_s=1, code="store_unavailable")
+
+
+def build_router(manager: LeaseManager, settings: CoordinatorSettings, auth: Auth) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["gpu"])
+    holder_scope = [Depends(auth.require("gpu"))]
+    reader_scope = [Depends(auth.require("gpu", "admin"))]
+
+    @router.post("/leases", status_code=201, dependencies=holder_scope, response_model=LeaseGrant)
+    async def acquire(body: LeaseRequest, request: Request) -> LeaseGrant | Response:
+        ttl_ms = body.ttl_ms or settings.default_ttl_ms
+        if ttl_ms > settings.max_ttl_ms:
+            raise BadRequest(f"ttl_ms must be at most {settings.max_ttl_ms}", param="ttl_ms")
+        try:
+            grant = await manager.acquire(
+                body.holder, body.priority, ttl_ms, body.wait_ms, body.waiter_id, lambda: _disconnected(request)
+            )
+        except QueueFull as exc:
+            raise TooManyRequests("the GPU queue is full", retry_after_s=exc.retry_after_s) from None
+        except WaitOver as exc:
+            raise ServiceUnavailable(
+                "the GPU was not granted within wait_ms", retry_after_s=exc.retry_after_s, code="wait_over"
+            ) from None
+        except CallerGone:
+            return Response(status_code=499)  # the caller left; nobody reads this
+        except StoreUnavailable as exc:
+            raise _unavailable(exc) from None
+        return LeaseGrant(**{k: v for k, v in asdict(grant).items() if k != "requested_at"})
+
+    def _lease_id(lease_id: str) -> str:
+        if len(lease_id) > MAX_LEASE_ID:
+            raise Gone("unknown lease", code="unknown")
+        return lease_id
+
+    @router.post("/leases/{lease_id}/renew", dependencies=holder_scope)
+    async def renew(lease_id: str) -> Renewal:
+        try:
+            renewal = await manager.renew(_lease_id(lease_id))
+        except LeaseGone as exc:
+            raise Gone(f"this lease is gone ({exc.reason})", code=exc.reason) from None
+        except StoreUnavailable as exc:
+            raise _unavailable(exc) from None
+        return Renewal(**asdict(renewal))
+
+    @router.delete("/leases/{lease_id}", status_code=204, dependencies=holder_scope)
+    async def release(lease_id: str) -> Response:
+        try:
+            await manager.release(_lease_id(lease_id))
+        except LeaseGone as exc:
+            raise Gone(f"not the current lease ({exc.reason})", code=exc.reason) from None
+        except StoreUnavailable as exc:
+            raise _unavailable(exc) from None
+        return Response(status_code=204)
+
+    @router.get("/gpu", dependencies=reader_scope)
+    async def gpu() -> GpuStatus:
+        try:
+            return GpuStatus(**await manager.status())
+        except StoreUnavailable as exc:
+            raise _unavailable(exc) from None
+
+    @router.get("/history", dependencies=reader_scope)
+    async def history(limit: int = Query(default=50, ge=1, le=1000)) -> list[HistoryEntry]:
+        try:
+            return [HistoryEntry(**item) for item in await manager.history(limit)]
+        except StoreUnavailable as exc:
+            raise _unavailable(exc) from None
+
+    @router.get("/events", dependencies=reader_scope, response_class=EventSourceResponse)
+    async def events() -> EventSourceResponse:
+        async def stream() -> AsyncIterator[dict[str, Any]]:
+            async with manager.bus.subscribe() as queue:
+                # Tells the client its subscription is live: nothing before this is missed.
+                yield {"event": "subscribed", "data": json.dumps({"epoch": manager.epoch})}
+                while (event := await queue.get()) is not None:
+                    yield {"event": event["type"], "data": json.dumps(event)}
+
+        return EventSourceResponse(stream(), ping=15)
+
+    return router

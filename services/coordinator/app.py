@@ -1,0 +1,75 @@
+"""The coordinator app: ``create_app(settings)``; nothing is created at import."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from services.coordinator.api import build_router
+from services.coordinator.events import EventBus
+from services.coordinator.leases import CoordinatorMetrics, LeaseManager
+from services.coordinator.settings import CoordinatorSettings
+from shared.auth import TokenVerifier
+from shared.metrics import Metrics
+from shared.settings import load_settings
+from shared.web import Auth, Readiness, create_service_app
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
+    settings = settings or load_settings(CoordinatorSettings)
+    auth = Auth(TokenVerifier(settings.auth))
+    metrics = Metrics("coordinator")
+    timeout = settings.redis_timeout_ms / 1000.0
+    redis = Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    bus = EventBus()
+    manager = LeaseManager(redis, settings, bus, CoordinatorMetrics(metrics))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await manager.start()
+        try:
+            yield
+        finally:
+            bus.close()
+            await manager.stop()
+            await redis.aclose()
+
+    async def ready() -> Readiness:
+        ok = manager.epoch is not None and await manager.ping()
+        return Readiness(ok, {"redis": "ok" if ok else "unreachable"})
+
+    def info() -> dict[str, Any]:
+        return {
+            "redis_url": redact_url(settings.redis_url),
+            "epoch": manager.epoch,
+            "default_ttl_ms": settings.default_ttl_ms,
+            "max_ttl_ms": settings.max_ttl_ms,
+            "max_queue": settings.max_queue,
+            "max_batch_wait_ms": settings.max_batch_wait_ms,
+            "yield_grace_ms": settings.yield_grace_ms,
+        }
+
+    app = create_service_app(
+        name="coordinator",
+        auth=auth,
+        metrics=metrics,
+        max_body_bytes=int(settings.max_body_mb * 1_048_576),
+        lifespan=lifespan,
+        ready=ready,
+        info=info,
+    )
+    app.include_router(build_router(manager, settings, auth))
+    return app

@@ -1,0 +1,382 @@
+-- Every transition of the GPU lease, as one atomic script.
+--
+-- The clock is Redis' own (TIME), in milliseconds, for every timestamp and deadline.
+-- Each call first brings the state up to date (expiry, dead waiters, grant to the
+-- head of the queue, yield requests and revocation), then does its operation.
+-- It returns a JSON object: {now, events, next_at, ...}. cjson writes an empty
+-- list as {}, so readers must accept both.
+--
+-- KEYS: 1 lease (hash)  2 fence (counter)  3 epoch  4 interactive queue (zset)
+--       5 batch queue (zset)  6 waiters (hash id -> json)  7 history (list)
+--       8 arrival counter  9 meta (hash)
+-- ARGV: 1 op  2 epoch expected by the caller  3 max_batch_wait_ms  4 yield_grace_ms
+--       5 history_size  6 max_queue  7 min_fence (highest fence the caller has seen)
+--       8 key prefix (for the per-lease "ended" markers)  9.. op arguments
+
+redis.replicate_commands()
+
+local K_LEASE, K_FENCE, K_EPOCH, K_QI, K_QB, K_WAITERS, K_HISTORY, K_SEQ, K_META =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+
+local op = ARGV[1]
+local max_batch_wait = tonumber(ARGV[3])
+local grace = tonumber(ARGV[4])
+local history_size = tonumber(ARGV[5])
+local max_queue = tonumber(ARGV[6])
+local min_fence = tonumber(ARGV[7])
+local prefix = ARGV[8]
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local events = {}
+
+local function emit(kind, fence, holder, priority, extra)
+  local e = {type = kind, fence = fence or cjson.null, holder = holder, priority = priority, at = now}
+  if extra then
+    for k, v in pairs(extra) do e[k] = v end
+  end
+  events[#events + 1] = e
+end
+
+local function reply(body)
+  body.now = now
+  body.queue_len = redis.call('ZCARD', K_QI) + redis.call('ZCARD', K_QB)
+  body.events = events
+  return cjson.encode(body)
+end
+
+if op == 'init' then
+  -- ARGV 9: epoch to create if none  10: epoch this coordinator knew ('' if none)
+  --      11: quarantine length in ms when the data was lost
+  local stored = redis.call('GET', K_EPOCH)
+  if stored then
+    local quarantine = tonumber(redis.call('HGET', K_META, 'quarantine_until') or '0')
+    return reply({epoch = stored, quarantine_until = quarantine, lost = false})
+  end
+  -- No epoch: a new Redis, or one that lost our data. Fences continue above the
+  -- counter, above what the caller saw, and above the clock (covers both).
+  local counter = tonumber(redis.call('GET', K_FENCE) or '0')
+  local floor = math.max(counter, min_fence, now)
+  redis.call('SET', K_FENCE, string.format('%d', floor))
+  redis.call('SET', K_EPOCH, ARGV[9])
+  local lost = ARGV[10] ~= ''
+  local quarantine = 0
+  if lost then quarantine = now + tonumber(ARGV[11]) end
+  redis.call('HSET', K_META, 'quarantine_until', string.format('%d', quarantine))
+  return reply({epoch = ARGV[9], quarantine_until = quarantine, lost = lost})
+end
+
+if redis.call('GET', K_EPOCH) ~= ARGV[2] then
+  return cjson.encode({error = 'epoch', now = now})
+end
+
+local function lease_get()
+  local flat = redis.call('HGETALL', K_LEASE)
+  if #flat == 0 then return nil end
+  local l = {}
+  for i = 1, #flat, 2 do l[flat[i]] = flat[i + 1] end
+  for _, k in ipairs({'fence', 'ttl_ms', 'requested_at', 'granted_at', 'expires_at',
+                      'yield_requested', 'revoke_at', 'revoked'}) do
+    l[k] = tonumber(l[k])
+  end
+  return l
+end
+
+local function public_lease(l)
+  return {lease_id = l.lease_id, fence = l.fence, holder = l.holder, priority = l.priority,
+          ttl_ms = l.ttl_ms, requested_at = l.requested_at, granted_at = l.granted_at,
+          expires_at = l.expires_at, waited_ms = l.granted_at - l.requested_at,
+          yield_requested = l.yield_requested == 1, revoked = l.revoked == 1}
+end
+
+local function waiter_get(id)
+  local raw = redis.call('HGET', K_WAITERS, id)
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+
+-- how: the history's end (released | expired | revoked); event: what just happened
+-- (released | expired). A revoked lease ends as 'revoked' whichever way it ends.
+local function end_lease(l, event)
+  local how = event
+  if l.revoked == 1 then how = 'revoked' end
+  redis.call('DEL', K_LEASE)
+  redis.call('HDEL', K_WAITERS, l.waiter)
+  redis.call('SET', prefix .. 'ended:' .. l.lease_id, how, 'PX', 600000)
+  local record = {fence = l.fence, holder = l.holder, priority = l.priority,
+                  requested_at = l.requested_at, granted_at = l.granted_at,
+                  ended_at = now, ['end'] = how}
+  redis.call('LPUSH', K_HISTORY, cjson.encode(record))
+  redis.call('LTRIM', K_HISTORY, 0, history_size - 1)
+  emit(event, l.fence, l.holder, l.priority, {['end'] = how})
+end
+
+local function queue_of(priority)
+  if priority == 'interactive' then return K_QI end
+  return K_QB
+end
+
+local function drop_waiter(id, w, reason)
+  redis.call('ZREM', queue_of(w.priority), id)
+  redis.call('HDEL', K_WAITERS, id)
+  emit('left_queue', nil, w.holder, w.priority, {reason = reason})
+end
+
+local function starving(w)
+  return w ~= nil and now - w.requested_at >= max_batch_wait
+end
+
+-- The waiter that goes next: a starving batch waiter, else the first interactive,
+-- else the first batch waiter.
+local function head()
+  local b = redis.call('ZRANGE', K_QB, 0, 0)[1]
+  local bw = b and waiter_get(b)
+  if bw and starving(bw) then return b, bw end
+  local i = redis.call('ZRANGE', K_QI, 0, 0)[1]
+  if i then return i, waiter_get(i) end
+  if b then return b, bw end
+  return nil, nil
+end
+
+local function next_fence()
+  local f = redis.call('INCR', K_FENCE)
+  if f <= min_fence then
+    f = min_fence + 1
+    redis.call('SET', K_FENCE, string.format('%d', f))
+  end
+  return f
+end
+
+local function grant(id, w)
+  local fence = next_fence()
+  local l = {lease_id = w.lease_id, fence = fence, holder = w.holder, priority = w.priority,
+             ttl_ms = w.ttl_ms, requested_at = w.requested_at, granted_at = now,
+             expires_at = now + w.ttl_ms, yield_requested = 0, revoke_at = 0, revoked = 0,
+             waiter = id}
+  redis.call('HSET', K_LEASE,
+    'lease_id', l.lease_id, 'fence', string.format('%d', fence), 'holder', l.holder,
+    'priority', l.priority, 'ttl_ms', l.ttl_ms, 'requested_at', string.format('%d', l.requested_at),
+    'granted_at', string.format('%d', now), 'expires_at', string.format('%d', l.expires_at),
+    'yield_requested', 0, 'revoke_at', 0, 'revoked', 0, 'waiter', id)
+  redis.call('ZREM', queue_of(w.priority), id)
+  -- The record stays (marked granted) while the lease lives, so that a caller whose
+  -- connection broke can ask again with the same waiter id and get this grant.
+  w.granted = true
+  redis.call('HSET', K_WAITERS, id, cjson.encode(w))
+  -- waiter and lease_id let the coordinator answer the waiting caller at once;
+  -- it strips them before the event leaves the process.
+  emit('granted', fence, l.holder, l.priority,
+       {waiter = id, lease_id = l.lease_id, ttl_ms = l.ttl_ms, requested_at = l.requested_at,
+        granted_at = now, expires_at = l.expires_at, waited_ms = now - l.requested_at})
+  return l
+end
+
+local function advance()
+  local l = lease_get()
+  if l and now >= l.expires_at then
+    end_lease(l, 'expired')
+    l = nil
+  end
+
+  local next_at = 0
+  local function soon(at)
+    if at and at > 0 and (next_at == 0 or at < next_at) then next_at = at end
+  end
+
+  for _, q in ipairs({K_QI, K_QB}) do
+    for _, id in ipairs(redis.call('ZRANGE', q, 0, -1)) do
+      local w = waiter_get(id)
+      if not w then
+        redis.call('ZREM', q, id)
+      elseif w.hb_until < now then
+        drop_waiter(id, w, 'heartbeat')
+      else
+        soon(w.hb_until)
+      end
+    end
+  end
+
+  local quarantine = tonumber(redis.call('HGET', K_META, 'quarantine_until') or '0')
+  if not l then
+    if now >= quarantine then
+      local id, w = head()
+      if id then l = grant(id, w) end
+    elseif redis.call('ZCARD', K_QI) + redis.call('ZCARD', K_QB) > 0 then
+      soon(quarantine)
+    end
+  end
+
+  if l then
+    soon(l.expires_at)
+    local interactive = redis.call('ZCARD', K_QI)
+    local batch = redis.call('ZCARD', K_QB)
+    if l.revoked == 0 and interactive + batch > 0 then
+      if l.yield_requested == 0 then
+        l.yield_requested = 1
+        redis.call('HSET', K_LEASE, 'yield_requested', 1)
+        emit('yield_requested', l.fence, l.holder, l.priority)
+      end
+      -- Waiters of the holder's priority or higher (a starving batch waiter counts
+      -- as higher) start the grace period; lower ones only ask.
+      local b = redis.call('ZRANGE', K_QB, 0, 0)[1]
+      local bw = b and waiter_get(b)
+      local preempting = interactive > 0 or l.priority == 'batch' or starving(bw)
+      if preempting then
+        if l.revoke_at == 0 then
+          l.revoke_at = now + grace
+          redis.call('HSET', K_LEASE, 'revoke_at', string.format('%d', l.revoke_at))
+        end
+        if now >= l.revoke_at then
+          l.revoked = 1
+          redis.call('HSET', K_LEASE, 'revoked', 1)
+          emit('revoked', l.fence, l.holder, l.priority)
+        else
+          soon(l.revoke_at)
+        end
+      elseif bw then
+        soon(bw.requested_at + max_batch_wait)
+      end
+    elseif l.revoked == 0 and l.yield_requested == 1 then
+      -- Everyone who waited has gone: the holder may keep the card.
+      l.yield_requested = 0
+      l.revoke_at = 0
+      redis.call('HSET', K_LEASE, 'yield_requested', 0, 'revoke_at', 0)
+    end
+  end
+  return l, next_at, quarantine
+end
+
+local function queue_view()
+  local out = {}
+  local seen = {}
+  local function add(id)
+    if seen[id] then return end
+    seen[id] = true
+    local w = waiter_get(id)
+    if w then
+      out[#out + 1] = {holder = w.holder, priority = w.priority, waiting_ms = now - w.requested_at}
+    end
+  end
+  local id = head()
+  if id then add(id) end
+  for _, q in ipairs({K_QI, K_QB}) do
+    for _, qid in ipairs(redis.call('ZRANGE', q, 0, -1)) do add(qid) end
+  end
+  return out
+end
+
+local function gone(lease_id)
+  local how = redis.call('GET', prefix .. 'ended:' .. lease_id)
+  return reply({gone = how or 'unknown'})
+end
+
+if op == 'advance' then
+  local l, next_at, quarantine = advance()
+  return reply({next_at = next_at, quarantine_until = quarantine})
+end
+
+if op == 'enqueue' then
+  -- ARGV 9 waiter id  10 holder  11 priority  12 ttl_ms  13 heartbeat ms  14 lease id
+  local id = ARGV[9]
+  local w = waiter_get(id)
+  if w then
+    if not w.granted then
+      w.hb_until = now + tonumber(ARGV[13])
+      redis.call('HSET', K_WAITERS, id, cjson.encode(w))
+    end
+  else
+    if redis.call('ZCARD', K_QI) + redis.call('ZCARD', K_QB) >= max_queue then
+      local l0, next0 = advance()
+      return reply({full = true, next_at = next0})
+    end
+    w = {holder = ARGV[10], priority = ARGV[11], ttl_ms = tonumber(ARGV[12]), requested_at = now,
+         hb_until = now + tonumber(ARGV[13]), lease_id = ARGV[14]}
+    local seq = redis.call('INCR', K_SEQ)
+    redis.call('ZADD', queue_of(w.priority), seq, id)
+    redis.call('HSET', K_WAITERS, id, cjson.encode(w))
+    emit('queued', nil, w.holder, w.priority)
+  end
+  local l, next_at = advance()
+  local body = {next_at = next_at}
+  if l and l.waiter == id then body.grant = public_lease(l) end
+  return reply(body)
+end
+
+if op == 'leave' then
+  -- ARGV 9 waiter id  10 mode: 'take' returns a grant made in the meantime,
+  -- 'cancel' releases it (the caller is gone).
+  local id, mode = ARGV[9], ARGV[10]
+  local l = lease_get()
+  local body = {}
+  if l and l.waiter == id and now < l.expires_at then
+    if mode == 'take' then
+      body.grant = public_lease(l)
+    else
+      end_lease(l, 'released')
+    end
+  else
+    local w = waiter_get(id)
+    if w and not w.granted then drop_waiter(id, w, mode == 'cancel' and 'disconnected' or 'timeout') end
+  end
+  local _, next_at = advance()
+  body.next_at = next_at
+  return reply(body)
+end
+
+if op == 'heartbeat' then
+  -- ARGV 9 heartbeat ms  10.. waiter ids
+  local until_ = now + tonumber(ARGV[9])
+  for i = 10, #ARGV do
+    local w = waiter_get(ARGV[i])
+    if w and not w.granted then
+      w.hb_until = until_
+      redis.call('HSET', K_WAITERS, ARGV[i], cjson.encode(w))
+    end
+  end
+  local _, next_at = advance()
+  return reply({next_at = next_at})
+end
+
+if op == 'renew' then
+  -- ARGV 9 lease id
+  local l, next_at = advance()
+  if not l or l.lease_id ~= ARGV[9] then return gone(ARGV[9]) end
+  if l.revoked == 1 then return reply({gone = 'revoked'}) end
+  l.expires_at = now + l.ttl_ms
+  redis.call('HSET', K_LEASE, 'expires_at', string.format('%d', l.expires_at))
+  return reply({fence = l.fence, expires_at = l.expires_at, yield_requested = l.yield_requested == 1,
+                next_at = next_at})
+end
+
+if op == 'release' then
+  -- ARGV 9 lease id
+  local l = advance()
+  if not l or l.lease_id ~= ARGV[9] then return gone(ARGV[9]) end
+  end_lease(l, 'released')
+  local _, next_at = advance()
+  return reply({released = true, next_at = next_at})
+end
+
+if op == 'status' then
+  local l, next_at, quarantine = advance()
+  local body = {queue = queue_view(), quarantine_until = quarantine, next_at = next_at}
+  if l then body.lease = public_lease(l) end
+  return reply(body)
+end
+
+if op == 'history' then
+  -- ARGV 9 limit
+  local l, next_at = advance()
+  local limit = tonumber(ARGV[9])
+  local items = {}
+  if l and limit > 0 then
+    items[1] = {fence = l.fence, holder = l.holder, priority = l.priority, requested_at = l.requested_at,
+                granted_at = l.granted_at, ended_at = cjson.null, ['end'] = cjson.null}
+  end
+  local stored = redis.call('LRANGE', K_HISTORY, 0, limit - #items - 1)
+  for _, raw in ipairs(stored) do items[#items + 1] = cjson.decode(raw) end
+  return reply({history = items, next_at = next_at})
+end
+
+return cjson.encode({error = 'unknown op ' .. tostring(op), now = now})
