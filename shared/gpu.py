@@ -1,0 +1,429 @@
+"""The GPU lease client every service uses.
+
+    async with gpu.lease(holder="llm", priority="interactive", wait_s=5) as lease:
+        lease.check()            # raises LeaseLost once the lease cannot be trusted
+        ... GPU work, checking between steps ...
+        if lease.yield_requested: ...   # or: await lease.wait_yield()
+
+Renewals run on their own thread with their own HTTP client, so a busy event loop
+(or a model holding the GIL between tokens) cannot starve them. The client fences
+itself: once no renewal has succeeded by (time the last successful renewal was
+*sent* + TTL - margin) on the monotonic clock, the lease counts as lost, whatever
+the network says. Yield requests arrive within milliseconds over the coordinator's
+event stream (read on another thread), and in every renewal answer as a fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+Priority = Literal["interactive", "batch"]
+
+
+class LeaseLost(Exception):
+    """The lease expired, was revoked or released, or could not be renewed in time."""
+
+
+class GpuUnavailable(Exception):
+    """No lease: the wait ran out, the queue was full, or the coordinator is unreachable."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, reason: str = "unavailable") -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.reason = reason
+
+
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        return float(response.headers.get("retry-after", "1"))
+    except ValueError:
+        return 1.0
+
+
+class Lease:
+    """One grant. Thread-safe to read; ``check()`` may be called from worker threads."""
+
+    def __init__(
+        self,
+        client: GpuClient,
+        grant: dict[str, Any],
+        sent_at: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._client = client
+        self.lease_id: str = grant["lease_id"]
+        self.fence: int = int(grant["fence"])
+        self.holder: str = grant["holder"]
+        self.priority: str = grant["priority"]
+        self.ttl_ms: int = int(grant["ttl_ms"])
+        self.waited_ms: int = int(grant.get("waited_ms", 0))
+        self.granted_at: float = float(grant["granted_at"])
+        self._ttl_s = self.ttl_ms / 1000.0
+        self._margin_s = client.margin_for(self._ttl_s)
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._last_sent = sent_at  # send time of the request whose answer last confirmed the lease
+        self._lost_reason: str | None = None
+        self._yield = threading.Event()
+        self._yield_async = asyncio.Event()
+        self._lost_async = asyncio.Event()
+        self._stop = threading.Event()
+        self._renew_now = threading.Event()
+        self._released = False
+        self._thread = threading.Thread(target=self._renew_loop, name=f"lease-renew-{self.fence}", daemon=True)
+        if grant.get("yield_requested"):
+            self._on_yield()
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def deadline(self) -> float:
+        """Monotonic time after which this lease must not be used."""
+        return self._last_sent + self._ttl_s - self._margin_s
+
+    @property
+    def lost(self) -> bool:
+        if self._lost_reason is None and time.monotonic() >= self.deadline:
+            self._mark_lost("not renewed in time")
+        return self._lost_reason is not None
+
+    @property
+    def lost_reason(self) -> str | None:
+        return self._lost_reason
+
+    def check(self) -> None:
+        """Raise LeaseLost unless GPU work may continue under this lease."""
+        if self.lost:
+            raise LeaseLost(f"GPU lease {self.fence} lost: {self._lost_reason}")
+
+    @property
+    def yield_requested(self) -> bool:
+        return self._yield.is_set()
+
+    async def wait_yield(self) -> None:
+        """Returns once someone waits for the GPU (or the lease is lost)."""
+        waiters = [asyncio.ensure_future(self._yield_async.wait()), asyncio.ensure_future(self._lost_async.wait())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waiters:
+                task.cancel()
+
+    async def wait_lost(self) -> None:
+        await self._lost_async.wait()
+
+    # -- called from other threads --------------------------------------------
+
+    def _on_yield(self) -> None:
+        if not self._yield.is_set():
+            self._yield.set()
+            self._loop.call_soon_threadsafe(self._yield_async.set)
+
+    def _mark_lost(self, reason: str) -> None:
+        with self._lock:
+            if self._lost_reason is not None:
+                return
+            self._lost_reason = reason
+        self._stop.set()
+        if not self._released:
+            log.warning("GPU lease lost", extra={"fence": self.fence, "holder": self.holder, "reason": reason})
+        with contextlib.suppress(RuntimeError):  # the loop may be closed at exit
+            self._loop.call_soon_threadsafe(self._lost_async.set)
+
+    def _confirmed(self, sent_at: float, body: dict[str, Any]) -> None:
+        with self._lock:
+            self._last_sent = max(self._last_sent, sent_at)
+        if body.get("yield_requested"):
+            self._on_yield()
+
+    # -- renewal thread ----------------------------------------------------------
+
+    def _start(self) -> None:
+        self._thread.start()
+
+    def _renew_loop(self) -> None:
+        interval = self._ttl_s / 3
+        retry = min(0.25, interval / 4)
+        with self._client.sync_http() as http:
+            wait = max(0.0, self._last_sent + interval - time.monotonic())
+            while not self._stop.is_set():
+                self._renew_now.wait(wait)
+                self._renew_now.clear()
+                if self._stop.is_set():
+                    return
+                if time.monotonic() >= self.deadline:
+                    self._mark_lost("not renewed in time")
+                    return
+                sent = time.monotonic()
+                try:
+                    response = http.post(f"/v1/leases/{self.lease_id}/renew", headers=self._client.auth_headers())
+                except httpx.TransportError as exc:
+                    log.warning(
+                        "lease renewal failed; retrying", extra={"fence": self.fence, "error": type(exc).__name__}
+                    )
+                    wait = retry
+                    continue
+                if response.status_code == 200:
+                    self._confirmed(sent, response.json())
+                    wait = max(0.0, sent + interval - time.monotonic())
+                elif response.status_code == 410:
+                    self._mark_lost(_error_code(response) or "gone")
+                    return
+                else:
+                    log.warning(
+                        "lease renewal refused; retrying", extra={"fence": self.fence, "status": response.status_code}
+                    )
+                    wait = retry
+
+    # -- release -------------------------------------------------------------------
+
+    async def release(self) -> None:
+        """Give the card back (idempotent). Never raises for a lease already gone."""
+        if self._released:
+            return
+        self._released = True
+        self._stop.set()
+        self._renew_now.set()
+        self._client._forget(self)
+        if self._lost_reason in ("expired", "released"):
+            return  # nothing left to give back; a revoked lease is still released early
+        try:
+            response = await self._client.http.delete(
+                f"/v1/leases/{self.lease_id}", headers=self._client.auth_headers()
+            )
+        except httpx.TransportError as exc:
+            log.warning(
+                "lease release failed; it will expire", extra={"fence": self.fence, "error": type(exc).__name__}
+            )
+            return
+        finally:
+            self._mark_lost("released")
+        if response.status_code not in (204, 410):
+            log.warning("lease release refused", extra={"fence": self.fence, "status": response.status_code})
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        return str(response.json()["error"]["code"])
+    return None
+
+
+def _sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
+    event, data = "message", list[str]()
+    for line in lines:
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith(":"):
+            continue
+        else:
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+
+
+class GpuClient:
+    """Talks to the coordinator for one service process."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: Callable[[], str],
+        *,
+        default_ttl_ms: int = 15000,
+        timeout_s: float = 5.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        watch_events: bool = True,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self.default_ttl_ms = default_ttl_ms
+        self._timeout_s = timeout_s
+        self.http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s, transport=transport)
+        self._leases: dict[int, Lease] = {}
+        self._leases_lock = threading.Lock()
+        self._watch = watch_events
+        self._events_thread: threading.Thread | None = None
+        self._events_http: httpx.Client | None = None
+        self._subscribed = threading.Event()
+        self._closed = threading.Event()
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token()}"}
+
+    @staticmethod
+    def margin_for(ttl_s: float) -> float:
+        """Safety margin before the TTL: a fifth of it, at most one second."""
+        return min(1.0, ttl_s / 5)
+
+    @contextlib.contextmanager
+    def sync_http(self) -> Iterator[httpx.Client]:
+        with httpx.Client(base_url=self.base_url, timeout=self._timeout_s) as http:
+            yield http
+
+    # -- events --------------------------------------------------------------------
+
+    def _ensure_events(self) -> None:
+        if self._watch and self._events_thread is None:
+            self._events_thread = threading.Thread(target=self._events_loop, name="gpu-events", daemon=True)
+            self._events_thread.start()
+
+    async def wait_subscribed(self, timeout_s: float = 2.0) -> bool:
+        """Start the event watcher and wait until it is live."""
+        self._ensure_events()
+        if not self._watch:
+            return False
+        return await asyncio.to_thread(self._subscribed.wait, timeout_s)
+
+    def _events_loop(self) -> None:
+        backoff = 0.2
+        while not self._closed.is_set():
+            try:
+                self._events_http = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(5.0, read=45.0))
+                with (
+                    self._events_http as http,
+                    http.stream("GET", "/v1/events", headers=self.auth_headers()) as response,
+                ):
+                    if response.status_code != 200:
+                        log.warning("cannot watch GPU events", extra={"status": response.status_code})
+                    else:
+                        backoff = 0.2
+                        for event, data in _sse_events(response.iter_lines()):
+                            self._on_event(event, data)
+            except (httpx.HTTPError, OSError, RuntimeError) as exc:
+                if self._closed.is_set():
+                    return
+                log.info("GPU event stream interrupted", extra={"error": type(exc).__name__})
+            finally:
+                self._subscribed.clear()
+            self._closed.wait(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def _on_event(self, event: str, data: str) -> None:
+        if event == "subscribed":
+            self._subscribed.set()
+            # Anything may have happened while we were not listening: renew now.
+            with self._leases_lock:
+                for lease in self._leases.values():
+                    lease._renew_now.set()
+            return
+        try:
+            fence = int(json.loads(data).get("fence") or 0)
+        except (ValueError, TypeError, AttributeError):
+            return
+        with self._leases_lock:
+            target = self._leases.get(fence)
+        if target is None:
+            return
+        if event == "yield_requested":
+            target._on_yield()
+        elif event in ("revoked", "expired"):
+            target._mark_lost(event)
+
+    # -- leases --------------------------------------------------------------------
+
+    async def acquire(
+        self,
+        holder: str,
+        priority: Priority = "interactive",
+        wait_s: float = 30.0,
+        ttl_ms: int | None = None,
+    ) -> Lease:
+        """Wait for the GPU; raises GpuUnavailable if it is not granted in ``wait_s``."""
+        if self._watch:
+            await self.wait_subscribed()
+        ttl_ms = ttl_ms or self.default_ttl_ms
+        waiter_id = secrets.token_hex(12)
+        give_up = time.monotonic() + wait_s
+        while True:
+            remaining = max(0.0, give_up - time.monotonic())
+            body = {"holder": holder, "priority": priority, "ttl_ms": ttl_ms,
+                    "wait_ms": int(remaining * 1000), "waiter_id": waiter_id}  # fmt: skip
+            sent = time.monotonic()
+            try:
+                response = await self.http.post(
+                    "/v1/leases", json=body, headers=self.auth_headers(), timeout=remaining + self._timeout_s
+                )
+            except httpx.TransportError as exc:
+                # The coordinator may be restarting: ask again with the same waiter id.
+                if time.monotonic() >= give_up:
+                    raise GpuUnavailable(
+                        f"coordinator unreachable: {type(exc).__name__}", reason="unreachable"
+                    ) from None
+                await asyncio.sleep(0.2)
+                continue
+            if response.status_code == 201:
+                return await self._adopt(response.json(), sent)
+            if response.status_code == 429:
+                raise GpuUnavailable("GPU queue full", retry_after_s=_retry_after(response), reason="queue_full")
+            if response.status_code == 503 and time.monotonic() < give_up and _error_code(response) != "wait_over":
+                await asyncio.sleep(min(0.2, max(0.0, give_up - time.monotonic())))
+                continue
+            raise GpuUnavailable(
+                f"GPU not granted ({response.status_code} {_error_code(response)})",
+                retry_after_s=_retry_after(response),
+                reason=_error_code(response) or str(response.status_code),
+            )
+
+    async def _adopt(self, grant: dict[str, Any], sent: float) -> Lease:
+        lease = Lease(self, grant, sent, asyncio.get_running_loop())
+        with self._leases_lock:
+            self._leases[lease.fence] = lease
+        ttl_s = lease.ttl_ms / 1000.0
+        if time.monotonic() - sent > (ttl_s - lease._margin_s) / 2:
+            # We waited long: our only safe base (the send time) is old. Renew once now.
+            sent = time.monotonic()
+            response = await self.http.post(f"/v1/leases/{lease.lease_id}/renew", headers=self.auth_headers())
+            if response.status_code != 200:
+                await lease.release()
+                raise GpuUnavailable("the lease was lost right after it was granted", reason="lost")
+            lease._confirmed(sent, response.json())
+        lease._start()
+        return lease
+
+    def _forget(self, lease: Lease) -> None:
+        with self._leases_lock:
+            self._leases.pop(lease.fence, None)
+
+    @asynccontextmanager
+    async def lease(
+        self,
+        holder: str,
+        priority: Priority = "interactive",
+        wait_s: float = 30.0,
+        ttl_ms: int | None = None,
+    ) -> AsyncIterator[Lease]:
+        """Acquire, and release on exit: also on errors and cancellation."""
+        lease = await self.acquire(holder, priority, wait_s, ttl_ms)
+        try:
+            yield lease
+        finally:
+            await asyncio.shield(lease.release())
+
+    async def aclose(self) -> None:
+        self._closed.set()
+        with self._leases_lock:
+            leases = list(self._leases.values())
+        for lease in leases:
+            await lease.release()
+        if self._events_http is not None:
+            with contextlib.suppress(Exception):
+                self._events_http.close()
+        await self.http.aclose()
