@@ -189,7 +189,7 @@ def load_settings(cls: type[S], **overrides: Any) -> S:
             field = str(loc[0]) if loc else ""
             var = owner.env_name(field) if field in owner.model_fields else field.upper()
             message = str(error["msg"]).removeprefix("Value error, ")
-            problems.append(f"{var}: {message}")
+            problems.append(f"{var}: {message}" if var else message)
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
 
 
