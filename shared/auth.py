@@ -20,6 +20,7 @@ import hmac
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,13 @@ def _parse_scopes(value: Any) -> frozenset[str]:
 
 
 class TokenVerifier:
-    """Verifies bearer credentials against one fixed algorithm and key."""
+    """Verifies bearer credentials against one fixed algorithm and key.
+
+    Verified tokens are cached (service tokens are reused for their lifetime): a hit
+    skips the signature check, never the time checks.
+    """
+
+    CACHE_SIZE = 1024
 
     def __init__(self, settings: AuthSettings) -> None:
         settings.check_complete(needs_signing=False)
@@ -75,6 +82,8 @@ class TokenVerifier:
         self._algorithm = settings.algorithm
         self._key = _verification_key(settings)
         self._api_keys = _load_api_keys(settings.api_keys_file) if not settings.only else []
+        self._cache: OrderedDict[str, Principal] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     def verify(self, credential: str) -> Principal:
         if len(credential.encode("utf-8", "surrogatepass")) > self._settings.max_token_bytes:
@@ -87,7 +96,27 @@ class TokenVerifier:
             if principal is not None:
                 return principal
             raise InvalidToken("malformed token")
-        return self._verify_jwt(credential)
+        cached = self._cached(credential)
+        if cached is not None:
+            return cached
+        principal = self._verify_jwt(credential)
+        with self._cache_lock:
+            self._cache[credential] = principal
+            if len(self._cache) > self.CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return principal
+
+    def _cached(self, token: str) -> Principal | None:
+        with self._cache_lock:
+            principal = self._cache.get(token)
+            if principal is None:
+                return None
+            now, leeway = time.time(), self._settings.leeway_s
+            if now > principal.claims["exp"] + leeway or now < principal.claims.get("nbf", 0) - leeway:
+                del self._cache[token]
+                return None  # verified again below, and refused as expired
+            self._cache.move_to_end(token)
+            return principal
 
     def _verify_jwt(self, token: str) -> Principal:
         s = self._settings

@@ -55,10 +55,14 @@ class Auth:
         except InvalidToken as exc:
             raise Unauthorized(f"invalid bearer token: {exc}") from None
 
-    def require(self, *scopes: str) -> Callable[[Request], Principal]:
-        """A dependency: a valid token holding any one of ``scopes`` (none: any valid token)."""
+    def require(self, *scopes: str) -> Callable[[Request], Awaitable[Principal]]:
+        """A dependency: a valid token holding any one of ``scopes`` (none: any valid token).
 
-        def dependency(request: Request) -> Principal:
+        ``async`` on purpose: FastAPI runs plain ``def`` dependencies in a thread pool,
+        a thread hop on every request.
+        """
+
+        async def dependency(request: Request) -> Principal:
             principal = self.authenticate(request)
             if scopes and not principal.has_any(scopes):
                 raise Forbidden(scopes)
@@ -129,7 +133,12 @@ class RequestContextMiddleware:
             status = str(state["status"])
             self.metrics.requests.labels(template, method, status).inc()
             self.metrics.latency.labels(template, method).observe(elapsed)
-            access_log.info(
+            # Failures at info and above; successes at debug (services log what they did).
+            level = (
+                logging.DEBUG if state["status"] < 400 else logging.INFO if state["status"] < 500 else logging.WARNING
+            )
+            access_log.log(
+                level,
                 "request",
                 extra={
                     "method": method,
