@@ -80,9 +80,10 @@ class Lease:
         self._yield = threading.Event()
         self._yield_async = asyncio.Event()
         self._lost_async = asyncio.Event()
-        self._stop = threading.Event()
         self._renew_now = threading.Event()
         self._released = False
+        self.verdict: str | None = None
+        """What the coordinator answered the first renewal after the lease was lost here."""
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease-renew-{self.fence}", daemon=True)
         if grant.get("yield_requested"):
             self._on_yield()
@@ -122,6 +123,10 @@ class Lease:
             for task in waiters:
                 task.cancel()
 
+    def wait_yield_blocking(self, timeout_s: float | None = None) -> bool:
+        """For worker threads: block until a yield is requested; False on timeout."""
+        return self._yield.wait(timeout_s)
+
     async def wait_lost(self) -> None:
         await self._lost_async.wait()
 
@@ -137,7 +142,6 @@ class Lease:
             if self._lost_reason is not None:
                 return
             self._lost_reason = reason
-        self._stop.set()
         if not self._released:
             log.warning("GPU lease lost", extra={"fence": self.fence, "holder": self.holder, "reason": reason})
         with contextlib.suppress(RuntimeError):  # the loop may be closed at exit
@@ -159,13 +163,14 @@ class Lease:
         retry = min(0.25, interval / 4)
         with self._client.sync_http() as http:
             wait = max(0.0, self._last_sent + interval - time.monotonic())
-            while not self._stop.is_set():
+            while True:
                 self._renew_now.wait(wait)
                 self._renew_now.clear()
-                if self._stop.is_set():
+                if self._released:
                     return
-                if time.monotonic() >= self.deadline:
+                if self._lost_reason is not None or time.monotonic() >= self.deadline:
                     self._mark_lost("not renewed in time")
+                    self._ask_verdict(http)
                     return
                 sent = time.monotonic()
                 try:
@@ -188,6 +193,17 @@ class Lease:
                     )
                     wait = retry
 
+    def _ask_verdict(self, http: httpx.Client) -> None:
+        """After losing the lease locally, one renewal to learn (and log) what the coordinator says."""
+        try:
+            response = http.post(f"/v1/leases/{self.lease_id}/renew", headers=self._client.auth_headers())
+        except httpx.TransportError:
+            return
+        self.verdict = (
+            "renewed" if response.status_code == 200 else (_error_code(response) or str(response.status_code))
+        )
+        log.info("coordinator's verdict on a lost lease", extra={"fence": self.fence, "verdict": self.verdict})
+
     # -- release -------------------------------------------------------------------
 
     async def release(self) -> None:
@@ -195,7 +211,6 @@ class Lease:
         if self._released:
             return
         self._released = True
-        self._stop.set()
         self._renew_now.set()
         self._client._forget(self)
         if self._lost_reason in ("expired", "released"):

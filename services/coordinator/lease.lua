@@ -350,9 +350,12 @@ if op == 'renew' then
 end
 
 if op == 'release' then
-  -- ARGV 9 lease id
-  local l = advance()
-  if not l or l.lease_id ~= ARGV[9] then return gone(ARGV[9]) end
+  -- ARGV 9 lease id. One advance, after the release: it also expires and grants.
+  local l = lease_get()
+  if not l or l.lease_id ~= ARGV[9] or now >= l.expires_at then
+    advance()
+    return gone(ARGV[9])
+  end
   end_lease(l, 'released')
   local _, next_at = advance()
   return reply({released = true, next_at = next_at})
@@ -374,8 +377,10 @@ if op == 'history' then
     items[1] = {fence = l.fence, holder = l.holder, priority = l.priority, requested_at = l.requested_at,
                 granted_at = l.granted_at, ended_at = cjson.null, ['end'] = cjson.null}
   end
-  local stored = redis.call('LRANGE', K_HISTORY, 0, limit - #items - 1)
-  for _, raw in ipairs(stored) do items[#items + 1] = cjson.decode(raw) end
+  local wanted = limit - #items
+  if wanted > 0 then
+    for _, raw in ipairs(redis.call('LRANGE', K_HISTORY, 0, wanted - 1)) do items[#items + 1] = cjson.decode(raw) end
+  end
   return reply({history = items, next_at = next_at})
 end
 

@@ -230,28 +230,30 @@ class LeaseManager:
     # -- results: events, wake-ups, timers -----------------------------------
 
     def _dispatch(self, result: dict[str, Any]) -> None:
+        events = _items(result.get("events"))
+        # First wake the caller a grant was made for: that is the hand-over's critical path.
         granted: dict[str, Grant] = {}
-        for event in _items(result.get("events")):
-            kind = event["type"]
-            if event.get("fence") is not None:
-                self._min_fence = max(self._min_fence, int(event["fence"]))
-            if kind == "granted":
+        for event in events:
+            if event["type"] == "granted":
                 # The lease id and timings go to the waiting caller only, never to the bus.
                 waiter = event.pop("waiter")
                 details = {key: event.pop(key) for key in _PRIVATE_GRANT_FIELDS}
                 event["fence"] = int(event["fence"])
                 granted[waiter] = _grant_from({**event, **details})
-            elif kind == "yield_requested":
+            elif event["type"] == "yield_requested":
                 for waiter, grant in granted.items():
                     if grant.fence == event["fence"]:
                         granted[waiter] = replace(grant, yield_requested=True)
+        for waiter_id, grant in granted.items():
+            pending = self._waiters.get(waiter_id)
+            if pending is not None and not pending.future.done():
+                pending.future.set_result(grant)
+        for event in events:
+            if event.get("fence") is not None:
+                self._min_fence = max(self._min_fence, int(event["fence"]))
             self._observe(event)
             event["at"] = _seconds(event["at"])
             self.bus.publish(event)
-        for waiter_id, grant in granted.items():
-            waiter = self._waiters.get(waiter_id)
-            if waiter is not None and not waiter.future.done():
-                waiter.future.set_result(grant)
         if "fence" in result and isinstance(result["fence"], int | float):
             self._min_fence = max(self._min_fence, int(result["fence"]))
         if self._metrics and "queue_len" in result:
