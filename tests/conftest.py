@@ -16,7 +16,7 @@ from tests.support.servers import RedisServer
 Mint = Callable[..., str]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def jwt_secret() -> Iterator[str]:
     """One secret for the session, also in the environment of every process tests start."""
     secret = secrets.token_urlsafe(48)

@@ -1,0 +1,171 @@
+"""A real coordinator process on a real Redis, and helpers to drive it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from shared.gpu import GpuClient
+from tests.conftest import Mint
+from tests.support.servers import RedisServer, ServiceProcess
+
+StartCoordinator = Callable[..., ServiceProcess]
+
+
+@pytest.fixture
+def start_coordinator(redis_server: RedisServer, key_prefix: str, log_dir: Path) -> Iterator[StartCoordinator]:
+    started: list[ServiceProcess] = []
+
+    def start(redis_url: str | None = None, port: int | None = None, **settings: object) -> ServiceProcess:
+        env = {"COORDINATOR_REDIS_URL": redis_url or redis_server.url, "COORDINATOR_KEY_PREFIX": key_prefix}
+        env.update({f"COORDINATOR_{name.upper()}": str(value) for name, value in settings.items()})
+        service = ServiceProcess("coordinator", env, log_dir, port=port).start()
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+@pytest.fixture
+def gpu_token(mint: Mint) -> str:
+    return mint("gpu", sub="service:test")
+
+
+class Api:
+    """The coordinator's HTTP API, one call per method (async)."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url
+        self.http = httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+
+    async def acquire(
+        self, holder: str, priority: str = "interactive", wait_ms: int = 0, **extra: object
+    ) -> httpx.Response:
+        return await self.http.post(
+            "/v1/leases", json={"holder": holder, "priority": priority, "wait_ms": wait_ms, **extra}
+        )
+
+    async def renew(self, lease_id: str) -> httpx.Response:
+        return await self.http.post(f"/v1/leases/{lease_id}/renew")
+
+    async def release(self, lease_id: str) -> httpx.Response:
+        return await self.http.delete(f"/v1/leases/{lease_id}")
+
+    async def gpu(self) -> dict[str, Any]:
+        response = await self.http.get("/v1/gpu")
+        assert response.status_code == 200, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    async def history(self, limit: int = 50) -> list[dict[str, Any]]:
+        response = await self.http.get("/v1/history", params={"limit": limit})
+        assert response.status_code == 200, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    async def wait_queue(self, length: int, timeout_s: float = 10) -> dict[str, Any]:
+        """Until the queue has ``length`` waiters (polls the state, never a blind sleep)."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                state = await self.gpu()
+                if len(state["queue"]) == length:
+                    return state
+                await asyncio.sleep(0.01)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+@pytest.fixture
+async def api_factory(gpu_token: str) -> AsyncIterator[Callable[[ServiceProcess], Api]]:
+    made: list[Api] = []
+
+    def make(coordinator: ServiceProcess) -> Api:
+        api = Api(coordinator.url, gpu_token)
+        made.append(api)
+        return api
+
+    yield make
+    for api in made:
+        await api.aclose()
+
+
+@pytest.fixture
+async def gpu_factory(gpu_token: str) -> AsyncIterator[Callable[..., GpuClient]]:
+    made: list[GpuClient] = []
+
+    def make(coordinator: ServiceProcess, **options: Any) -> GpuClient:
+        client = GpuClient(coordinator.url, lambda: gpu_token, **options)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        await client.aclose()
+
+
+class Events:
+    """Reads the coordinator's SSE stream into a list, in a background task."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url
+        self.token = token
+        self.items: list[dict[str, Any]] = []
+        self._changed = asyncio.Event()
+        self._subscribed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Events:
+        self._task = asyncio.create_task(self._read())
+        async with asyncio.timeout(10):
+            await self._subscribed.wait()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _read(self) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        async with (
+            httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as http,
+            http.stream("GET", f"{self.url}/v1/events", headers=headers) as response,
+        ):
+            event = "message"
+            async for line in response.aiter_lines():
+                if line.startswith("event:"):
+                    event = line.partition(":")[2].strip()
+                elif line.startswith("data:"):
+                    if event == "subscribed":
+                        self._subscribed.set()
+                    else:
+                        self.items.append(json.loads(line.partition(":")[2]))
+                        self._changed.set()
+                elif not line:
+                    event = "message"
+
+    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 10) -> dict[str, Any]:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                for item in self.items:
+                    if predicate(item):
+                        return item
+                self._changed.clear()
+                await self._changed.wait()
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [item for item in self.items if item["type"] == kind]
+
+
+@pytest.fixture
+def events_for(gpu_token: str) -> Callable[[ServiceProcess], Events]:
+    return lambda coordinator: Events(coordinator.url, gpu_token)
