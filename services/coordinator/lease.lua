@@ -48,9 +48,20 @@ end
 
 if op == 'init' then
   -- ARGV 9: epoch to create if none  10: epoch this coordinator knew ('' if none)
-  --      11: quarantine length in ms when the data was lost
+  --      11: quarantine length in ms when the data was lost  12: waiter heartbeat ms
   local stored = redis.call('GET', K_EPOCH)
   if stored then
+    -- A (re)starting coordinator: queued waiters could not refresh their heartbeat
+    -- while none ran, so each gets one fresh heartbeat window to come back.
+    local window = now + tonumber(ARGV[12])
+    local flat = redis.call('HGETALL', K_WAITERS)
+    for i = 1, #flat, 2 do
+      local w = cjson.decode(flat[i + 1])
+      if not w.granted and w.hb_until < window then
+        w.hb_until = window
+        redis.call('HSET', K_WAITERS, flat[i], cjson.encode(w))
+      end
+    end
     local quarantine = tonumber(redis.call('HGET', K_META, 'quarantine_until') or '0')
     return reply({epoch = stored, quarantine_until = quarantine, lost = false})
   end

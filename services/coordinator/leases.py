@@ -197,7 +197,9 @@ class LeaseManager:
     async def _init(self) -> None:
         async with self._init_lock:
             known = self._epoch or ""
-            result = await self._eval("init", secrets.token_hex(8), known, self._settings.max_ttl_ms)
+            result = await self._eval(
+                "init", secrets.token_hex(8), known, self._settings.max_ttl_ms, self._settings.waiter_heartbeat_ms
+            )
             self._epoch = result["epoch"]
             if result.get("lost"):
                 if self._metrics:

@@ -50,7 +50,7 @@ def access_lines() -> Iterator[io.StringIO]:
     logger = logging.getLogger("baton.access")
     logger.addHandler(handler)
     previous = logger.level
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)
     yield stream
     logger.removeHandler(handler)
     logger.setLevel(previous)
@@ -67,10 +67,14 @@ def test_access_log_has_the_request_id_and_no_credentials(
         response = httpx.get(
             f"{server.url}/v1/info?x=1", headers={"Authorization": f"Bearer {token}", "X-Request-ID": "rid-7"}
         )
+        assert httpx.get(f"{server.url}/v1/info").status_code == 401
     assert response.status_code == 200
     lines = [json.loads(line) for line in access_lines.getvalue().splitlines()]
     entry = next(line for line in lines if line.get("request_id") == "rid-7")
     assert entry["path"] == "/v1/info"
     assert entry["status"] == 200
+    assert entry["level"] == "debug"  # successes at debug, failures at info and above
     assert token not in access_lines.getvalue()
     assert "x=1" not in access_lines.getvalue()
+    refused = next(line for line in lines if line.get("status") == 401)
+    assert refused["level"] == "info"
