@@ -248,11 +248,25 @@ class Stack:
             self.paths.redis_dir.mkdir(parents=True, exist_ok=True)
             port = self.settings.redis_port
             argv = [
-                binary, "--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "yes",
-                "--dir", str(self.paths.redis_dir.resolve()), "--save", "",
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--protected-mode",
+                "yes",
+                "--dir",
+                str(self.paths.redis_dir.resolve()),
+                "--save",
+                "",
                 # The lease must survive a Redis restart: every write on disk before the reply.
-                "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no",
-            ]  # fmt: skip
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--daemonize",
+                "no",
+            ]
             self._spawn("redis", argv, dict(os.environ))
             self.redis_url = f"redis://127.0.0.1:{port}/0"
         self._wait_redis()

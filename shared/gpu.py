@@ -369,8 +369,13 @@ class GpuClient:
         give_up = time.monotonic() + wait_s
         while True:
             remaining = max(0.0, give_up - time.monotonic())
-            body = {"holder": holder, "priority": priority, "ttl_ms": ttl_ms,
-                    "wait_ms": int(remaining * 1000), "waiter_id": waiter_id}  # fmt: skip
+            body = {
+                "holder": holder,
+                "priority": priority,
+                "ttl_ms": ttl_ms,
+                "wait_ms": int(remaining * 1000),
+                "waiter_id": waiter_id,
+            }
             sent = time.monotonic()
             try:
                 response = await self.http.post(

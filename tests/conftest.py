@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from shared.auth import SCOPES, TokenIssuer
 from shared.settings import AuthSettings
@@ -31,7 +32,7 @@ def jwt_secret() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def auth_settings(jwt_secret: str) -> AuthSettings:
-    return AuthSettings(secret=jwt_secret)
+    return AuthSettings(secret=SecretStr(jwt_secret))
 
 
 @pytest.fixture(scope="session")

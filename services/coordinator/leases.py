@@ -182,9 +182,16 @@ class LeaseManager:
     async def _eval(self, op: str, *args: str | int) -> dict[str, Any]:
         s = self._settings
         argv: list[str | int] = [
-            op, self._epoch or "", s.max_batch_wait_ms, s.yield_grace_ms, s.history_size,
-            s.max_queue, self._min_fence, s.key_prefix, *args,
-        ]  # fmt: skip
+            op,
+            self._epoch or "",
+            s.max_batch_wait_ms,
+            s.yield_grace_ms,
+            s.history_size,
+            s.max_queue,
+            self._min_fence,
+            s.key_prefix,
+            *args,
+        ]
         try:
             raw = await self._script(keys=self._keys, args=argv)
         except (RedisError, OSError) as exc:
@@ -344,9 +351,14 @@ class LeaseManager:
         waiter.callers += 1
         try:
             result = await self._call(
-                "enqueue", waiter_id, holder, priority, ttl_ms,
-                self._settings.waiter_heartbeat_ms, secrets.token_hex(16),
-            )  # fmt: skip
+                "enqueue",
+                waiter_id,
+                holder,
+                priority,
+                ttl_ms,
+                self._settings.waiter_heartbeat_ms,
+                secrets.token_hex(16),
+            )
             if result.get("full"):
                 raise QueueFull(retry_after_s=1.0)
             if "grant" in result:
@@ -407,9 +419,13 @@ class LeaseManager:
         result = await self._call("status")
         lease = result.get("lease")
         view: dict[str, Any] = {
-            "holder": None, "fence": None, "priority": None, "granted_at": None,
-            "expires_at": None, "yield_requested": False,
-        }  # fmt: skip
+            "holder": None,
+            "fence": None,
+            "priority": None,
+            "granted_at": None,
+            "expires_at": None,
+            "yield_requested": False,
+        }
         if lease:
             view.update(
                 holder=lease["holder"],

@@ -26,10 +26,27 @@ def test_bad_durations(text: str) -> None:
 
 def test_token_command_mints_what_was_asked(auth_settings: AuthSettings) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "baton.cli", "token", "--sub", "alice", "--scope", "chat", "--scope", "rag:read",
-         "--ttl", "15m"],
-        cwd=REPO_ROOT, env=os.environ, capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "baton.cli",
+            "token",
+            "--sub",
+            "alice",
+            "--scope",
+            "chat",
+            "--scope",
+            "rag:read",
+            "--ttl",
+            "15m",
+        ],
+        cwd=REPO_ROOT,
+        env=os.environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     principal = TokenVerifier(auth_settings).verify(result.stdout.strip())
     assert principal.subject == "alice"
     assert principal.scopes == {"chat", "rag:read"}
@@ -40,8 +57,13 @@ def test_token_command_without_a_secret_says_which_variable(tmp_path: object) ->
     env = {k: v for k, v in os.environ.items() if not k.startswith("JWT_")}
     env["BATON_RUN_DIR"] = str(tmp_path)
     result = subprocess.run(
-        [sys.executable, "-m", "baton.cli", "token"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-        timeout=60, check=False,
-    )  # fmt: skip
+        [sys.executable, "-m", "baton.cli", "token"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 2
     assert "JWT_SECRET" in result.stderr

@@ -33,9 +33,14 @@ def launcher_env(run_dir: Path) -> dict[str, str]:
 
 def baton(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "baton.cli", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-        timeout=timeout, check=False,
-    )  # fmt: skip
+        [sys.executable, "-m", "baton.cli", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def assert_every_service_accepts_the_token(stack: dict[str, object]) -> None:
@@ -77,9 +82,13 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
     env = launcher_env(tmp_path / "run")
     stack_file = tmp_path / "run" / "stack.json"
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "baton.cli", "up", "--no-fetch"], cwd=REPO_ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [sys.executable, "-m", "baton.cli", "up", "--no-fetch"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_until(lambda: stack_file.exists() or launcher.poll() is not None, 300, "the stack to be up")
         assert launcher.poll() is None

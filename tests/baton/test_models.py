@@ -50,8 +50,13 @@ def test_the_download_command_exits_non_zero_offline(tmp_path: Path) -> None:
     env = {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "PATH": "/usr/bin:/bin"}
     result = subprocess.run(
         [sys.executable, "-m", "baton.cli", "models", "download", "--dir", str(tmp_path)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 1
     assert "error: could not reach" in result.stderr
     assert "Traceback" not in result.stderr

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import Depends, FastAPI
 from jose import jwe, jwt
+from pydantic import SecretStr
 
 from shared.auth import InvalidToken, TokenIssuer, TokenVerifier
 from shared.metrics import Metrics
@@ -100,11 +101,29 @@ def test_alg_none(hs_server: UvicornThread) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"aud": "someone-else"}, {"iss": "evil"}, {"exp": int(time.time()) - 3600}, {"exp": None},
-     {"iat": None}, {"sub": None}, {"aud": None}, {"iss": None}, {"iat": int(time.time()) + 3600}],
-    ids=["wrong-aud", "wrong-iss", "expired", "missing-exp", "missing-iat", "missing-sub", "missing-aud",
-         "missing-iss", "issued-in-future"],
-)  # fmt: skip
+    [
+        {"aud": "someone-else"},
+        {"iss": "evil"},
+        {"exp": int(time.time()) - 3600},
+        {"exp": None},
+        {"iat": None},
+        {"sub": None},
+        {"aud": None},
+        {"iss": None},
+        {"iat": int(time.time()) + 3600},
+    ],
+    ids=[
+        "wrong-aud",
+        "wrong-iss",
+        "expired",
+        "missing-exp",
+        "missing-iat",
+        "missing-sub",
+        "missing-aud",
+        "missing-iss",
+        "issued-in-future",
+    ],
+)
 def test_bad_claims(hs_server: UvicornThread, jwt_secret: str, bad: dict[str, object]) -> None:
     token = jwt.encode(claims(**bad), jwt_secret, algorithm="HS256")
     assert_refused(get(hs_server, "/v1/info", token))
@@ -241,4 +260,4 @@ def test_api_keys_only_when_jwt_only_is_false(tmp_path: Path, auth_settings: Aut
 
 def test_leeway_is_capped_at_60_seconds() -> None:
     with pytest.raises(ValueError, match="leeway_s"):
-        AuthSettings(secret="s" * 48, leeway_s=120)
+        AuthSettings(secret=SecretStr("s" * 48), leeway_s=120)

@@ -40,7 +40,7 @@ def build_app(settings: AuthSettings) -> FastAPI:
         raise RuntimeError("secret internals: password=hunter2")
 
     @app.get("/stream", dependencies=user)
-    async def stream(fail: str = "none"):  # type: ignore[no-untyped-def]
+    async def stream(fail: str = "none"):
         async def frames() -> AsyncIterator[str]:
             yield frame({"n": 1})
             if fail == "api":
@@ -70,14 +70,18 @@ def envelope_of(response: httpx.Response) -> dict[str, object]:
     body = response.json()
     assert set(body) == {"error"}, body
     assert set(body["error"]) == ENVELOPE_KEYS
-    return body["error"]  # type: ignore[no-any-return]
+    return body["error"]
 
 
 @pytest.mark.parametrize(
     ("payload", "param"),
-    [({"name": "", "count": 1}, "name"), ({"name": "a", "count": 0}, "count"), ({"count": 1}, "name"),
-     ({"name": "a", "count": "many"}, "count")],
-)  # fmt: skip
+    [
+        ({"name": "", "count": 1}, "name"),
+        ({"name": "a", "count": 0}, "count"),
+        ({"count": 1}, "name"),
+        ({"name": "a", "count": "many"}, "count"),
+    ],
+)
 def test_validation_errors_are_400_envelopes(http: httpx.Client, payload: dict[str, object], param: str) -> None:
     response = http.post("/items", json=payload)
     assert response.status_code == 400

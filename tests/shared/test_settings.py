@@ -94,8 +94,13 @@ def test_services_refuse_to_start_without_a_real_secret(service: str, secret: st
         env["JWT_SECRET"] = secret
     result = subprocess.run(
         [sys.executable, "-m", f"services.{service}"],
-        env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 2
     lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
     assert lines, result.stderr

@@ -17,13 +17,12 @@ import argparse
 import asyncio
 import json
 import random
-import sys
 import time
 
 import redis
 
 from shared.auth import SCOPES, TokenIssuer
-from shared.gpu import GpuClient, LeaseLost
+from shared.gpu import GpuClient, LeaseLost, Priority
 from shared.settings import AuthSettings, load_settings
 
 # Accept a write only if its fence is at least the highest seen: what a fenced
@@ -56,7 +55,7 @@ async def cycles(args: argparse.Namespace) -> None:
     rng = random.Random(args.holder)
     with open(args.out, "w") as out:
         for _ in range(args.cycles):
-            priority = "interactive" if rng.random() < 0.5 else "batch"
+            priority: Priority = "interactive" if rng.random() < 0.5 else "batch"
             async with gpu.lease(args.holder, priority, wait_s=120) as lease:
                 start = time.monotonic()
                 lease.check()
@@ -110,4 +109,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

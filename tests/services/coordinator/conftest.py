@@ -63,12 +63,12 @@ class Api:
     async def gpu(self) -> dict[str, Any]:
         response = await self.http.get("/v1/gpu")
         assert response.status_code == 200, response.text
-        return response.json()  # type: ignore[no-any-return]
+        return response.json()
 
     async def history(self, limit: int = 50) -> list[dict[str, Any]]:
         response = await self.http.get("/v1/history", params={"limit": limit})
         assert response.status_code == 200, response.text
-        return response.json()  # type: ignore[no-any-return]
+        return response.json()
 
     async def wait_queue(self, length: int, timeout_s: float = 10) -> dict[str, Any]:
         """Until the queue has ``length`` waiters (polls the state, never a blind sleep)."""

@@ -21,8 +21,17 @@ async def test_grant_renew_release(start_coordinator: StartCoordinator, api_fact
     granted = await api.acquire("llm", ttl_ms=5000)
     assert granted.status_code == 201
     grant = granted.json()
-    assert set(grant) == {"lease_id", "fence", "holder", "priority", "ttl_ms", "granted_at", "expires_at",
-                          "waited_ms", "yield_requested"}  # fmt: skip
+    assert set(grant) == {
+        "lease_id",
+        "fence",
+        "holder",
+        "priority",
+        "ttl_ms",
+        "granted_at",
+        "expires_at",
+        "waited_ms",
+        "yield_requested",
+    }
     assert (grant["holder"], grant["priority"], grant["ttl_ms"]) == ("llm", "interactive", 5000)
     assert len(grant["lease_id"]) == 32
     assert grant["expires_at"] == pytest.approx(grant["granted_at"] + 5, abs=0.01)
@@ -160,11 +169,18 @@ async def test_events_stream_every_transition(
 
 @pytest.mark.parametrize(
     "body",
-    [{"holder": "a", "priority": "urgent"}, {"holder": "a", "priority": "batch", "ttl_ms": 999},
-     {"holder": "a", "priority": "batch", "ttl_ms": 120001}, {"holder": "a", "priority": "batch", "wait_ms": -1},
-     {"holder": "a", "priority": "batch", "wait_ms": 300001}, {"holder": "", "priority": "batch"},
-     {"holder": "a b", "priority": "batch"}, {"priority": "batch"}, {"holder": "a", "priority": "batch", "x": 1}],
-)  # fmt: skip
+    [
+        {"holder": "a", "priority": "urgent"},
+        {"holder": "a", "priority": "batch", "ttl_ms": 999},
+        {"holder": "a", "priority": "batch", "ttl_ms": 120001},
+        {"holder": "a", "priority": "batch", "wait_ms": -1},
+        {"holder": "a", "priority": "batch", "wait_ms": 300001},
+        {"holder": "", "priority": "batch"},
+        {"holder": "a b", "priority": "batch"},
+        {"priority": "batch"},
+        {"holder": "a", "priority": "batch", "x": 1},
+    ],
+)
 async def test_bad_requests_are_400_envelopes(
     start_coordinator: StartCoordinator, api_factory: ApiFactory, body: dict[str, object]
 ) -> None:

@@ -29,8 +29,12 @@ ApiFactory = Callable[[ServiceProcess], Api]
 def worker(*args: str, stdout: Any = subprocess.PIPE) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "tests.support.lease_worker", *args],
-        cwd=REPO_ROOT, env=os.environ, stdout=stdout, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        cwd=REPO_ROOT,
+        env=os.environ,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def read_event(process: subprocess.Popen[str], timeout_s: float = 60) -> dict[str, Any]:
@@ -40,7 +44,7 @@ def read_event(process: subprocess.Popen[str], timeout_s: float = 60) -> dict[st
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         if line.startswith("{"):
-            return json.loads(line)  # type: ignore[no-any-return]
+            return json.loads(line)
         if not line and process.poll() is not None:
             raise AssertionError(
                 f"worker exited {process.returncode}: {process.stderr.read() if process.stderr else ''}"
@@ -64,10 +68,20 @@ def test_many_processes_never_overlap(start_coordinator: StartCoordinator, tmp_p
     workers, cycles = 8, 200
     outputs = [tmp_path / f"w{i}.jsonl" for i in range(workers)]
     procs = [
-        worker("cycles", "--url", coordinator.url, "--holder", f"w{i}", "--cycles", str(cycles), "--out", str(out),
-               stdout=subprocess.DEVNULL)
+        worker(
+            "cycles",
+            "--url",
+            coordinator.url,
+            "--holder",
+            f"w{i}",
+            "--cycles",
+            str(cycles),
+            "--out",
+            str(out),
+            stdout=subprocess.DEVNULL,
+        )
         for i, out in enumerate(outputs)
-    ]  # fmt: skip
+    ]
     with reaped(*procs):
         for proc in procs:
             assert proc.wait(timeout=600) == 0, proc.stderr.read() if proc.stderr else ""
@@ -113,8 +127,19 @@ async def test_sigstop_holder_loses_its_lease_and_cannot_write(
     coordinator = start_coordinator()
     register = key_prefix + "register"
     ttl_s = 1.5
-    holder = worker("hold", "--url", coordinator.url, "--holder", "paused", "--ttl-ms", str(int(ttl_s * 1000)),
-                    "--redis", redis_server.url, "--register", register)  # fmt: skip
+    holder = worker(
+        "hold",
+        "--url",
+        coordinator.url,
+        "--holder",
+        "paused",
+        "--ttl-ms",
+        str(int(ttl_s * 1000)),
+        "--redis",
+        redis_server.url,
+        "--register",
+        register,
+    )
     store = redis_server.client()
     fenced_write = store.register_script(FENCED_WRITE)
     with reaped(holder):
