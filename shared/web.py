@@ -71,6 +71,13 @@ class Auth:
         return dependency
 
 
+async def until_disconnected(request: Request) -> None:
+    """Returns when the client goes away. Only once the body has been read, and not
+    while a StreamingResponse (which listens itself) is running."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 @dataclass
 class Readiness:
     ok: bool

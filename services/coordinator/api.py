@@ -22,15 +22,9 @@ from services.coordinator.leases import (
 from services.coordinator.schemas import GpuStatus, HistoryEntry, LeaseGrant, LeaseRequest, Renewal
 from services.coordinator.settings import CoordinatorSettings
 from shared.errors import BadRequest, Gone, ServiceUnavailable, TooManyRequests
-from shared.web import Auth
+from shared.web import Auth, until_disconnected
 
 MAX_LEASE_ID = 128
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client goes away (the body has been read already)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _unavailable(exc: StoreUnavailable) -> ServiceUnavailable:
@@ -49,7 +43,7 @@ def build_router(manager: LeaseManager, settings: CoordinatorSettings, auth: Aut
             raise BadRequest(f"ttl_ms must be at most {settings.max_ttl_ms}", param="ttl_ms")
         try:
             grant = await manager.acquire(
-                body.holder, body.priority, ttl_ms, body.wait_ms, body.waiter_id, lambda: _disconnected(request)
+                body.holder, body.priority, ttl_ms, body.wait_ms, body.waiter_id, lambda: until_disconnected(request)
             )
         except QueueFull as exc:
             raise TooManyRequests("the GPU queue is full", retry_after_s=exc.retry_after_s) from None
