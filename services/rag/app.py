@@ -1,29 +1,65 @@
-"""The rag app (skeleton until its issue lands): health, readiness, info."""
+"""The RAG app: ``create_app(settings)``; nothing is created at import."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
+from services.rag.api import EMBEDDING_MODEL, build_router
 from services.rag.settings import RAGSettings
+from services.rag.store import MemoryStore
 from shared.auth import TokenVerifier
 from shared.metrics import Metrics
-from shared.settings import load_settings
-from shared.web import Auth, create_service_app
+from shared.models import UnknownModel
+from shared.settings import ConfigError, load_settings
+from shared.web import Auth, Readiness, create_service_app
 
 
-def create_app(settings: RAGSettings | None = None) -> FastAPI:
+def create_app(settings: RAGSettings | None = None, store: MemoryStore | None = None) -> FastAPI:
     settings = settings or load_settings(RAGSettings)
     auth = Auth(TokenVerifier(settings.auth))
+    if store is None:
+        try:
+            store = MemoryStore.open(settings)
+        except (UnknownModel, FileNotFoundError) as exc:
+            raise ConfigError(f"RAG_EMBEDDING_MODEL: {exc}") from None
+    memories = store
+    warm = {"done": False}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(memories.warm_up)
+        warm["done"] = True
+        yield
+
+    async def ready() -> Readiness:
+        ok = warm["done"] and await run_in_threadpool(memories.heartbeat)
+        return Readiness(ok, {"chroma": "ok" if ok else "unreachable"})
 
     def info() -> dict[str, Any]:
-        return {"model": None, "device": "cpu"}
+        return {
+            "model": EMBEDDING_MODEL,
+            "device": "cpu",
+            "chroma": settings.chroma_url or f"embedded at {settings.chroma_path}",
+            "collection": settings.collection,
+            "chunk_size": settings.chunk_size,
+            "chunk_overlap": settings.chunk_overlap,
+            "recency_half_life_h": settings.recency_half_life_h,
+            "recency_bias": settings.recency_bias,
+        }
 
-    return create_service_app(
+    app = create_service_app(
         name="rag",
         auth=auth,
         metrics=Metrics("rag"),
         max_body_bytes=int(settings.max_body_mb * 1_048_576),
+        lifespan=lifespan,
+        ready=ready,
         info=info,
     )
+    app.include_router(build_router(memories, auth, settings.max_documents))
+    return app

@@ -61,9 +61,17 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         argv = [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--dir", str(self.workdir), *persistence,
-        ]  # fmt: skip
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            str(self.workdir),
+            *persistence,
+        ]
         log = (self.workdir / "redis.log").open("ab")
         self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         client = redis.Redis.from_url(self.url, socket_timeout=0.5, socket_connect_timeout=0.5)
@@ -188,3 +196,45 @@ def running(*services: ServiceProcess) -> Iterator[None]:
     finally:
         for service in reversed(services):
             service.stop()
+
+
+class ChromaServer:
+    """The chromadb package's own server (``chroma run``) on a free port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ChromaServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        binary = Path(sys.executable).parent / "chroma"
+        log = (self.workdir / "chroma.log").open("ab")
+        argv = [
+            str(binary),
+            "run",
+            "--path",
+            str(self.workdir / "data"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
+        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+        def answers() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(f"{self.url}/api/v2/heartbeat", timeout=1).status_code == 200
+            return False
+
+        wait_until(answers, 60, "chroma run to answer", interval_s=0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=20)

@@ -1,0 +1,100 @@
+"""HTTP routes of the RAG service: thin; the work is in :mod:`store`, in threads."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Response
+from starlette.concurrency import run_in_threadpool
+
+from services.rag.schemas import (
+    CollectionName,
+    DocumentsIn,
+    DocumentsOut,
+    EmbeddingsIn,
+    QueryIn,
+    QueryOut,
+    SegmentsIn,
+)
+from services.rag.store import InputTooLong, MemoryStore, NotFound
+from shared.errors import BadRequest
+from shared.errors import NotFound as NotFoundError
+from shared.web import Auth
+
+EMBEDDING_MODEL = "all-minilm-l6-v2"
+
+
+def build_router(store: MemoryStore, auth: Auth, max_items: int) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["rag"])
+    writer = [Depends(auth.require("rag:write"))]
+    reader = [Depends(auth.require("rag:read"))]
+
+    def check_size(count: int, what: str) -> None:
+        if count > max_items:
+            raise BadRequest(f"at most {max_items} {what} per request (RAG_MAX_DOCUMENTS)", code="too_many")
+
+    @router.post("/documents", dependencies=writer)
+    async def add_documents(body: DocumentsIn) -> DocumentsOut:
+        check_size(len(body.documents), "documents")
+        stored = await run_in_threadpool(store.add_documents, body.documents, body.collection)
+        return DocumentsOut(ids=stored.ids, chunks=stored.chunks)
+
+    @router.post("/segments", dependencies=writer)
+    async def add_segments(body: SegmentsIn) -> DocumentsOut:
+        check_size(len(body.segments), "segments")
+        stored = await run_in_threadpool(store.add_segments, body)
+        return DocumentsOut(ids=stored.ids, chunks=stored.chunks)
+
+    @router.post("/query", dependencies=reader)
+    async def query(body: QueryIn) -> QueryOut:
+        return QueryOut(results=await run_in_threadpool(store.query, body))
+
+    @router.delete("/documents/{memory_id}", status_code=204, dependencies=writer)
+    async def delete(memory_id: str, collection: Annotated[CollectionName | None, Query()] = None) -> Response:
+        try:
+            await run_in_threadpool(store.delete, memory_id, collection)
+        except NotFound:
+            raise NotFoundError(f"no document, transcript or segment {memory_id!r}") from None
+        return Response(status_code=204)
+
+    @router.get("/stats", dependencies=reader)
+    async def stats() -> dict[str, object]:
+        counts = await run_in_threadpool(store.stats)
+        return {"collections": counts, "total": sum(counts.values())}
+
+    @router.post("/embeddings", dependencies=reader)
+    async def embeddings(body: EmbeddingsIn) -> dict[str, object]:
+        if body.model != EMBEDDING_MODEL:
+            raise NotFoundError(
+                f"the model {body.model!r} does not exist; use {EMBEDDING_MODEL!r}", code="model_not_found"
+            )
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts or any(not text for text in texts):
+            raise BadRequest("input must be a non-empty string or a list of non-empty strings", param="input")
+        check_size(len(texts), "inputs")
+        if body.dimensions is not None and body.dimensions != 384:
+            raise BadRequest("this model has 384 dimensions", param="dimensions")
+        try:
+            vectors, tokens = await run_in_threadpool(store.embed, texts)
+        except InputTooLong as exc:
+            raise BadRequest(str(exc), param="input", code="context_length_exceeded") from None
+        data = [
+            {"object": "embedding", "index": i, "embedding": _encode(vector, body.encoding_format)}
+            for i, vector in enumerate(vectors)
+        ]
+        return {
+            "object": "list",
+            "data": data,
+            "model": EMBEDDING_MODEL,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    return router
+
+
+def _encode(vector: np.ndarray, encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+    return [float(x) for x in vector]

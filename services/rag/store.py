@@ -1,0 +1,328 @@
+"""Memories in Chroma: documents (chunked) and transcript segments, queried with recency.
+
+Chroma runs embedded on disk, or as a server; embeddings come from the bundled
+MiniLM ONNX files through Chroma's own ``ONNXMiniLM_L6_V2`` function, so nothing
+is fetched at run time. Every call here blocks; the API runs them in threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import chromadb
+import numpy as np
+import numpy.typing as npt
+from chromadb.api import ClientAPI
+from chromadb.api.models.Collection import Collection
+from chromadb.utils.embedding_functions import ONNXMiniLM_L6_V2
+
+from services.rag.chunking import chunk
+from services.rag.schemas import DocumentIn, QueryIn, Result, Scalar, SegmentsIn
+from services.rag.settings import RAGSettings
+from shared.models import resolve
+
+log = logging.getLogger(__name__)
+
+MAX_TOKENS = 256
+"""What MiniLM reads; longer inputs would be truncated."""
+
+
+class NotFound(Exception):
+    pass
+
+
+class InputTooLong(ValueError):
+    pass
+
+
+class MiniLM(ONNXMiniLM_L6_V2):
+    """Chroma's MiniLM function, reading the bundled files instead of downloading.
+
+    One change: Chroma's forward pass pads every input to 256 tokens; this one pads a
+    batch of similar lengths to its longest. Attention masks make the padding
+    irrelevant, so the vectors are the same (a test checks it against Chroma's own),
+    and short texts embed several times faster.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(preferred_providers=["CPUExecutionProvider"])
+        self.DOWNLOAD_PATH = folder
+        if not (folder / self.EXTRACTED_FOLDER_NAME / "model.onnx").exists():
+            raise FileNotFoundError(f"{folder}/onnx/model.onnx is missing; run `baton models fetch`")
+
+    @property
+    def for_chroma(self) -> Any:
+        """Itself, typed for chromadb (whose generic type does not admit a text-only function)."""
+        return self
+
+    @cached_property
+    def _batch_tokenizer(self) -> Any:
+        tokenizer = self.Tokenizer.from_str(self.tokenizer.to_str())
+        tokenizer.enable_truncation(max_length=MAX_TOKENS)
+        tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # noqa: S106 - to the longest in the batch
+        return tokenizer
+
+    def _forward(self, documents: list[str], batch_size: int = 32) -> npt.NDArray[np.float32]:
+        order = sorted(range(len(documents)), key=lambda i: len(documents[i]))
+        out = np.empty((len(documents), 384), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            picked = order[start : start + batch_size]
+            encoded = self._batch_tokenizer.encode_batch([documents[i] for i in picked])
+            ids = np.array([e.ids for e in encoded], dtype=np.int64)
+            mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
+            hidden = self.model.run(
+                None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+            )[0]
+            weights = mask[..., None].astype(np.float32)
+            pooled = (hidden * weights).sum(1) / np.clip(weights.sum(1), 1e-9, None)
+            out[picked] = self._normalize(pooled).astype(np.float32)
+        return out
+
+    @cached_property
+    def _counter(self) -> Any:
+        tokenizer = self.Tokenizer.from_str(self.tokenizer.to_str())
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        return tokenizer
+
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text before truncation (to refuse inputs MiniLM cannot read whole)."""
+        return [len(encoding.ids) for encoding in self._counter.encode_batch(list(texts))]
+
+
+def open_client(settings: RAGSettings) -> ClientAPI:
+    chroma_settings = chromadb.Settings(anonymized_telemetry=False)
+    if settings.chroma_url:
+        return chromadb.HttpClient(host=settings.chroma_url, settings=chroma_settings)
+    settings.chroma_path.mkdir(parents=True, exist_ok=True)
+    return chromadb.PersistentClient(path=str(settings.chroma_path), settings=chroma_settings)
+
+
+def _content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+@dataclass
+class Stored:
+    ids: list[str]
+    chunks: int
+
+
+class MemoryStore:
+    def __init__(self, client: ClientAPI, embedder: MiniLM, settings: RAGSettings) -> None:
+        self._client = client
+        self.embedder = embedder
+        self._settings = settings
+        self._collections: dict[str, Collection] = {}
+        self._write_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, settings: RAGSettings) -> MemoryStore:
+        folder, _ = resolve(settings.embedding_model, "embedding")
+        return cls(open_client(settings), MiniLM(folder), settings)
+
+    def warm_up(self) -> None:
+        """Load the model and reach Chroma now, not on the first request."""
+        self.embedder(["warm up"])
+        self._client.heartbeat()
+        self.collection(None)
+
+    def heartbeat(self) -> bool:
+        try:
+            self._client.heartbeat()
+        except Exception:  # any failure means "not ready"
+            return False
+        return True
+
+    def collection(self, name: str | None) -> Collection:
+        name = name or self._settings.collection
+        found = self._collections.get(name)
+        if found is None:
+            found = self._client.get_or_create_collection(
+                name,
+                embedding_function=self.embedder.for_chroma,
+                configuration={"hnsw": {"space": "cosine"}},
+            )
+            self._collections[name] = found
+        return found
+
+    # -- writes --------------------------------------------------------------------
+
+    def add_documents(self, documents: Sequence[DocumentIn], collection: str | None) -> Stored:
+        """Chunk and store; the same id (or, without an id, the same text) adds nothing.
+
+        A known id with different text replaces that document's chunks.
+        """
+        s = self._settings
+        target = self.collection(collection)
+        now = time.time()
+        ids: list[str] = []
+        plans: list[tuple[str, str, list[str], dict[str, Scalar]]] = []
+        for doc in documents:
+            digest = _content_hash(doc.text)
+            doc_id = doc.id or f"doc-{digest}"
+            ids.append(doc_id)
+            pieces = chunk(doc.text, s.chunk_size, s.chunk_overlap)
+            created = doc.created_at.timestamp() if doc.created_at else now
+            base: dict[str, Scalar] = {
+                **doc.metadata,
+                "kind": "document",
+                "doc_id": doc_id,
+                "doc_hash": digest,
+                "created_at": created,
+                "chunks": len(pieces),
+            }
+            plans.append((doc_id, digest, pieces, base))
+        with self._write_lock:
+            known = self._known_hashes(target, [doc_id for doc_id, *_ in plans])
+            chunk_ids: list[str] = []
+            texts: list[str] = []
+            metadatas: list[dict[str, Scalar]] = []
+            replace: list[str] = []
+            seen: set[str] = set()
+            for doc_id, digest, pieces, base in plans:
+                if known.get(doc_id) == digest or doc_id in seen:
+                    continue
+                seen.add(doc_id)
+                if doc_id in known:
+                    replace.append(doc_id)
+                for index, piece in enumerate(pieces):
+                    chunk_ids.append(f"{doc_id}#{index}")
+                    texts.append(piece)
+                    metadatas.append({**base, "chunk": index})
+            for doc_id in replace:
+                target.delete(where={"doc_id": doc_id})
+            self._add(target, chunk_ids, texts, metadatas)
+        return Stored(ids, len(chunk_ids))
+
+    def add_segments(self, batch: SegmentsIn) -> Stored:
+        target = self.collection(batch.collection)
+        recorded = batch.recorded_at.timestamp()
+        ids, texts, metadatas = [], [], []
+        for segment in batch.segments:
+            meta: dict[str, Scalar] = {
+                "kind": "segment",
+                "doc_id": batch.job_id,
+                "job_id": batch.job_id,
+                "source": batch.source,
+                "start": segment.start,
+                "end": segment.end,
+                "created_at": recorded + segment.start,
+                "doc_hash": _content_hash(segment.text),
+            }
+            if segment.speaker:
+                meta["speaker"] = segment.speaker
+            ids.append(f"{batch.job_id}@{segment.start:.3f}")
+            texts.append(segment.text)
+            metadatas.append(meta)
+        with self._write_lock:
+            existing = set(target.get(ids=ids, include=[])["ids"])
+            fresh = [i for i, segment_id in enumerate(ids) if segment_id not in existing]
+            self._add(target, [ids[i] for i in fresh], [texts[i] for i in fresh], [metadatas[i] for i in fresh])
+        return Stored(ids, len(fresh))
+
+    def _add(self, target: Collection, ids: list[str], texts: list[str], metadatas: list[dict[str, Scalar]]) -> None:
+        step = self._client.get_max_batch_size()
+        for start in range(0, len(ids), step):
+            end = start + step
+            target.add(ids=ids[start:end], documents=texts[start:end], metadatas=metadatas[start:end])  # type: ignore[arg-type]
+
+    @staticmethod
+    def _known_hashes(target: Collection, doc_ids: list[str]) -> dict[str, str]:
+        """doc_id -> content hash, for documents already stored (looked up by their first chunk)."""
+        found = target.get(ids=[f"{doc_id}#0" for doc_id in doc_ids], include=["metadatas"])
+        return {
+            str(meta["doc_id"]): str(meta["doc_hash"])
+            for meta in (found["metadatas"] or [])
+            if meta and "doc_id" in meta
+        }
+
+    def delete(self, memory_id: str, collection: str | None) -> int:
+        """A document (all its chunks), a transcript (all segments of that job), or one segment."""
+        target = self.collection(collection)
+        with self._write_lock:
+            ids = (
+                target.get(where={"doc_id": memory_id}, include=[])["ids"]
+                or target.get(ids=[memory_id], include=[])["ids"]
+            )
+            if not ids:
+                raise NotFound(memory_id)
+            target.delete(ids=ids)
+        return len(ids)
+
+    # -- reads -----------------------------------------------------------------------
+
+    def query(self, request: QueryIn) -> list[Result]:
+        target = self.collection(request.collection)
+        bias = self._settings.recency_bias if request.recency_bias is None else request.recency_bias
+        # With recency in play, rank a wider set of candidates than asked for.
+        wanted = request.top_k if bias == 0 else max(request.top_k * 4, 20)
+        # No count() first: it scans the whole collection, and Chroma returns fewer results by itself.
+        found = target.query(
+            query_texts=[request.query],
+            n_results=wanted,
+            where=self._where(request),
+            include=["documents", "metadatas", "distances"],
+        )
+        now = time.time()
+        half_life_s = self._settings.recency_half_life_h * 3600
+        results = []
+        for memory_id, text, meta, distance in zip(
+            found["ids"][0],
+            (found["documents"] or [[]])[0],
+            (found["metadatas"] or [[]])[0],
+            (found["distances"] or [[]])[0],
+            strict=True,
+        ):
+            similarity = 1.0 - float(distance)
+            age = max(0.0, now - float(meta.get("created_at", now)))  # type: ignore[arg-type]
+            recency = 0.5 ** (age / half_life_s)
+            score = (1.0 - bias) * similarity + bias * recency
+            results.append(
+                Result(
+                    id=memory_id,
+                    text=text or "",
+                    score=round(score, 6),
+                    similarity=round(similarity, 6),
+                    recency=round(recency, 6),
+                    metadata={k: v for k, v in meta.items() if isinstance(v, str | int | float | bool)},
+                )
+            )
+        results.sort(key=lambda r: r.score, reverse=True)
+        return results[: request.top_k]
+
+    @staticmethod
+    def _where(request: QueryIn) -> dict[str, Any] | None:
+        f = request.filter
+        if f is None:
+            return None
+        clauses: list[dict[str, Any]] = [
+            {key: value} for key, value in (("source", f.source), ("speaker", f.speaker), ("job_id", f.job_id)) if value
+        ]
+        if f.after is not None:
+            clauses.append({"created_at": {"$gte": f.after.timestamp()}})
+        if f.before is not None:
+            clauses.append({"created_at": {"$lte": f.before.timestamp()}})
+        if not clauses:
+            return None
+        return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+    def stats(self) -> dict[str, int]:
+        return {collection.name: collection.count() for collection in self._client.list_collections()}
+
+    def embed(self, texts: Sequence[str]) -> tuple[list[np.ndarray], int]:
+        counts = self.embedder.token_counts(texts)
+        too_long = [i for i, n in enumerate(counts) if n > MAX_TOKENS]
+        if too_long:
+            raise InputTooLong(
+                f"input {too_long[0]} has {counts[too_long[0]]} tokens; this model reads at most {MAX_TOKENS}"
+            )
+        return list(self.embedder(list(texts))), sum(counts)
