@@ -1,29 +1,92 @@
-"""The llm app (skeleton until its issue lands): health, readiness, info."""
+"""The LLM app: ``create_app(settings)``; nothing is created at import."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 
+from services.llm.api import build_router
+from services.llm.chat import ChatMetrics, ChatService
+from services.llm.engine import Engine, can_offload
+from services.llm.memories import Memories
+from services.llm.placement import GpuPolicy, PlacementMetrics
 from services.llm.settings import LLMSettings
-from shared.auth import TokenVerifier
+from shared.auth import ServiceTokens, TokenIssuer, TokenVerifier
+from shared.client import ServiceClient
+from shared.gpu import GpuClient
 from shared.metrics import Metrics
-from shared.settings import load_settings
-from shared.web import Auth, create_service_app
+from shared.models import UnknownModel, resolve
+from shared.settings import ConfigError, load_settings
+from shared.web import Auth, Readiness, create_service_app
+
+SERVICE_SCOPES = ("gpu", "rag:read")
 
 
 def create_app(settings: LLMSettings | None = None) -> FastAPI:
     settings = settings or load_settings(LLMSettings)
     auth = Auth(TokenVerifier(settings.auth))
+    tokens = ServiceTokens(TokenIssuer(settings.auth), "llm", SERVICE_SCOPES, settings.auth.service_token_ttl_s)
+    try:
+        path, preset = resolve(settings.model_path, "llm")
+    except UnknownModel as exc:
+        raise ConfigError(f"GEMMA_MODEL_PATH: {exc}") from None
+    chat_format = settings.chat_format or (preset.chat_format if preset else None)
+    model_id = settings.model_name or (preset.name if preset else path.stem)
+    metrics = Metrics("llm")
+    slot = asyncio.Lock()
+    engine = Engine(
+        path,
+        context_size=settings.context_size,
+        batch_size=settings.batch_size,
+        threads=settings.threads,
+        chat_format=chat_format,
+    )
+    gpu = GpuClient(settings.coordinator_url, tokens, default_ttl_ms=settings.lease_ttl_ms)
+    policy = GpuPolicy(engine, gpu, settings, slot, PlacementMetrics(metrics))
+    memories = Memories(ServiceClient(settings.rag_url, tokens, retries=0), settings.rag_timeout_ms / 1000)
+    chat = ChatService(engine, policy, memories, settings, ChatMetrics(metrics), model_id, slot)
+    state = {"loaded": False}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(engine.load, 0)  # on the CPU until a request holds the GPU
+        state["loaded"] = True
+        try:
+            yield
+        finally:
+            await policy.close()
+            await gpu.aclose()
+            await memories.aclose()
+            await asyncio.to_thread(engine.close)
+
+    async def ready() -> Readiness:
+        return Readiness(state["loaded"], {"model": model_id})
 
     def info() -> dict[str, Any]:
-        return {"model": None, "device": "cpu"}
+        return {
+            "model": model_id,
+            "model_path": str(path),
+            "chat_format": engine.chat_format,
+            "context_size": engine.n_ctx,
+            "device": "gpu" if engine.gpu_layers and can_offload() else "cpu",
+            "gpu_layers": settings.gpu_layers,
+            "gpu_layers_loaded": engine.gpu_layers,
+            "can_offload": can_offload(),
+            "handoff": policy.policy(),
+        }
 
-    return create_service_app(
+    app = create_service_app(
         name="llm",
         auth=auth,
-        metrics=Metrics("llm"),
+        metrics=metrics,
         max_body_bytes=int(settings.max_body_mb * 1_048_576),
+        lifespan=lifespan,
+        ready=ready,
         info=info,
     )
+    app.include_router(build_router(chat, auth))
+    return app

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
@@ -12,23 +14,53 @@ class LLMSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="GEMMA_")
 
     port: int = Field(default=8001, ge=1, le=65535)
+    max_body_mb: float = Field(default=4.0, gt=0, le=1024)
+    """Requests with a larger body get 413."""
     model_path: str = "smollm2-135m-instruct"
     """A GGUF file, or a preset name (gemma-3-4b-it, gemma-3-270m, smollm2-135m-instruct)."""
+    model_name: str | None = None
+    """The id clients use in ``model`` (default: the preset name or the file's stem)."""
+    chat_format: str | None = None
+    """Override the chat template: ``gemma`` or ``chatml``; default: the GGUF's own, else Gemma's."""
     gpu_layers: int = Field(default=25, ge=-1)
     """Layers to put on the GPU while holding the lease (-1: all)."""
     context_size: int = Field(default=65536, ge=256)
-    """Context window in tokens (capped at what the model was trained for)."""
+    """Context window in tokens; capped at what the model was trained for."""
     batch_size: int = Field(default=512, ge=1)
     """Prompt-processing batch size."""
+    threads: int | None = Field(default=None, ge=1)
+    """CPU threads for llama.cpp (default: llama.cpp's choice)."""
+    max_tokens: int = Field(default=2048, ge=1)
+    """Largest ``max_tokens`` a request may ask for."""
+    default_max_tokens: int = Field(default=512, ge=1)
+    """``max_tokens`` when a request gives none."""
+    max_queue: int = Field(default=8, ge=0)
+    """Requests waiting for the model beyond this many get 429."""
+
     coordinator_url: str = Field(
         default="http://127.0.0.1:8002",
         validation_alias=AliasChoices("GPU_COORDINATOR_URL", "GEMMA_COORDINATOR_URL"),
     )
     """The GPU coordinator."""
+    gpu_wait_ms: int = Field(default=10000, ge=0, le=300000)
+    """How long a request waits for the GPU lease."""
+    gpu_fallback: Literal["cpu", "fail"] = "cpu"
+    """Lease not granted in time: serve on the CPU, or answer 503."""
+    keep_alive_s: float = Field(default=30.0, ge=0)
+    """Keep the GPU this long after a request while nobody else waits for it."""
+    lease_ttl_ms: int = Field(default=15000, ge=1000, le=120000)
+    """TTL of the lease; renewed in the background every third of it."""
+    force_reload: bool = False
+    """Reload the model to move layers even on a llama.cpp build that cannot offload (tests)."""
+
     rag_url: str = Field(
         default="http://127.0.0.1:8004",
         validation_alias=AliasChoices("RAG_SERVICE_URL", "GEMMA_RAG_URL"),
     )
     """The RAG service."""
+    rag_timeout_ms: int = Field(default=1500, ge=50, le=60000)
+    """A RAG answer slower than this is skipped: the chat goes on without memories."""
+    rag_top_k: int = Field(default=5, ge=1, le=50)
+    """Passages asked for when a request says ``rag`` without ``top_k``."""
 
     auth: AuthSettings = Field(default_factory=AuthSettings)

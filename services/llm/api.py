@@ -1,0 +1,251 @@
+"""HTTP routes of the LLM service: OpenAI's chat API and the seed's /chat shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from services.llm.chat import ChatService, ClientGone, Done, Job, Session
+from services.llm.engine import Params
+from services.llm.schemas import ChatCompletionRequest, RagOptions, SeedChatRequest, SeedChatResponse, Usage
+from shared.sse import DONE, frame, guarded
+from shared.web import Auth, until_disconnected
+
+CLIENT_GONE = 499
+
+
+class SessionStream(StreamingResponse):
+    """An SSE response that always closes its session, even if the client left before
+    the first byte (a plain generator's ``finally`` would never run then)."""
+
+    def __init__(self, frames: AsyncIterator[str], session: Session, finished: Callable[[], bool]) -> None:
+        super().__init__(
+            guarded(frames),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._session = session
+        self._finished = finished
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await asyncio.shield(self._session.close(client_gone=not self._finished()))
+
+
+async def _collect(session: Session, request: Request) -> str:
+    """A whole answer; stops (within a token) if the client goes away meanwhile."""
+
+    async def gather() -> str:
+        return "".join([piece async for piece in session.tokens()])
+
+    answer = asyncio.ensure_future(gather())
+    gone = asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not answer.done():
+        answer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await answer
+        raise ClientGone()
+    return answer.result()
+
+
+def build_router(chat: ChatService, auth: Auth) -> APIRouter:
+    router = APIRouter(tags=["chat"])
+    user = [Depends(auth.require("chat"))]
+
+    async def opened(job: Job, request: Request) -> Session | Response:
+        try:
+            return await chat.open(job, lambda: until_disconnected(request))
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
+
+    async def answer_whole(session: Session, request: Request) -> tuple[str, Done] | Response:
+        try:
+            text = await _collect(session, request)
+        except ClientGone:
+            await session.close(client_gone=True)
+            return Response(status_code=CLIENT_GONE)
+        except BaseException:
+            await session.close(client_gone=False)
+            raise
+        await session.close(client_gone=False)
+        return text, session.result
+
+    @router.get("/v1/models", dependencies=user)
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": chat.model_id, "object": "model", "created": 0, "owned_by": "baton"}]}
+
+    @router.post("/v1/chat/completions", dependencies=user, response_model=None)
+    async def completions(body: ChatCompletionRequest, request: Request) -> Response | dict[str, Any]:
+        chat.check_model(body.model)
+        job = Job(
+            messages=[m.plain() for m in body.messages],
+            params=_params(body, chat.max_tokens(body.max_completion_tokens or body.max_tokens)),
+            rag=body.rag,
+        )
+        session = await opened(job, request)
+        if isinstance(session, Response):
+            return session
+        completion_id = f"chatcmpl-{secrets.token_hex(12)}"
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _openai_stream(session, completion_id, created, chat.model_id, include_usage)
+        whole = await answer_whole(session, request)
+        if isinstance(whole, Response):
+            return whole
+        text, done = whole
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": chat.model_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": done.finish_reason,
+                    "logprobs": None,
+                }
+            ],
+            "usage": done.usage(),
+            "sources": done.sources,
+            "baton": _extras(done),
+        }
+
+    @router.post("/chat", dependencies=user, response_model=SeedChatResponse)
+    async def seed_chat(body: SeedChatRequest, request: Request) -> Response | SeedChatResponse:
+        session = await opened(_seed_job(chat, body), request)
+        if isinstance(session, Response):
+            return session
+        whole = await answer_whole(session, request)
+        if isinstance(whole, Response):
+            return whole
+        text, done = whole
+        return SeedChatResponse(
+            response=text,
+            model=chat.model_id,
+            usage=Usage(**done.usage()),
+            rag_context_used=done.rag_context_used,
+            sources=done.sources,
+            gpu_wait_time=done.gpu_wait_time,
+            inference_time=done.inference_time,
+        )
+
+    @router.post("/chat/stream", dependencies=user, response_model=None)
+    async def seed_chat_stream(body: SeedChatRequest, request: Request) -> Response:
+        session = await opened(_seed_job(chat, body), request)
+        if isinstance(session, Response):
+            return session
+        finished = False
+
+        async def frames() -> AsyncIterator[str]:
+            nonlocal finished
+            async for piece in session.tokens():
+                yield frame({"token": piece, "done": False})
+            done = session.result
+            yield frame(
+                {
+                    "token": "",
+                    "done": True,
+                    "usage": done.usage(),
+                    "sources": done.sources,
+                    "rag_context_used": done.rag_context_used,
+                    "gpu_wait_time": done.gpu_wait_time,
+                    "inference_time": done.inference_time,
+                }
+            )
+            finished = True
+
+        return SessionStream(frames(), session, lambda: finished)
+
+    return router
+
+
+def _params(body: ChatCompletionRequest, max_tokens: int) -> Params:
+    schema = None
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
+        schema = fmt.json_schema.schema_
+    return Params(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=body.stops(),
+        seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        json_schema=schema,
+        json_object=fmt is not None and fmt.type == "json_object",
+    )
+
+
+def _seed_job(chat: ChatService, body: SeedChatRequest) -> Job:
+    return Job(
+        messages=[m.plain() for m in body.messages],
+        params=Params(max_tokens=chat.max_tokens(body.max_tokens), temperature=body.temperature),
+        rag=RagOptions(top_k=body.rag_top_k) if body.use_rag else None,
+        context=body.context,
+    )
+
+
+def _extras(done: Done) -> dict[str, Any]:
+    return {
+        "device": done.device,
+        "gpu_wait_time": done.gpu_wait_time,
+        "inference_time": done.inference_time,
+        "rag_context_used": done.rag_context_used,
+        "warnings": done.warnings,
+    }
+
+
+def _openai_stream(session: Session, completion_id: str, created: int, model: str, include_usage: bool) -> Response:
+    finished = False
+
+    def chunk(delta: dict[str, str], finish: str | None = None, **extra: Any) -> str:
+        return frame(
+            {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                **extra,
+            }
+        )
+
+    async def frames() -> AsyncIterator[str]:
+        nonlocal finished
+        yield chunk({"role": "assistant", "content": ""})
+        async for piece in session.tokens():
+            yield chunk({"content": piece})
+        done = session.result
+        yield chunk({}, done.finish_reason, sources=done.sources, baton=_extras(done))
+        if include_usage:
+            yield frame(
+                {
+                    "id": completion_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": done.usage(),
+                }
+            )
+        yield DONE
+        finished = True
+
+    return SessionStream(frames(), session, lambda: finished)

@@ -1,0 +1,266 @@
+"""One chat request from queue to last token. No FastAPI here.
+
+Order of a request: refuse when the queue is full; look up memories (outside the
+model slot, so it overlaps other requests' generation); fit the prompt into the
+context (400 if it cannot fit); wait in line for the one model slot (giving up if
+the client goes away); place the model (GPU lease, layers); then stream tokens from
+a worker thread. Every error up to placement is an HTTP error; after that, the
+stream carries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.llm.engine import Engine, Finished, Message, Params
+from services.llm.memories import Memories, Passage
+from services.llm.placement import GpuPolicy, Placement
+from services.llm.prompting import ContextTooLong, Fitted, fit
+from services.llm.schemas import RagOptions
+from services.llm.settings import LLMSettings
+from shared.errors import BadRequest, NotFound, ServiceUnavailable, TooManyRequests
+from shared.gpu import LeaseLost
+from shared.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its turn: nothing to answer."""
+
+
+class ChatMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        self.ttft = metrics.histogram("llm_time_to_first_token_seconds", "From placement to the first token.")
+        self.tokens_per_s = metrics.histogram(
+            "llm_tokens_per_second", "Decode speed of a request.", buckets=(1, 5, 10, 20, 40, 60, 100, 200, 500)
+        )
+        self.queue = metrics.gauge("llm_queue_depth", "Requests waiting for the model.")
+        self.requests = metrics.counter(
+            "llm_requests_total", "Chat requests, by device and outcome.", ("device", "outcome")
+        )
+        self.rag = metrics.counter("llm_rag_lookups_total", "Memory lookups, by outcome.", ("outcome",))
+
+
+@dataclass
+class Job:
+    """A validated request."""
+
+    messages: list[Message]
+    params: Params
+    rag: RagOptions | None = None
+    context: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Done:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    sources: list[dict[str, Any]]
+    rag_context_used: int
+    gpu_wait_time: float
+    inference_time: float
+    device: str
+    warnings: list[str]
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+_END = object()
+
+
+class Session:
+    """A request that holds the model slot. Iterate ``tokens()``, then ``close()``."""
+
+    def __init__(
+        self, service: ChatService, job: Job, fitted: Fitted, placement: Placement, warnings: list[str], rag_used: int
+    ) -> None:
+        self._service = service
+        self._job = job
+        self._fitted = fitted
+        self.placement = placement
+        self._warnings = warnings
+        self._rag_used = rag_used
+        self._cancel = threading.Event()
+        self._worker: asyncio.Future[None] | None = None
+        self._closed = False
+        self.done: Done | None = None
+
+    async def tokens(self) -> AsyncIterator[str]:
+        """Text pieces as the model makes them; ``self.done`` is set after the last."""
+        service, lease = self._service, self.placement.lease
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        check = lease.check if lease is not None else (lambda: None)
+
+        def work() -> None:
+            try:
+                for item in service.engine.generate(self._fitted.prompt, self._job.params, self._cancel, check):
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+            except BaseException as exc:  # handed to the event loop, raised there
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _END)
+
+        started = time.monotonic()
+        first: float | None = None
+        self._worker = loop.run_in_executor(None, work)
+        while (item := await queue.get()) is not _END:
+            if isinstance(item, LeaseLost):
+                service.metrics.requests.labels(self.placement.device, "lease_lost").inc()
+                raise ServiceUnavailable(f"generation stopped: {item}", retry_after_s=1, code="gpu_lease_lost")
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, Finished):
+                ended = time.monotonic()
+                decode_s = ended - (first or ended)
+                if first is not None:
+                    service.metrics.ttft.observe(first - started)
+                if item.completion_tokens > 1 and decode_s > 0:
+                    service.metrics.tokens_per_s.observe((item.completion_tokens - 1) / decode_s)
+                self.done = Done(
+                    finish_reason=item.reason,
+                    prompt_tokens=item.prompt_tokens,
+                    completion_tokens=item.completion_tokens,
+                    sources=[p.public() for p in self._fitted.passages if not p.id.startswith("context-")],
+                    rag_context_used=self._rag_used,
+                    gpu_wait_time=round(self.placement.gpu_wait_s, 4),
+                    inference_time=round(ended - started, 4),
+                    device=self.placement.device,
+                    warnings=self._warnings,
+                )
+                service.metrics.requests.labels(self.placement.device, "ok").inc()
+                continue
+            if first is None:
+                first = time.monotonic()
+            yield str(item)
+
+    @property
+    def result(self) -> Done:
+        """How the answer ended; only once ``tokens()`` has run to its end."""
+        if self.done is None:
+            raise RuntimeError("the answer has not finished")
+        return self.done
+
+    async def close(self, *, client_gone: bool) -> None:
+        """Stop the generation (within one token), settle the GPU, give the slot back."""
+        if self._closed:
+            return
+        self._closed = True
+        self._cancel.set()
+        try:
+            if self._worker is not None:
+                with contextlib.suppress(Exception):
+                    await self._worker
+            if client_gone:
+                self._service.metrics.requests.labels(self.placement.device, "client_gone").inc()
+            await self._service.policy.finish(self.placement, client_gone=client_gone, queued_here=self._service.queued)
+        finally:
+            self._service.slot.release()
+
+
+class ChatService:
+    def __init__(
+        self,
+        engine: Engine,
+        policy: GpuPolicy,
+        memories: Memories,
+        settings: LLMSettings,
+        metrics: ChatMetrics,
+        model_id: str,
+        slot: asyncio.Lock,
+    ) -> None:
+        self.engine = engine
+        self.policy = policy
+        self.memories = memories
+        self.settings = settings
+        self.metrics = metrics
+        self.model_id = model_id
+        self.slot = slot
+        self.queued = 0
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_id:
+            raise NotFound(
+                f"the model {name!r} does not exist; this service serves {self.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def max_tokens(self, asked: int | None) -> int:
+        value = asked if asked is not None else self.settings.default_max_tokens
+        if value > self.settings.max_tokens:
+            raise BadRequest(
+                f"max_tokens is at most {self.settings.max_tokens} (GEMMA_MAX_TOKENS)",
+                param="max_tokens",
+                code="invalid_value",
+            )
+        return value
+
+    async def open(self, job: Job, disconnected: Callable[[], Awaitable[object]]) -> Session:
+        if self.queued >= self.settings.max_queue and self.slot.locked():
+            raise TooManyRequests("the model is busy and its queue is full", retry_after_s=2)
+        passages, warnings = await self._memories(job)
+        passages = [
+            Passage(f"context-{i}", text, 2.0, {"source": "request"}) for i, text in enumerate(job.context)
+        ] + passages
+        try:
+            fitted = await asyncio.to_thread(fit, self.engine, job.messages, passages, job.params.max_tokens)
+        except ContextTooLong as exc:
+            raise BadRequest(str(exc), param="messages", code="context_length_exceeded") from None
+        if fitted.dropped_turns:
+            warnings.append(f"dropped the {fitted.dropped_turns} oldest turns to fit the context window")
+        rag_used = sum(1 for p in fitted.passages if not p.id.startswith("context-"))
+        await self._take_slot(disconnected)
+        try:
+            placement = await self.policy.place()
+        except BaseException:
+            self.slot.release()
+            raise
+        if placement.fallback:
+            warnings.append("the GPU was busy: answered on the CPU")
+        return Session(self, job, fitted, placement, warnings, rag_used)
+
+    async def _memories(self, job: Job) -> tuple[list[Passage], list[str]]:
+        if job.rag is None:
+            return [], []
+        query = next((m["content"] for m in reversed(job.messages) if m["role"] == "user"), "")
+        if not query.strip():
+            return [], []
+        rag = job.rag
+        filters = rag.filter.model_dump(mode="json", exclude_none=True) if rag.filter else None
+        found = await self.memories.search(query, rag.top_k or self.settings.rag_top_k, filters, rag.recency_bias)
+        self.metrics.rag.labels("ok" if found.warning is None else "unavailable").inc()
+        return found.passages, [found.warning] if found.warning else []
+
+    async def _take_slot(self, disconnected: Callable[[], Awaitable[object]]) -> None:
+        self.queued += 1
+        self.metrics.queue.set(self.queued)
+        taking = asyncio.ensure_future(self.slot.acquire())
+        gone = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({taking, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.queued -= 1
+            self.metrics.queue.set(self.queued)
+            gone.cancel()
+            if not taking.done():
+                taking.cancel()
+        if taking.cancelled() or not taking.done():
+            raise ClientGone()
+        if gone.done() and not gone.cancelled():
+            self.slot.release()
+            raise ClientGone()

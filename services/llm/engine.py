@@ -1,0 +1,202 @@
+"""llama.cpp behind one small class: load with N GPU layers, format chats, stream tokens.
+
+Everything here blocks and is meant for a worker thread; the caller makes sure one
+request uses the model at a time. "Offloading" is a reload with 0 GPU layers: a
+llama.cpp model cannot move its layers once loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import llama_cpp
+from llama_cpp import llama_grammar
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]
+
+
+def can_offload() -> bool:
+    """Whether this llama.cpp build can put layers on a GPU at all."""
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+@dataclass(frozen=True)
+class Prompt:
+    tokens: list[int]
+    stop: list[str]
+
+
+@dataclass
+class Params:
+    max_tokens: int
+    temperature: float = 0.8
+    top_p: float = 0.95
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    json_schema: dict[str, Any] | None = None
+    json_object: bool = False
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Cancelled(Exception):
+    """The caller stopped the generation (client gone)."""
+
+
+def gemma_prompt(messages: Sequence[Message]) -> str:
+    """Gemma's turn format. System text goes first into the first user turn, as
+    Gemma's own template does (llama-cpp-python's ``format_gemma`` drops it)."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    turns = [m for m in messages if m["role"] != "system"]
+    parts = []
+    for index, message in enumerate(turns):
+        role = "model" if message["role"] == "assistant" else "user"
+        content = message["content"]
+        if index == 0 and role == "user" and system:
+            content = f"{system}\n\n{content}"
+        parts.append(f"<start_of_turn>{role}\n{content}<end_of_turn>\n")
+    return "<bos>" + "".join(parts) + "<start_of_turn>model\n"
+
+
+def chatml_prompt(messages: Sequence[Message]) -> str:
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
+
+
+class Engine:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        context_size: int,
+        batch_size: int,
+        threads: int | None = None,
+        chat_format: str | None = None,
+    ) -> None:
+        self.path = path
+        self._batch_size = batch_size
+        self._threads = threads
+        self._lock = threading.Lock()
+        # The vocabulary alone, kept for tokenizing: prompts are fitted outside the model
+        # slot, even while the model itself is being reloaded.
+        self._vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        self._vocab_lock = threading.Lock()
+        self.metadata: dict[str, str] = dict(self._vocab.metadata)
+        arch = self.metadata.get("general.architecture", "")
+        trained = int(self.metadata.get(f"{arch}.context_length", context_size))
+        self.n_ctx = min(context_size, trained)
+        if self.n_ctx < context_size:
+            log.info(
+                "context capped at what the model was trained for", extra={"asked": context_size, "n_ctx": self.n_ctx}
+            )
+        template = None if chat_format else self.metadata.get("tokenizer.chat_template")
+        self.chat_format = chat_format or ("gguf" if template else "gemma")
+        self._formatter: Jinja2ChatFormatter | None = None
+        if template:
+            eos = self._vocab.detokenize([self._vocab.token_eos()]).decode("utf-8", "ignore")
+            bos = self._vocab.detokenize([self._vocab.token_bos()]).decode("utf-8", "ignore")
+            self._formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
+        self._llama: llama_cpp.Llama | None = None
+        self.gpu_layers = 0
+
+    @property
+    def llama(self) -> llama_cpp.Llama:
+        if self._llama is None:
+            raise RuntimeError("the model is not loaded")
+        return self._llama
+
+    def load(self, gpu_layers: int) -> float:
+        """(Re)load with ``gpu_layers`` layers on the GPU; returns the seconds it took."""
+        with self._lock:
+            started = time.monotonic()
+            if self._llama is not None:
+                self._llama.close()
+                self._llama = None
+            self._llama = llama_cpp.Llama(
+                model_path=str(self.path),
+                n_gpu_layers=gpu_layers,
+                n_ctx=self.n_ctx,
+                n_batch=self._batch_size,
+                n_threads=self._threads,
+                verbose=False,
+            )
+            self.gpu_layers = gpu_layers
+            return time.monotonic() - started
+
+    def close(self) -> None:
+        with self._lock:
+            if self._llama is not None:
+                self._llama.close()
+                self._llama = None
+        self._vocab.close()
+
+    def prompt(self, messages: Sequence[Message]) -> Prompt:
+        """The exact tokens the model will read, and the strings that end its turn."""
+        if self._formatter is not None:
+            formatted = self._formatter(messages=list(messages))  # type: ignore[arg-type]
+            text, stop = formatted.prompt, formatted.stop
+        elif self.chat_format == "chatml":
+            text, stop = chatml_prompt(messages), ["<|im_end|>"]
+        else:
+            text, stop = gemma_prompt(messages), ["<end_of_turn>"]
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        with self._vocab_lock:
+            tokens = self._vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return Prompt(tokens, [s for s in stops if s])
+
+    def generate(
+        self, prompt: Prompt, params: Params, cancelled: threading.Event, check: Callable[[], None] = lambda: None
+    ) -> Iterator[str | Finished]:
+        """Pieces of text, then one Finished. ``check`` runs before each token (the lease
+        fence); it and ``cancelled`` stop the generation within one token."""
+        grammar = None
+        if params.json_schema is not None:
+            grammar = llama_grammar.LlamaGrammar.from_json_schema(json.dumps(params.json_schema), verbose=False)
+        elif params.json_object:
+            grammar = llama_grammar.LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
+        with self._lock:
+            llama = self.llama
+            check()
+            stream = llama.create_completion(
+                prompt=prompt.tokens,
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                stop=[*prompt.stop, *params.stop],
+                seed=params.seed,
+                presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty,
+                grammar=grammar,
+                stream=True,
+            )
+            reason = "stop"
+            try:
+                for chunk in cast(Iterator[dict[str, Any]], stream):
+                    if cancelled.is_set():
+                        raise Cancelled()
+                    check()
+                    choice = chunk["choices"][0]
+                    if choice["text"]:
+                        yield choice["text"]
+                    if choice.get("finish_reason"):
+                        reason = choice["finish_reason"]
+            finally:
+                stream.close()  # type: ignore[union-attr]
+            completion = max(0, llama.n_tokens - len(prompt.tokens))
+            yield Finished(reason, len(prompt.tokens), completion)

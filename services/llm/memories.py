@@ -1,0 +1,73 @@
+"""Memories from the RAG service for the prompt; never a reason for the chat to fail."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from shared.client import ServiceClient, ServiceUnreachable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Passage:
+    id: str
+    text: str
+    score: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def label(self) -> str:
+        """Where it came from, in a few words, for the prompt."""
+        meta = self.metadata
+        if meta.get("kind") == "segment":
+            when = datetime.fromtimestamp(float(meta.get("created_at", 0)), UTC).strftime("%Y-%m-%d %H:%M")
+            speaker = f", {meta['speaker']}" if meta.get("speaker") else ""
+            return f"{meta.get('source', 'a recording')} at {_clock(meta.get('start', 0))}{speaker}, {when} UTC"
+        return str(meta.get("source") or meta.get("title") or meta.get("doc_id") or self.id)
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "score": self.score, "text": self.text, "metadata": self.metadata}
+
+
+def _clock(seconds: Any) -> str:
+    total = int(float(seconds))
+    return f"{total // 60}:{total % 60:02d}"
+
+
+@dataclass
+class Lookup:
+    passages: list[Passage]
+    warning: str | None = None
+
+
+class Memories:
+    """Asks the RAG service with this service's token; gives up after ``timeout_s``."""
+
+    def __init__(self, client: ServiceClient, timeout_s: float) -> None:
+        self._client = client
+        self._timeout_s = timeout_s
+
+    async def search(self, query: str, top_k: int, filter: dict[str, Any] | None, recency_bias: float | None) -> Lookup:
+        body: dict[str, Any] = {"query": query, "top_k": top_k}
+        if filter:
+            body["filter"] = filter
+        if recency_bias is not None:
+            body["recency_bias"] = recency_bias
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                response = await self._client.request("POST", "/v1/query", json=body, idempotent=True)
+        except (TimeoutError, ServiceUnreachable) as exc:
+            log.warning("RAG unavailable; answering without memories", extra={"error": type(exc).__name__})
+            return Lookup([], "memories unavailable (the RAG service did not answer in time); answered without them")
+        if response.status_code != 200:
+            log.warning("RAG refused the query; answering without memories", extra={"status": response.status_code})
+            return Lookup([], f"memories unavailable (the RAG service answered {response.status_code})")
+        results = response.json().get("results", [])
+        return Lookup([Passage(r["id"], r["text"], float(r["score"]), r.get("metadata") or {}) for r in results])
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,64 @@
+"""Put memories into the conversation, and make the whole fit the context window."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from services.llm.engine import Engine, Message, Prompt
+from services.llm.memories import Passage
+
+# The shape that even SmolLM2-135M follows (measured: passages first, then one plain
+# instruction; labels in parentheses beside the text confused it).
+INSTRUCTION = "Answer the question using the context above."
+
+
+class ContextTooLong(Exception):
+    def __init__(self, prompt_tokens: int, max_tokens: int, n_ctx: int) -> None:
+        super().__init__(
+            f"this model's context is {n_ctx} tokens; the messages take {prompt_tokens} and max_tokens asks "
+            f"for {max_tokens} more. Shorten the messages or lower max_tokens."
+        )
+
+
+@dataclass
+class Fitted:
+    prompt: Prompt
+    passages: list[Passage]
+    dropped_turns: int
+
+
+def with_memories(messages: Sequence[Message], passages: Sequence[Passage]) -> list[Message]:
+    """Memories go into the (first) system message: every chat template accepts one there."""
+    if not passages:
+        return list(messages)
+    numbered = (f"[{i}] {p.text}\n(source: {p.label()})" for i, p in enumerate(passages, start=1))
+    memory = "Context:\n" + "\n".join(numbered) + "\n\n" + INSTRUCTION
+    out = list(messages)
+    if out and out[0]["role"] == "system":
+        out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{memory}"}
+    else:
+        out.insert(0, {"role": "system", "content": memory})
+    return out
+
+
+def fit(engine: Engine, messages: Sequence[Message], passages: Sequence[Passage], max_tokens: int) -> Fitted:
+    """Drop the least relevant passages first, then the oldest turns, until prompt +
+    max_tokens fits; ContextTooLong if the system messages and the last message alone
+    do not."""
+    budget = engine.n_ctx - max_tokens
+    kept = sorted(passages, key=lambda p: p.score, reverse=True)
+    turns = list(messages)
+    dropped = 0
+    while True:
+        prompt = engine.prompt(with_memories(turns, kept))
+        if len(prompt.tokens) <= budget:
+            return Fitted(prompt, kept, dropped)
+        if kept:
+            kept.pop()
+            continue
+        oldest = next((i for i, m in enumerate(turns[:-1]) if m["role"] != "system"), None)
+        if oldest is None:
+            raise ContextTooLong(len(prompt.tokens), max_tokens, engine.n_ctx)
+        del turns[oldest]
+        dropped += 1

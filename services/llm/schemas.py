@@ -1,0 +1,141 @@
+"""OpenAI's chat schema (the parts this service serves), plus the seed's /chat shapes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ROLES = ("system", "developer", "user", "assistant")
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, value: str) -> str:
+        if value not in ROLES:
+            raise ValueError(f"unknown role {value!r}; this service takes {', '.join(ROLES)}")
+        return value
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+    def plain(self) -> dict[str, str]:
+        """For the chat template: developer speaks as system, content as one string."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_needed(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format json_schema needs a json_schema object")
+        return self
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class RagFilter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str | None = None
+    speaker: str | None = None
+    job_id: str | None = None
+    after: datetime | None = None
+    before: datetime | None = None
+
+
+class RagOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    top_k: int | None = Field(default=None, ge=1, le=50)
+    filter: RagFilter | None = None
+    recency_bias: float | None = Field(default=None, ge=0, le=1)
+
+
+class ChatCompletionRequest(BaseModel):
+    """Unknown fields are ignored, as OpenAI's API does for fields it does not use."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.8, ge=0, le=2)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    n: int = Field(default=1, ge=1, le=1)
+    rag: RagOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return value
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else self.stop
+
+
+class SeedChatRequest(BaseModel):
+    """The seed's own /chat and /chat/stream body."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    context: list[str] = Field(default_factory=list, max_length=50)
+    use_rag: bool = True
+    rag_top_k: int = Field(default=5, ge=1, le=50)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class SeedChatResponse(BaseModel):
+    response: str
+    model: str
+    usage: Usage
+    rag_context_used: int
+    sources: list[dict[str, Any]]
+    gpu_wait_time: float
+    inference_time: float

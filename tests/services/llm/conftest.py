@@ -1,0 +1,111 @@
+"""Real processes for the LLM tests: Redis, coordinator, RAG (embedded Chroma), LLMs."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Mint
+from tests.support.servers import RedisServer, ServiceProcess, free_port
+
+
+class Llm:
+    def __init__(self, service: ServiceProcess, token: str, coordinator: ServiceProcess, admin: str) -> None:
+        self.service = service
+        self.coordinator = coordinator
+        self.http = httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {token}"}, timeout=300)
+        self.gpu_http = httpx.Client(base_url=coordinator.url, headers={"Authorization": f"Bearer {admin}"}, timeout=30)
+        self.admin = admin
+        self.token = token
+
+    @property
+    def url(self) -> str:
+        return self.service.url
+
+    @property
+    def model(self) -> str:
+        return str(self.http.get("/v1/models").json()["data"][0]["id"])
+
+    def chat(self, content: str, **options: Any) -> httpx.Response:
+        body = {"model": self.model, "messages": [{"role": "user", "content": content}], **options}
+        return self.http.post("/v1/chat/completions", json=body)
+
+    def history(self, limit: int = 100) -> list[dict[str, Any]]:
+        return list(self.gpu_http.get("/v1/history", params={"limit": limit}).json())
+
+    def gpu(self) -> dict[str, Any]:
+        return dict(self.gpu_http.get("/v1/gpu").json())
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one Prometheus sample (0 if absent)."""
+        text = httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {self.admin}"}).text
+        wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        target = f"{name}{{{wanted}}}" if labels else name
+        for line in text.splitlines():
+            if line.startswith(target + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+
+@pytest.fixture(scope="module")
+def gpu_stack(
+    redis_server: RedisServer, log_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, ServiceProcess]]:
+    """A coordinator and a RAG service for one test module."""
+    prefix = f"llm-{secrets.token_hex(4)}:"
+    coordinator = ServiceProcess(
+        "coordinator",
+        {
+            "COORDINATOR_REDIS_URL": redis_server.url,
+            "COORDINATOR_KEY_PREFIX": prefix,
+            "COORDINATOR_YIELD_GRACE_MS": "300",
+        },
+        log_dir,
+    ).start()
+    rag = ServiceProcess(
+        "rag", {"RAG_CHROMA_PATH": str(tmp_path_factory.mktemp("llm-rag") / "chroma")}, log_dir
+    ).start()
+    yield {"coordinator": coordinator, "rag": rag}
+    rag.stop()
+    coordinator.stop()
+
+
+StartLlm = Callable[..., Llm]
+
+
+@pytest.fixture(scope="module")
+def start_llm(gpu_stack: dict[str, ServiceProcess], log_dir: Path, mint: Mint) -> Iterator[StartLlm]:
+    started: list[ServiceProcess] = []
+
+    def start(rag_url: str | None = None, **settings: object) -> Llm:
+        env = {
+            "GPU_COORDINATOR_URL": gpu_stack["coordinator"].url,
+            "RAG_SERVICE_URL": rag_url or gpu_stack["rag"].url,
+            "GEMMA_CONTEXT_SIZE": "4096",
+            "GEMMA_MAX_TOKENS": "4096",
+            "GEMMA_MAX_BODY_MB": "1",
+            "GEMMA_LEASE_TTL_MS": "3000",
+        }
+        env.update({f"GEMMA_{k.upper()}": str(v) for k, v in settings.items()})
+        service = ServiceProcess("llm", env, log_dir).start()
+        started.append(service)
+        return Llm(service, mint("chat", sub="tester"), gpu_stack["coordinator"], mint("admin", "gpu", sub="ops"))
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+@pytest.fixture(scope="module")
+def llm(start_llm: StartLlm) -> Llm:
+    """SmolLM2, keeping the GPU for 60 s, with the reload path forced on this CPU build."""
+    return start_llm(keep_alive_s=60, force_reload="true")
+
+
+def closed_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"

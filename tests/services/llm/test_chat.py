@@ -1,0 +1,352 @@
+"""The LLM service with real models, a real coordinator, Redis and RAG, over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from shared.gpu import GpuClient
+from tests.services.llm.conftest import Llm, StartLlm, closed_url
+from tests.support.servers import ServiceProcess, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_openai_client_streams_and_completes(llm: Llm) -> None:
+    client = openai.OpenAI(base_url=f"{llm.url}/v1", api_key=llm.token)
+    messages: list[Any] = [{"role": "user", "content": "Name three colours."}]
+    stream = client.chat.completions.create(
+        model=llm.model,
+        messages=messages,
+        stream=True,
+        max_tokens=40,
+        temperature=0,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+    whole = client.chat.completions.create(model=llm.model, messages=messages, max_tokens=40, temperature=0, seed=7)
+    assert (whole.choices[0].message.content or "").strip()
+    assert whole.choices[0].finish_reason in ("stop", "length")
+    assert whole.usage is not None
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+
+
+def test_json_schema_output_parses_and_matches(llm: Llm) -> None:
+    client = openai.OpenAI(base_url=f"{llm.url}/v1", api_key=llm.token)
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 30},
+            "population": {"type": "integer"},
+            "capital": {"type": "boolean"},
+        },
+        "required": ["city", "population", "capital"],
+        "additionalProperties": False,
+    }
+    result = client.chat.completions.create(
+        model=llm.model,
+        messages=[{"role": "user", "content": "Describe Paris as JSON with city, population and capital."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+        max_tokens=120,
+        temperature=0,
+    )
+    data = json.loads(result.choices[0].message.content or "")
+    assert set(data) == {"city", "population", "capital"}
+    assert isinstance(data["city"], str) and isinstance(data["population"], int) and isinstance(data["capital"], bool)
+    loose = client.chat.completions.create(
+        model=llm.model,
+        messages=[{"role": "user", "content": "Give me a JSON object about cats."}],
+        response_format={"type": "json_object"},
+        max_tokens=80,
+        temperature=0,
+    )
+    content = loose.choices[0].message.content or ""
+    if loose.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
+    else:
+        assert content.lstrip().startswith("{")
+
+
+def test_seed_chat_shapes(llm: Llm) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": 20,
+        "temperature": 0,
+        "context": ["The visitor's name is Ada."],
+        "use_rag": False,
+    }
+    response = llm.http.post("/chat", json=body)
+    assert response.status_code == 200
+    data = response.json()
+    assert set(data) == {"response", "model", "usage", "rag_context_used", "sources", "gpu_wait_time", "inference_time"}
+    assert data["response"] and data["model"] == llm.model
+    assert data["rag_context_used"] == 0 and data["sources"] == []
+    assert data["inference_time"] > 0 and data["gpu_wait_time"] >= 0
+
+    with llm.http.stream("POST", "/chat/stream", json=body) as stream:
+        events = [json.loads(e) for e in sse_events(stream)]
+    assert all(e["done"] is False and isinstance(e["token"], str) for e in events[:-1])
+    last = events[-1]
+    assert last["done"] is True and last["token"] == ""
+    assert {"usage", "sources", "gpu_wait_time", "inference_time"} <= set(last)
+    assert "".join(e["token"] for e in events[:-1]) == data["response"]
+
+
+def test_a_unique_fact_from_rag_grounds_the_answer(llm: Llm, gpu_stack: dict[str, ServiceProcess], mint: Any) -> None:
+    rag = httpx.Client(base_url=gpu_stack["rag"].url, headers={"Authorization": f"Bearer {mint('rag:write')}"})
+    fact = "The secret code word for the Zephyr project is PLUM-47."
+    stored = rag.post(
+        "/v1/documents", json={"documents": [{"id": "zephyr", "text": fact, "metadata": {"source": "wiki"}}]}
+    )
+    assert stored.status_code == 200
+    response = llm.chat(
+        "What is the secret code word for the Zephyr project?", max_tokens=40, temperature=0, rag={"top_k": 3}
+    )
+    assert response.status_code == 200
+    data = response.json()
+    assert "zephyr#0" in [s["id"] for s in data["sources"]]
+    assert data["sources"][0]["metadata"]["source"] == "wiki"
+    assert data["baton"]["rag_context_used"] >= 1
+    assert "PLUM-47" in data["choices"][0]["message"]["content"]
+
+    seed = llm.http.post(
+        "/chat",
+        json={
+            "messages": [{"role": "user", "content": "What is Zephyr's code word?"}],
+            "max_tokens": 30,
+            "temperature": 0,
+            "rag_top_k": 2,
+        },
+    )
+    assert seed.json()["rag_context_used"] >= 1
+    assert any(s["id"] == "zephyr#0" for s in seed.json()["sources"])
+
+
+def test_rag_down_still_answers(start_llm: StartLlm) -> None:
+    lonely = start_llm(rag_url=closed_url(), keep_alive_s=0)
+    response = lonely.chat("Hello there.", max_tokens=10, rag={"top_k": 3})
+    assert response.status_code == 200
+    data = response.json()
+    assert data["baton"]["rag_context_used"] == 0 and data["sources"] == []
+    assert any("memories unavailable" in w for w in data["baton"]["warnings"])
+    seed = lonely.http.post("/chat", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5})
+    assert seed.status_code == 200 and seed.json()["rag_context_used"] == 0
+
+
+def test_keep_alive_one_grant_for_many_requests(llm: Llm) -> None:
+    llm.chat("Warm up.", max_tokens=2)  # holds the GPU for the keep-alive from here
+    grants_before = len(llm.history())
+    for _ in range(4):
+        assert llm.chat("Count to two.", max_tokens=5).status_code == 200
+    assert len(llm.history()) == grants_before
+    assert llm.gpu()["holder"] == "llm"
+
+
+def test_cold_request_is_one_grant_and_reloads_layers(start_llm: StartLlm) -> None:
+    cold = start_llm(keep_alive_s=60, force_reload="true")
+    wait_until(lambda: cold.gpu()["holder"] is None or cold.gpu()["holder"] == "llm", 30, "a free or llm-held GPU")
+    before = cold.history()
+    assert cold.chat("Hi", max_tokens=3).status_code == 200
+    after = cold.history()
+    new = [h for h in after if h["fence"] > (before[0]["fence"] if before else 0)]
+    assert [h["holder"] for h in new] == ["llm"]
+    assert cold.metric("llm_reload_seconds_count") == 1
+    info = cold.http.get("/v1/info").json()
+    assert info["gpu_layers_loaded"] == info["gpu_layers"] == 25
+    assert info["can_offload"] is False and info["handoff"]["moves_layers"] is True
+    for _ in range(3):
+        cold.chat("Again", max_tokens=3)
+    assert cold.metric("llm_reload_seconds_count") == 1  # the layers stayed
+
+
+async def test_a_batch_holder_is_asked_to_yield_and_the_request_waits_for_it(llm: Llm) -> None:
+    holder = GpuClient(llm.coordinator.url, lambda: llm.admin)
+    lease = await holder.acquire("transcription", "batch", wait_s=30)  # the LLM's keep-alive hands it over
+    try:
+        async with httpx.AsyncClient(
+            base_url=llm.url, headers={"Authorization": f"Bearer {llm.token}"}, timeout=60
+        ) as http:
+            asking = asyncio.create_task(
+                http.post(
+                    "/v1/chat/completions",
+                    json={"model": llm.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
+                )
+            )
+            async with asyncio.timeout(10):
+                await lease.wait_yield()
+            assert not asking.done()
+            released_at = time.monotonic()
+            await lease.release()
+            response = await asking
+        assert response.status_code == 200
+        assert response.json()["baton"]["device"] in ("cpu", "gpu")
+        assert response.json()["baton"]["gpu_wait_time"] > 0
+        assert time.monotonic() - released_at < 5
+        history = llm.history(3)
+        assert [h["holder"] for h in history[:2]] == ["llm", "transcription"]
+        assert history[1]["end"] == "released"
+    finally:
+        await holder.aclose()
+
+
+def test_a_client_that_disconnects_stops_generation_and_frees_the_gpu(start_llm: StartLlm) -> None:
+    llm = start_llm(keep_alive_s=60)
+    body = {
+        "model": llm.model,
+        "messages": [{"role": "user", "content": "Write a very long story about the sea."}],
+        "max_tokens": 400,
+        "stream": True,
+    }
+    with llm.http.stream("POST", "/v1/chat/completions", json=body) as stream:
+        lines = stream.iter_lines()
+        seen = [next(lines) for _ in range(6)]
+        assert any('"content"' in line for line in seen)
+        assert llm.gpu()["holder"] == "llm"
+    left_at = time.monotonic()
+    wait_until(lambda: llm.gpu()["holder"] is None, 1.0, "the LLM to release the GPU")
+    assert time.monotonic() - left_at <= 1.0
+    wait_until(lambda: llm.metric("llm_requests_total", device="cpu", outcome="client_gone") == 1, 5, "the metric")
+    assert llm.metric("llm_tokens_per_second_count") == 0  # no answer ran to its end
+
+
+def test_lease_lost_mid_stream_ends_with_an_error_then_done(llm: Llm) -> None:
+    async def preempt() -> None:
+        other = GpuClient(llm.coordinator.url, lambda: llm.admin)
+        lease = await other.acquire("intruder", "interactive", wait_s=30)
+        await lease.release()
+        await other.aclose()
+
+    body = {
+        "model": llm.model,
+        "messages": [{"role": "user", "content": "Tell a long story about mountains."}],
+        "max_tokens": 500,
+        "stream": True,
+        "temperature": 1,
+    }
+    with llm.http.stream("POST", "/v1/chat/completions", json=body) as stream:
+        lines = stream.iter_lines()
+        assert next(lines).startswith("data: ")
+        # An interactive waiter with a 300 ms grace: the LLM is revoked mid-answer.
+        runner = threading.Thread(target=lambda: asyncio.run(preempt()))
+        runner.start()
+        events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+        runner.join(timeout=60)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "gpu_lease_lost"
+    assert llm.history(5)[1]["end"] == "revoked"
+
+
+def test_gpu_busy_falls_back_to_cpu_or_fails(start_llm: StartLlm, llm: Llm) -> None:
+    patient = start_llm(gpu_wait_ms=300, keep_alive_s=0)
+    strict = start_llm(gpu_wait_ms=300, keep_alive_s=0, gpu_fallback="fail")
+
+    async def hold_and_ask() -> tuple[httpx.Response, httpx.Response]:
+        holder = GpuClient(llm.coordinator.url, lambda: llm.admin)
+        lease = await holder.acquire("transcription", "batch", wait_s=30, ttl_ms=20000)
+        try:
+            return await asyncio.to_thread(patient.chat, "Hi", max_tokens=3), await asyncio.to_thread(
+                strict.chat, "Hi", max_tokens=3
+            )
+        finally:
+            await lease.release()
+            await holder.aclose()
+
+    served, refused = asyncio.run(hold_and_ask())
+    assert served.status_code == 200
+    assert served.json()["baton"]["device"] == "cpu"
+    assert "the GPU was busy: answered on the CPU" in served.json()["baton"]["warnings"]
+    assert patient.metric("llm_cpu_fallbacks_total") == 1
+    assert refused.status_code == 503
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["code"] == "gpu_unavailable"
+
+
+def test_queue_full_is_429(start_llm: StartLlm) -> None:
+    busy = start_llm(max_queue=0, keep_alive_s=0)
+    body = {
+        "model": busy.model,
+        "messages": [{"role": "user", "content": "A long story please."}],
+        "max_tokens": 200,
+        "stream": True,
+    }
+    with busy.http.stream("POST", "/v1/chat/completions", json=body) as stream:
+        next(stream.iter_lines())  # it holds the model now
+        refused = busy.chat("Me too", max_tokens=3)
+    assert refused.status_code == 429
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "code_or_param"),
+    [
+        ({"max_tokens": 4096}, 400, "context_length_exceeded"),
+        ({"messages": [{"role": "user", "content": "word " * 5000}]}, 400, "context_length_exceeded"),
+        ({"max_tokens": 0}, 400, "max_tokens"),
+        ({"max_tokens": 4097}, 400, "max_tokens"),
+        ({"temperature": 2.5}, 400, "temperature"),
+        ({"temperature": -0.1}, 400, "temperature"),
+        ({"top_p": 0}, 400, "top_p"),
+        ({"top_p": 1.5}, 400, "top_p"),
+        ({"messages": []}, 400, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+        ({"model": "gpt-9"}, 404, "model_not_found"),
+        ({"n": 2}, 400, "n"),
+    ],
+)
+def test_bad_requests(llm: Llm, change: dict[str, Any], status: int, code_or_param: str) -> None:
+    body = {"model": llm.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, **change}
+    response = llm.http.post("/v1/chat/completions", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert code_or_param in (error["code"], error["param"])
+
+
+def test_oversized_and_invalid_bodies(llm: Llm) -> None:
+    big = llm.http.post(
+        "/v1/chat/completions", json={"model": llm.model, "messages": [{"role": "user", "content": "x" * 2_000_000}]}
+    )
+    assert big.status_code == 413
+    broken = llm.http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert broken.status_code == 400
+    assert llm.http.post("/chat", json={"messages": []}).status_code == 400
+
+
+def test_models_info_and_scopes(llm: Llm, mint: Any) -> None:
+    models = llm.http.get("/v1/models").json()
+    assert models["data"][0]["id"] == "smollm2-135m-instruct"
+    info = llm.http.get("/v1/info").json()
+    assert info["context_size"] == 4096 and info["chat_format"] == "gguf"
+    assert {"gpu_wait_ms", "fallback", "keep_alive_s", "moves_layers"} <= set(info["handoff"])
+    rag_only = {"Authorization": f"Bearer {mint('rag:read')}"}
+    assert httpx.post(f"{llm.url}/v1/chat/completions", json={}, headers=rag_only).status_code == 403
+
+
+def test_gemma_270m_runs_with_the_gemma_template(start_llm: StartLlm) -> None:
+    gemma = start_llm(model_path="gemma-3-270m", keep_alive_s=0)
+    assert gemma.model == "gemma-3-270m"
+    assert gemma.http.get("/v1/info").json()["chat_format"] == "gemma"
+    response = gemma.chat("What is the capital of France?", max_tokens=12, temperature=0, rag={"top_k": 2})
+    assert response.status_code == 200
+    data = response.json()
+    assert data["usage"]["completion_tokens"] > 0
+    assert data["choices"][0]["finish_reason"] in ("stop", "length")
