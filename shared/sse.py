@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from shared.errors import APIError, envelope, internal_message
 
@@ -47,6 +48,32 @@ async def guarded(frames: AsyncIterator[str]) -> AsyncIterator[str]:
             log.error("stream failed after it started", exc_info=exc)
         for item in error_frames(exc):
             yield item
+
+
+class ClosingStream(StreamingResponse):
+    """An SSE response that always runs ``on_close``, even when the client left before
+    the first byte (a generator's ``finally`` never runs for a stream never started).
+    ``on_close`` gets whether the stream ran to its end."""
+
+    def __init__(self, frames: AsyncIterator[str], on_close: Callable[[bool], Awaitable[None]]) -> None:
+        self._finished = False
+        super().__init__(
+            guarded(self._track(frames)),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._on_close = on_close
+
+    async def _track(self, frames: AsyncIterator[str]) -> AsyncIterator[str]:
+        async for item in frames:
+            yield item
+        self._finished = True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await asyncio.shield(self._on_close(self._finished))
 
 
 def sse_response(frames: AsyncIterator[str]) -> StreamingResponse:

@@ -6,40 +6,18 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from services.llm.chat import ChatService, ClientGone, Done, Job, Session
 from services.llm.engine import Params
 from services.llm.schemas import ChatCompletionRequest, RagOptions, SeedChatRequest, SeedChatResponse, Usage
-from shared.sse import DONE, frame, guarded
+from shared.sse import DONE, ClosingStream, frame
 from shared.web import Auth, until_disconnected
 
 CLIENT_GONE = 499
-
-
-class SessionStream(StreamingResponse):
-    """An SSE response that always closes its session, even if the client left before
-    the first byte (a plain generator's ``finally`` would never run then)."""
-
-    def __init__(self, frames: AsyncIterator[str], session: Session, finished: Callable[[], bool]) -> None:
-        super().__init__(
-            guarded(frames),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        self._session = session
-        self._finished = finished
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await asyncio.shield(self._session.close(client_gone=not self._finished()))
 
 
 async def _collect(session: Session, request: Request) -> str:
@@ -150,10 +128,8 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
         session = await opened(_seed_job(chat, body), request)
         if isinstance(session, Response):
             return session
-        finished = False
 
         async def frames() -> AsyncIterator[str]:
-            nonlocal finished
             async for piece in session.tokens():
                 yield frame({"token": piece, "done": False})
             done = session.result
@@ -168,9 +144,8 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
                     "inference_time": done.inference_time,
                 }
             )
-            finished = True
 
-        return SessionStream(frames(), session, lambda: finished)
+        return _stream(frames(), session)
 
     return router
 
@@ -213,8 +188,6 @@ def _extras(done: Done) -> dict[str, Any]:
 
 
 def _openai_stream(session: Session, completion_id: str, created: int, model: str, include_usage: bool) -> Response:
-    finished = False
-
     def chunk(delta: dict[str, str], finish: str | None = None, **extra: Any) -> str:
         return frame(
             {
@@ -228,7 +201,6 @@ def _openai_stream(session: Session, completion_id: str, created: int, model: st
         )
 
     async def frames() -> AsyncIterator[str]:
-        nonlocal finished
         yield chunk({"role": "assistant", "content": ""})
         async for piece in session.tokens():
             yield chunk({"content": piece})
@@ -246,6 +218,14 @@ def _openai_stream(session: Session, completion_id: str, created: int, model: st
                 }
             )
         yield DONE
-        finished = True
 
-    return SessionStream(frames(), session, lambda: finished)
+    return _stream(frames(), session)
+
+
+def _stream(frames: AsyncIterator[str], session: Session) -> Response:
+    """The session is closed however the stream ends: the client gone unless it finished."""
+
+    async def close(finished: bool) -> None:
+        await session.close(client_gone=not finished)
+
+    return ClosingStream(frames, close)
