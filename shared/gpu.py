@@ -82,6 +82,8 @@ class Lease:
         self._lost_async = asyncio.Event()
         self._renew_now = threading.Event()
         self._released = False
+        self.yield_seen_at: float | None = None
+        """Monotonic time this client learned that someone waits (for yield latency)."""
         self.verdict: str | None = None
         """What the coordinator answered the first renewal after the lease was lost here."""
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease-renew-{self.fence}", daemon=True)
@@ -134,6 +136,7 @@ class Lease:
 
     def _on_yield(self) -> None:
         if not self._yield.is_set():
+            self.yield_seen_at = time.monotonic()
             self._yield.set()
             self._loop.call_soon_threadsafe(self._yield_async.set)
 

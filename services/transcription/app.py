@@ -1,29 +1,96 @@
-"""The transcription app (skeleton until its issue lands): health, readiness, info."""
+"""The transcription app: ``create_app(settings)``; nothing is created at import."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
+from services.transcription.api import build_router
+from services.transcription.jobs import JobMetrics, JobRunner, JobStore
 from services.transcription.settings import TranscriptionSettings
-from shared.auth import TokenVerifier
+from services.transcription.whisper import Transcriber
+from shared.auth import ServiceTokens, TokenIssuer, TokenVerifier
+from shared.client import ServiceClient
+from shared.gpu import GpuClient
 from shared.metrics import Metrics
-from shared.settings import load_settings
-from shared.web import Auth, create_service_app
+from shared.models import UnknownModel, resolve
+from shared.settings import ConfigError, load_settings
+from shared.web import Auth, Readiness, create_service_app
+
+SERVICE_SCOPES = ("gpu", "rag:write")
+UPLOAD_OVERHEAD_MB = 1.0
+"""Room for the multipart fields around the file in the body-size limit."""
 
 
 def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
     settings = settings or load_settings(TranscriptionSettings)
     auth = Auth(TokenVerifier(settings.auth))
+    tokens = ServiceTokens(
+        TokenIssuer(settings.auth), "transcription", SERVICE_SCOPES, settings.auth.service_token_ttl_s
+    )
+    try:
+        path, preset = resolve(settings.model, "whisper")
+    except UnknownModel as exc:
+        raise ConfigError(f"TRANSCRIPTION_MODEL: {exc}") from None
+    model_id = preset.name if preset else path.name
+    transcriber = Transcriber(
+        path,
+        device=settings.device,
+        compute_type=settings.compute_type,
+        threads=settings.threads,
+        beam_size=settings.beam_size,
+        chunk_length_s=settings.chunk_length_s,
+    )
+    metrics = Metrics("transcription")
+    redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    gpu = GpuClient(settings.coordinator_url, tokens, default_ttl_ms=settings.lease_ttl_ms)
+    rag = ServiceClient(settings.rag_url, tokens, retries=0)
+    runner = JobRunner(JobStore(redis, settings.key_prefix), transcriber, gpu, rag, settings, JobMetrics(metrics))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await runner.start()
+        try:
+            yield
+        finally:
+            await runner.stop()
+            await gpu.aclose()
+            await rag.aclose()
+            await redis.aclose()
+
+    async def ready() -> Readiness:
+        try:
+            ok = bool(await redis.ping())
+        except (RedisError, OSError):
+            ok = False
+        return Readiness(ok, {"redis": "ok" if ok else "unreachable", "model": model_id})
 
     def info() -> dict[str, Any]:
-        return {"model": None, "device": "cpu"}
+        return {
+            "model": model_id,
+            "model_path": str(path),
+            "device": settings.device,
+            "compute_type": settings.compute_type,
+            "beam_size": settings.beam_size,
+            "chunk_length_s": settings.chunk_length_s,
+            "moves_device": runner.moves_device,
+            "max_upload_mb": settings.max_upload_mb,
+            "max_duration_s": settings.max_duration_s,
+        }
 
-    return create_service_app(
+    app = create_service_app(
         name="transcription",
         auth=auth,
-        metrics=Metrics("transcription"),
-        max_body_bytes=int(settings.max_body_mb * 1_048_576),
+        metrics=metrics,
+        max_body_bytes=int((settings.max_upload_mb + UPLOAD_OVERHEAD_MB) * 1_048_576),
+        lifespan=lifespan,
+        ready=ready,
         info=info,
     )
+    app.include_router(build_router(transcriber, runner, gpu, settings, model_id, auth, metrics))
+    return app

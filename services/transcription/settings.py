@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
@@ -14,22 +17,49 @@ class TranscriptionSettings(ServiceSettings):
     port: int = Field(default=8003, ge=1, le=65535)
     model: str = "whisper-tiny.en"
     """A faster-whisper model folder, or a preset name (whisper-tiny.en, whisper-large-v3-turbo)."""
-    device: str = "cpu"
-    """cpu or cuda."""
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    """Where CTranslate2 runs the model."""
     compute_type: str = "int8"
-    """CTranslate2 compute type (int8 on CPU, float16 on GPU)."""
+    """CTranslate2 compute type: int8 on CPU, float16 (or int8_float16) on GPU."""
+    threads: int = Field(default=0, ge=0)
+    """CPU threads for CTranslate2 (0: its default)."""
+    beam_size: int = Field(default=5, ge=1, le=10)
+    """Beam search width."""
+    chunk_length_s: int = Field(default=30, ge=5, le=30)
+    """Decode window. Shorter windows yield the GPU sooner, at some cost in accuracy."""
+    max_upload_mb: float = Field(default=25.0, gt=0, le=2048)
+    """Uploads larger than this get 413, enforced while the upload is read."""
+    max_duration_s: float = Field(default=4 * 3600, gt=0)
+    """Audio longer than this gets 413."""
+    data_dir: Path = Path(".run/transcription")
+    """Where job uploads are kept until their transcript is indexed."""
+
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
         validation_alias=AliasChoices("TRANSCRIPTION_REDIS_URL", "REDIS_URL"),
     )
     """Redis for jobs and their checkpoints."""
+    key_prefix: str = Field(default="baton:tx:", min_length=1, max_length=64)
+    """Prefix of every Redis key of this service."""
+
     coordinator_url: str = Field(
         default="http://127.0.0.1:8002",
         validation_alias=AliasChoices("GPU_COORDINATOR_URL", "TRANSCRIPTION_COORDINATOR_URL"),
     )
+    """The GPU coordinator."""
+    gpu_wait_ms: int = Field(default=60000, ge=0, le=300000)
+    """How long an interactive transcription waits for the GPU before 503."""
+    lease_ttl_ms: int = Field(default=15000, ge=1000, le=120000)
+    """TTL of the leases this service takes."""
+    force_unload: bool = False
+    """Move the model off the device on every yield even on the CPU (to exercise the path)."""
+
     rag_url: str = Field(
         default="http://127.0.0.1:8004",
         validation_alias=AliasChoices("RAG_SERVICE_URL", "TRANSCRIPTION_RAG_URL"),
     )
+    """The RAG service finished transcripts are indexed into."""
+    index_retry_max_s: float = Field(default=60.0, gt=0)
+    """Longest wait between attempts to index a transcript while RAG is unreachable."""
 
     auth: AuthSettings = Field(default_factory=AuthSettings)

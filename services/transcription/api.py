@@ -1,0 +1,268 @@
+"""HTTP routes of the transcription service: OpenAI's endpoint, and jobs for long audio."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from services.transcription import audio
+from services.transcription.formats import FORMATS, srt, text_of, verbose, vtt
+from services.transcription.jobs import FINAL, JobRunner
+from services.transcription.settings import TranscriptionSettings
+from services.transcription.whisper import Piece, Transcriber
+from shared.errors import BadRequest, NotFound, PayloadTooLarge, ServiceUnavailable
+from shared.gpu import GpuClient, GpuUnavailable, Lease
+from shared.metrics import Metrics
+from shared.sse import DONE, ClosingStream, frame
+from shared.web import Auth
+
+ALIASES = ("whisper-1",)
+"""Model names accepted besides the served one (OpenAI clients send whisper-1)."""
+
+
+class Uploads:
+    """Uploaded files on disk, size-checked while copied."""
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        self.folder = folder
+        self.max_bytes = max_bytes
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def keep(self, upload: UploadFile, name: str | None = None) -> Path:
+        suffix = Path(upload.filename or "").suffix[:10]
+        path = self.folder / f"{name or secrets.token_hex(8)}{suffix}"
+        written = 0
+        with path.open("wb") as out:
+            while chunk := upload.file.read(1 << 20):
+                written += len(chunk)
+                if written > self.max_bytes:
+                    out.close()
+                    path.unlink(missing_ok=True)
+                    raise PayloadTooLarge(f"the file is larger than {self.max_bytes / 1_048_576:g} MB")
+                out.write(chunk)
+        return path
+
+
+def build_router(
+    transcriber: Transcriber,
+    runner: JobRunner,
+    gpu: GpuClient,
+    settings: TranscriptionSettings,
+    model_id: str,
+    auth: Auth,
+    metrics: Metrics,
+) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["transcription"])
+    user = [Depends(auth.require("transcribe"))]
+    uploads = Uploads(settings.data_dir / "uploads", int(settings.max_upload_mb * 1_048_576))
+    speed = metrics.histogram(
+        "transcription_interactive_speed_ratio",
+        "Audio seconds per second, interactive.",
+        buckets=(1, 2, 5, 10, 20, 50, 100, 200),
+    )
+
+    async def decoded(upload: UploadFile, name: str | None = None) -> tuple[Path, Any]:
+        path = await asyncio.to_thread(uploads.keep, upload, name)
+        try:
+            samples = await asyncio.to_thread(audio.load, path)
+        except audio.BadAudio as exc:
+            path.unlink(missing_ok=True)
+            raise BadRequest(
+                f"{exc}. Supported formats: {audio.describe_formats()}", param="file", code="invalid_audio"
+            ) from None
+        if audio.duration_s(samples) > settings.max_duration_s:
+            path.unlink(missing_ok=True)
+            raise PayloadTooLarge(
+                f"the audio lasts {audio.duration_s(samples):.0f} s; the limit is {settings.max_duration_s:.0f} s "
+                "(TRANSCRIPTION_MAX_DURATION_S)",
+                code="audio_too_long",
+            )
+        return path, samples
+
+    def check_language(language: str | None) -> str | None:
+        language = language or None
+        try:
+            transcriber.check_language(language)
+        except ValueError as exc:
+            raise BadRequest(str(exc), param="language", code="invalid_language") from None
+        return language
+
+    @router.post("/audio/transcriptions", dependencies=user, response_model=None)
+    async def transcriptions(
+        file: Annotated[UploadFile, File()],
+        model: Annotated[str, Form()],
+        language: Annotated[str | None, Form()] = None,
+        prompt: Annotated[str | None, Form()] = None,
+        response_format: Annotated[str, Form()] = "json",
+        temperature: Annotated[float | None, Form(ge=0, le=1)] = None,
+        granularities: Annotated[list[str], Form(alias="timestamp_granularities[]")] = [],  # noqa: B006
+        stream: Annotated[bool, Form()] = False,
+    ) -> Response:
+        if model not in (model_id, *ALIASES):
+            raise NotFound(
+                f"the model {model!r} does not exist; this service serves {model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
+        if response_format not in FORMATS:
+            raise BadRequest(f"response_format must be one of {', '.join(FORMATS)}", param="response_format")
+        unknown = set(granularities) - {"word", "segment"}
+        if unknown:
+            raise BadRequest("timestamp_granularities[] takes word and segment", param="timestamp_granularities[]")
+        language = check_language(language)
+        path, samples = await decoded(file)
+        path.unlink(missing_ok=True)
+        words = "word" in granularities
+        try:
+            lease = await gpu.acquire(
+                "transcription", "interactive", wait_s=settings.gpu_wait_ms / 1000, ttl_ms=settings.lease_ttl_ms
+            )
+        except GpuUnavailable as exc:
+            raise ServiceUnavailable(
+                f"the GPU was not granted in time ({exc.reason})",
+                retry_after_s=exc.retry_after_s,
+                code="gpu_unavailable",
+            ) from None
+        if stream:
+            return _stream(transcriber, lease, samples, language, prompt, temperature, words)
+        started = time.monotonic()
+        try:
+            pieces, info = await asyncio.to_thread(
+                transcriber.transcribe, samples, language=language, prompt=prompt, temperature=temperature, words=words
+            )
+        finally:
+            await lease.release()
+        speed.observe(audio.duration_s(samples) / max(1e-6, time.monotonic() - started))
+        return _render(pieces, info, response_format, words)
+
+    @router.post("/jobs", status_code=202, dependencies=user)
+    async def create_job(
+        file: Annotated[UploadFile, File()],
+        language: Annotated[str | None, Form()] = None,
+        prompt: Annotated[str | None, Form()] = None,
+        recorded_at: Annotated[datetime | None, Form()] = None,
+    ) -> dict[str, Any]:
+        language = check_language(language)
+        job_folder = settings.data_dir / "jobs"
+        job_folder.mkdir(parents=True, exist_ok=True)
+        path, samples = await decoded(file)
+        kept = job_folder / path.name
+        shutil.move(path, kept)
+        job = await runner.submit(
+            kept, file.filename or kept.name, audio.duration_s(samples), language, prompt, recorded_at
+        )
+        return {"job_id": job.id, "state": job.state, "duration": job.duration}
+
+    @router.get("/jobs", dependencies=user)
+    async def list_jobs(limit: Annotated[int, Query(ge=1, le=200)] = 20) -> dict[str, Any]:
+        jobs = (await runner.store.all())[-limit:]
+        summaries = [{k: v for k, v in job.public().items() if k not in ("segments", "text")} for job in reversed(jobs)]
+        return {"jobs": summaries}
+
+    @router.get("/jobs/{job_id}", dependencies=user)
+    async def get_job(job_id: str) -> dict[str, Any]:
+        job = await runner.store.get(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}")
+        return job.public()
+
+    @router.delete("/jobs/{job_id}", dependencies=user)
+    async def cancel_job(job_id: str) -> dict[str, Any]:
+        job = await runner.cancel(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}")
+        return {"job_id": job.id, "state": job.state if job.state in FINAL else "cancelling"}
+
+    @router.get("/jobs/{job_id}/events", dependencies=user, response_model=None)
+    async def job_events(job_id: str) -> Response:
+        if await runner.store.get(job_id) is None:
+            raise NotFound(f"no job {job_id!r}")
+
+        async def frames() -> AsyncIterator[str]:
+            async with runner.events.subscribe(job_id) as queue:
+                job = await runner.store.get(job_id)
+                if job is None:
+                    return
+                yield frame({"type": "snapshot", **job.public()})
+                state: str = job.state
+                while state not in FINAL:
+                    event = await queue.get()
+                    yield frame(event)
+                    state = str(event.get("state", state))
+            yield DONE
+
+        async def nothing(_: bool) -> None:
+            return None
+
+        return ClosingStream(frames(), nothing)
+
+    return router
+
+
+def _render(pieces: list[Piece], info: dict[str, Any], response_format: str, words: bool) -> Response:
+    if response_format == "text":
+        return PlainTextResponse(text_of(pieces) + "\n")
+    if response_format == "srt":
+        return PlainTextResponse(srt(pieces))
+    if response_format == "vtt":
+        return PlainTextResponse(vtt(pieces), media_type="text/vtt")
+    if response_format == "verbose_json":
+        return JSONResponse(verbose(pieces, info, words))
+    return JSONResponse({"text": text_of(pieces)})
+
+
+def _stream(
+    transcriber: Transcriber,
+    lease: Lease,
+    samples: Any,
+    language: str | None,
+    prompt: str | None,
+    temperature: float | None,
+    words: bool,
+) -> Response:
+    """Segments as they are decoded (OpenAI's transcript.text.delta events), then the whole text."""
+
+    async def frames() -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[Piece | None] = asyncio.Queue()
+
+        def hand_over(piece: Piece) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+        def work() -> None:
+            try:
+                transcriber.transcribe(
+                    samples,
+                    language=language,
+                    prompt=prompt,
+                    temperature=temperature,
+                    words=words,
+                    on_piece=hand_over,
+                )
+            finally:
+                loop.call_soon_threadsafe(pieces.put_nowait, None)
+
+        worker = loop.run_in_executor(None, work)
+        seen: list[Piece] = []
+        while (piece := await pieces.get()) is not None:
+            seen.append(piece)
+            yield frame({"type": "transcript.text.delta", "delta": piece.text, "segment": piece.public()})
+        await worker
+        yield frame({"type": "transcript.text.done", "text": text_of(seen)})
+        yield DONE
+
+    async def release(_: bool) -> None:
+        with contextlib.suppress(Exception):
+            await lease.release()
+
+    return ClosingStream(frames(), release)

@@ -1,0 +1,440 @@
+"""Long transcriptions as jobs: stored in Redis, decoded under a batch lease, resumable.
+
+One worker runs the jobs in order. It decodes window by window; after each window
+the checkpoint (where to go on, the segments so far) is written to Redis. When the
+coordinator asks for the GPU, the worker stops between segments, frees the device,
+releases the lease, waits for the GPU again and resumes from the checkpoint. A
+restarted service resumes unfinished jobs the same way. A finished transcript is
+indexed into RAG, retried with backoff while RAG is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+
+from services.transcription import audio
+from services.transcription.settings import TranscriptionSettings
+from services.transcription.whisper import Stopped, Transcriber, Window, total_frames
+from shared.client import ServiceClient, ServiceUnreachable
+from shared.gpu import GpuClient, GpuUnavailable, Lease
+from shared.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+State = Literal["queued", "running", "paused", "done", "failed", "cancelled"]
+FINAL: frozenset[str] = frozenset({"done", "failed", "cancelled"})
+HOLDER = "transcription"
+
+
+class JobMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        self.jobs = metrics.counter("transcription_jobs_total", "Jobs that ended, by state.", ("state",))
+        self.yields = metrics.counter("transcription_yields_total", "Times a job gave the GPU back mid-file.")
+        self.yield_latency = metrics.histogram(
+            "transcription_yield_latency_seconds", "From learning someone waits to releasing the lease."
+        )
+        self.device = metrics.histogram("transcription_device_move_seconds", "Moving the model off or onto the device.")
+        self.rtf = metrics.histogram(
+            "transcription_speed_ratio", "Audio seconds per processing second.", buckets=(1, 2, 5, 10, 20, 50, 100, 200)
+        )
+        self.index = metrics.counter(
+            "transcription_index_attempts_total", "Attempts to index transcripts.", ("outcome",)
+        )
+
+
+@dataclass
+class Job:
+    id: str
+    filename: str
+    path: str
+    duration: float
+    recorded_at: str
+    created_at: float
+    language: str | None = None
+    prompt: str | None = None
+    state: State = "queued"
+    seek: int = 0
+    segments: list[dict[str, Any]] = field(default_factory=list)
+    progress: float = 0.0
+    indexed: bool = False
+    error: str | None = None
+    yields: int = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(s["text"] for s in self.segments).strip()
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "job_id": self.id,
+            "state": self.state,
+            "progress": round(self.progress, 4),
+            "file": self.filename,
+            "duration": self.duration,
+            "recorded_at": self.recorded_at,
+            "created_at": self.created_at,
+            "segments": self.segments,
+            "text": self.text,
+            "indexed": self.indexed,
+            "error": self.error,
+            "yields": self.yields,
+        }
+
+
+class JobStore:
+    """Jobs in Redis: one hash per job, a sorted set of ids by creation time."""
+
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self._redis = redis
+        self._prefix = prefix
+
+    def _key(self, job_id: str) -> str:
+        return f"{self._prefix}job:{job_id}"
+
+    async def save(self, job: Job) -> None:
+        data: dict[Any, Any] = {k: json.dumps(v) for k, v in asdict(job).items()}
+        await self._redis.hset(self._key(job.id), mapping=data)
+        await self._redis.zadd(f"{self._prefix}jobs", {job.id: job.created_at})
+
+    async def checkpoint(self, job: Job) -> None:
+        """The fields that change while decoding, in one write."""
+        fields = {
+            "seek": job.seek,
+            "segments": job.segments,
+            "progress": job.progress,
+            "state": job.state,
+            "yields": job.yields,
+        }
+        data: dict[Any, Any] = {k: json.dumps(v) for k, v in fields.items()}
+        await self._redis.hset(self._key(job.id), mapping=data)
+
+    async def get(self, job_id: str) -> Job | None:
+        raw = await self._redis.hgetall(self._key(job_id))
+        if not raw:
+            return None
+        return Job(**{_text(k): json.loads(v) for k, v in raw.items()})
+
+    async def all(self) -> list[Job]:
+        ids = await self._redis.zrange(f"{self._prefix}jobs", 0, -1)
+        jobs = [await self.get(_text(i)) for i in ids]
+        return [j for j in jobs if j is not None]
+
+
+def _remove(path: str) -> None:
+    Path(path).unlink(missing_ok=True)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class JobEvents:
+    """Per-job subscribers, for the SSE endpoint."""
+
+    def __init__(self) -> None:
+        self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
+
+    def publish(self, job_id: str, event: dict[str, Any]) -> None:
+        for queue in self._subscribers.get(job_id, set()):
+            queue.put_nowait(event)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, job_id: str) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._subscribers.setdefault(job_id, set()).add(queue)
+        try:
+            yield queue
+        finally:
+            self._subscribers[job_id].discard(queue)
+
+
+class JobRunner:
+    def __init__(
+        self,
+        store: JobStore,
+        transcriber: Transcriber,
+        gpu: GpuClient,
+        rag: ServiceClient,
+        settings: TranscriptionSettings,
+        metrics: JobMetrics,
+    ) -> None:
+        self.store = store
+        self.events = JobEvents()
+        self._transcriber = transcriber
+        self._gpu = gpu
+        self._rag = rag
+        self._settings = settings
+        self._metrics = metrics
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._cancelled: set[str] = set()
+        self._cancel_wait = asyncio.Event()  # wakes the worker while it waits for the GPU
+        self._running: str | None = None
+        self._stop_now = threading.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._worker: asyncio.Task[None] | None = None
+
+    @property
+    def moves_device(self) -> bool:
+        return self._settings.device != "cpu" or self._settings.force_unload
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume what a previous process left: unfinished jobs, unindexed transcripts."""
+        for job in await self.store.all():
+            if job.state not in FINAL:
+                log.info("resuming job", extra={"job_id": job.id, "seek": job.seek, "segments": len(job.segments)})
+                await self._queue.put(job.id)
+            elif job.state == "done" and not job.indexed:
+                self._spawn(self._index(job))
+        self._worker = asyncio.create_task(self._work(), name="transcription-jobs")
+
+    async def stop(self) -> None:
+        self._stop_now.set()
+        for task in [self._worker, *self._tasks]:
+            if task is not None:
+                task.cancel()
+        for task in [self._worker, *self._tasks]:
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- API --------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        path: Path,
+        filename: str,
+        duration: float,
+        language: str | None,
+        prompt: str | None,
+        recorded_at: datetime | None,
+    ) -> Job:
+        job = Job(
+            id=f"job-{secrets.token_hex(8)}",
+            filename=filename,
+            path=str(path),
+            duration=round(duration, 3),
+            recorded_at=(recorded_at or datetime.now(UTC)).isoformat(),
+            created_at=time.time(),
+            language=language,
+            prompt=prompt,
+        )
+        await self.store.save(job)
+        await self._queue.put(job.id)
+        log.info("job queued", extra={"job_id": job.id, "duration": job.duration})
+        return job
+
+    async def cancel(self, job_id: str) -> Job | None:
+        job = await self.store.get(job_id)
+        if job is None or job.state in FINAL:
+            return job
+        self._cancelled.add(job_id)
+        if self._running == job_id:
+            self._cancel_wait.set()  # the worker ends it, whether it decodes or waits
+        else:  # queued behind another job: end it here
+            job.state = "cancelled"
+            await self.store.save(job)
+            self._finished(job)
+        return job
+
+    # -- the worker ---------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        while True:
+            job_id = await self._queue.get()
+            job = await self.store.get(job_id)
+            if job is None or job.state in FINAL or job_id in self._cancelled:
+                continue
+            self._running = job_id
+            try:
+                await self._run(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("job failed", extra={"job_id": job_id})
+                job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
+                await self.store.save(job)
+                self._finished(job)
+            finally:
+                self._running = None
+
+    async def _run(self, job: Job) -> None:
+        samples = await asyncio.to_thread(audio.load, Path(job.path))
+        total = total_frames(samples)
+        started = time.monotonic()
+        while True:
+            lease = await self._wait_for_gpu(job)
+            if lease is None:  # cancelled while waiting for the GPU
+                job.state = "cancelled"
+                await self.store.save(job)
+                self._finished(job)
+                return
+            try:
+                outcome = await self._decode(job, samples, total, lease)
+            except BaseException:
+                await self._give_back(lease, job, counted=False)
+                raise
+            if outcome == "done":
+                await self._give_back(lease, job, counted=False)
+                break
+            await self._give_back(lease, job, counted=outcome == "yield")
+            if outcome == "cancelled":
+                job.state = "cancelled"
+                await self.store.save(job)
+                self._finished(job)
+                return
+            job.state = "paused"
+            await self.store.checkpoint(job)
+            self.events.publish(job.id, {"type": "state", "state": "paused", "progress": job.progress})
+        self._metrics.rtf.observe(job.duration / max(1e-6, time.monotonic() - started))
+        job.state, job.progress, job.seek = "done", 1.0, total
+        await self.store.save(job)
+        self._finished(job)
+        self._spawn(self._index(job))
+
+    async def _wait_for_gpu(self, job: Job) -> Lease | None:
+        """The batch lease, or None once the job is cancelled (which leaves the queue)."""
+        while job.id not in self._cancelled:
+            self._cancel_wait.clear()
+            asking = asyncio.ensure_future(
+                self._gpu.acquire(HOLDER, "batch", wait_s=300, ttl_ms=self._settings.lease_ttl_ms)
+            )
+            cancelled = asyncio.ensure_future(self._cancel_wait.wait())
+            await asyncio.wait({asking, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            cancelled.cancel()
+            if not asking.done():
+                asking.cancel()
+                with contextlib.suppress(asyncio.CancelledError, GpuUnavailable):
+                    await asking
+                continue
+            try:
+                return asking.result()
+            except GpuUnavailable as exc:
+                log.info("still waiting for the GPU", extra={"job_id": job.id, "reason": exc.reason})
+                await asyncio.sleep(min(5.0, exc.retry_after_s))
+        return None
+
+    async def _decode(self, job: Job, samples: Any, total: int, lease: Lease) -> str:
+        """Decode from the checkpoint until done, asked to yield, cancelled or fenced."""
+        if self.moves_device:
+            self._metrics.device.observe(await asyncio.to_thread(self._transcriber.to_device))
+        job.state = "running"
+        await self.store.checkpoint(job)
+        self.events.publish(job.id, {"type": "state", "state": "running", "progress": job.progress})
+        loop = asyncio.get_running_loop()
+        windows: asyncio.Queue[Window | None] = asyncio.Queue()
+
+        def stop() -> bool:
+            return lease.yield_requested or lease.lost or job.id in self._cancelled or self._stop_now.is_set()
+
+        def work() -> str:
+            try:
+                for window in self._transcriber.windows(
+                    samples,
+                    seek=job.seek,
+                    first_id=len(job.segments),
+                    language=job.language,
+                    prompt=job.prompt,
+                    should_stop=stop,
+                ):
+                    loop.call_soon_threadsafe(windows.put_nowait, window)
+            except Stopped:
+                return "stopped"
+            finally:
+                loop.call_soon_threadsafe(windows.put_nowait, None)
+            return "done"
+
+        worker = loop.run_in_executor(None, work)
+        while (window := await windows.get()) is not None:
+            pieces = [p.public() for p in window.pieces]
+            job.segments.extend(pieces)
+            job.seek = window.next_seek
+            job.progress = min(1.0, job.seek / total) if total else 1.0
+            await self.store.checkpoint(job)
+            for piece in pieces:
+                self.events.publish(job.id, {"type": "segment", "segment": piece})
+            self.events.publish(job.id, {"type": "progress", "progress": job.progress})
+        if await worker == "done":
+            return "done"
+        if job.id in self._cancelled:
+            return "cancelled"
+        return "yield" if lease.yield_requested and not lease.lost else "lost"
+
+    async def _give_back(self, lease: Lease, job: Job, *, counted: bool) -> None:
+        if self.moves_device:
+            self._metrics.device.observe(await asyncio.to_thread(self._transcriber.free_device))
+        await lease.release()
+        if counted:
+            job.yields += 1
+            self._metrics.yields.inc()
+            if lease.yield_seen_at is not None:
+                latency = time.monotonic() - lease.yield_seen_at
+                self._metrics.yield_latency.observe(latency)
+                log.info(
+                    "yielded the GPU",
+                    extra={
+                        "job_id": job.id,
+                        "fence": lease.fence,
+                        "seek": job.seek,
+                        "latency_ms": round(latency * 1000, 1),
+                    },
+                )
+
+    def _finished(self, job: Job) -> None:
+        self._metrics.jobs.labels(job.state).inc()
+        if job.state in ("failed", "cancelled"):
+            _remove(job.path)
+        log.info("job ended", extra={"job_id": job.id, "state": job.state, "segments": len(job.segments)})
+        self.events.publish(job.id, {"type": job.state, "state": job.state, "progress": job.progress, "text": job.text})
+
+    # -- indexing ----------------------------------------------------------------------
+
+    async def _index(self, job: Job) -> None:
+        """Send the transcript to RAG until it takes it; backoff doubles up to the maximum."""
+        delay = 0.5
+        body = {
+            "job_id": job.id,
+            "source": job.filename,
+            "recorded_at": job.recorded_at,
+            "segments": [
+                {"text": s["text"].strip(), "start": s["start"], "end": s["end"]}
+                for s in job.segments
+                if s["text"].strip()
+            ],
+        }
+        while body["segments"]:
+            try:
+                response = await self._rag.request("POST", "/v1/segments", json=body, idempotent=True)
+                if response.status_code == 200:
+                    break
+                log.warning("RAG refused the transcript", extra={"job_id": job.id, "status": response.status_code})
+            except ServiceUnreachable:
+                log.info("RAG unreachable; will retry indexing", extra={"job_id": job.id, "in_s": delay})
+            self._metrics.index.labels("failed").inc()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._settings.index_retry_max_s)
+        self._metrics.index.labels("ok").inc()
+        job.indexed = True
+        await self.store.save(job)
+        await asyncio.to_thread(_remove, job.path)
+        self.events.publish(job.id, {"type": "indexed", "indexed": True})
+        log.info("transcript indexed", extra={"job_id": job.id})

@@ -1,0 +1,221 @@
+"""faster-whisper behind one small class. Everything blocks; callers use threads.
+
+Jobs decode resumably. With ``condition_on_previous_text=False``, temperature 0 only
+(the fallback samples at random), no VAD and no word timestamps, each decode window
+depends only on where it starts (and, for the very first window, on the initial
+prompt). Resuming at the start of a window therefore reproduces exactly what an
+uninterrupted run decodes from there. A job can stop between any two segments: its
+checkpoint is the start of the window it was reading, whose segments are decoded
+again on resume. One interruption costs at most one decode window.
+
+A window is known to be complete only when the next one's first segment arrives
+(faster-whisper decodes a whole window, then hands out its segments), so the
+stored checkpoint trails the decoder by one window.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from faster_whisper import WhisperModel
+from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+from services.transcription.audio import SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
+FRAMES_PER_SECOND = 100  # Whisper's mel frames: one every 10 ms
+
+
+@dataclass
+class Piece:
+    """One transcript segment, as stored and returned."""
+
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    avg_logprob: float = 0.0
+    no_speech_prob: float = 0.0
+    words: list[dict[str, Any]] | None = None
+
+    def public(self) -> dict[str, Any]:
+        data = asdict(self)
+        if data["words"] is None:
+            del data["words"]
+        return data
+
+
+class Stopped(Exception):
+    """The caller asked to stop (yield, cancel, lost lease)."""
+
+
+@dataclass
+class Window:
+    """Segments of one decode window, committed together. ``next_seek``: where
+    decoding goes on after it, the checkpoint once this window is stored."""
+
+    seek: int
+    pieces: list[Piece]
+    next_seek: int = 0
+
+
+class Transcriber:
+    def __init__(
+        self, path: Path, *, device: str, compute_type: str, threads: int, beam_size: int, chunk_length_s: int
+    ) -> None:
+        self.path = path
+        self.device = device
+        self.beam_size = beam_size
+        self.chunk_length_s = chunk_length_s
+        self._model = WhisperModel(str(path), device=device, compute_type=compute_type, cpu_threads=threads)
+        self._lock = threading.Lock()
+
+    @property
+    def multilingual(self) -> bool:
+        return bool(self._model.model.is_multilingual)
+
+    def check_language(self, language: str | None) -> None:
+        if language is None:
+            return
+        if language not in _LANGUAGE_CODES:
+            raise ValueError(f"unknown language {language!r}; use an ISO 639-1 code such as 'en'")
+        if not self.multilingual and language != "en":
+            raise ValueError(f"this model ({self.path.name}) transcribes English only")
+
+    # -- the device -------------------------------------------------------------
+
+    @property
+    def on_device(self) -> bool:
+        return bool(self._model.model.model_is_loaded)
+
+    def free_device(self) -> float:
+        """Move the weights off the device (kept in CPU memory); returns seconds."""
+        with self._lock:
+            started = time.monotonic()
+            if self._model.model.model_is_loaded:
+                self._model.model.unload_model(to_cpu=True)
+            return time.monotonic() - started
+
+    def to_device(self) -> float:
+        with self._lock:
+            started = time.monotonic()
+            if not self._model.model.model_is_loaded:
+                self._model.model.load_model()
+            return time.monotonic() - started
+
+    # -- interactive ----------------------------------------------------------------
+
+    def transcribe(
+        self,
+        samples: np.ndarray,
+        *,
+        language: str | None,
+        prompt: str | None,
+        temperature: float | None,
+        words: bool,
+        on_piece: Callable[[Piece], None] | None = None,
+    ) -> tuple[list[Piece], dict[str, Any]]:
+        """A whole file at once, with voice activity detection (silence gives no segments)."""
+        with self._lock:
+            if not self._model.model.model_is_loaded:
+                self._model.model.load_model()
+            segments, info = self._model.transcribe(
+                samples,
+                language=language or ("en" if not self.multilingual else None),
+                initial_prompt=prompt or None,
+                temperature=temperature if temperature is not None else [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
+                beam_size=self.beam_size,
+                vad_filter=True,
+                word_timestamps=words,
+            )
+            pieces: list[Piece] = []
+            for segment in segments:
+                piece = self._piece(len(pieces), segment, words)
+                pieces.append(piece)
+                if on_piece is not None:
+                    on_piece(piece)
+        return pieces, {"language": info.language, "duration": info.duration}
+
+    # -- resumable jobs -----------------------------------------------------------------
+
+    def windows(
+        self,
+        samples: np.ndarray,
+        *,
+        seek: int,
+        first_id: int,
+        language: str | None,
+        prompt: str | None,
+        should_stop: Callable[[], bool],
+    ) -> Iterator[Window]:
+        """Complete windows from ``seek`` on (in mel frames). ``should_stop`` is asked
+        between segments; when it says so, Stopped is raised and the window in
+        progress is dropped: resume at the last yielded window's ``next_seek``."""
+        with self._lock:
+            if not self._model.model.model_is_loaded:
+                self._model.model.load_model()
+            segments, _ = self._model.transcribe(
+                samples,
+                language=language or ("en" if not self.multilingual else None),
+                initial_prompt=prompt if seek == 0 and prompt else None,
+                temperature=0.0,
+                beam_size=self.beam_size,
+                condition_on_previous_text=False,
+                vad_filter=False,
+                word_timestamps=False,
+                chunk_length=self.chunk_length_s,
+                clip_timestamps=[seek / FRAMES_PER_SECOND] if seek else "0",
+            )
+            current = Window(seek, [])
+            next_id = first_id
+            try:
+                for segment in segments:
+                    # A segment of a new window means the previous one is complete: hand it
+                    # over first, so that stopping here loses only the window just decoded.
+                    if segment.seek != current.seek:
+                        if current.pieces:
+                            current.next_seek = int(segment.seek)
+                            yield current
+                        current = Window(int(segment.seek), [])
+                    if should_stop():
+                        raise Stopped()
+                    current.pieces.append(self._piece(next_id, segment, False))
+                    next_id += 1
+                current.next_seek = total_frames(samples)
+                yield current  # the last one, possibly empty: the end
+            finally:
+                close = getattr(segments, "close", None)
+                if close is not None:
+                    close()
+
+    @staticmethod
+    def _piece(index: int, segment: Any, words: bool) -> Piece:
+        return Piece(
+            id=index,
+            seek=int(segment.seek),
+            start=round(float(segment.start), 3),
+            end=round(float(segment.end), 3),
+            text=segment.text,
+            avg_logprob=round(float(segment.avg_logprob), 4),
+            no_speech_prob=round(float(segment.no_speech_prob), 4),
+            words=[{"word": w.word, "start": round(w.start, 3), "end": round(w.end, 3)} for w in segment.words or []]
+            if words
+            else None,
+        )
+
+
+def frames_to_seconds(frames: int) -> float:
+    return frames / FRAMES_PER_SECOND
+
+
+def total_frames(samples: np.ndarray) -> int:
+    return int(samples.size * FRAMES_PER_SECOND / SAMPLE_RATE)

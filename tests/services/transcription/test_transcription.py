@@ -1,0 +1,255 @@
+"""The transcription service with real faster-whisper, coordinator, Redis and RAG."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from shared.gpu import GpuClient
+from tests.services.transcription.conftest import MEETING, REFERENCES, SPEECH, StartTx, Tx, edits, silence
+from tests.support.servers import ServiceProcess, free_port, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for_job(tx: Tx, job_id: str, state: str = "done", timeout_s: float = 120) -> dict[str, Any]:
+    wait_until(lambda: tx.job(job_id)["state"] in (state, "failed", "cancelled"), timeout_s, f"job {state}")
+    job = tx.job(job_id)
+    assert job["state"] == state, job
+    return job
+
+
+def test_openai_client_transcribes_with_a_low_word_error_rate(tx: Tx) -> None:
+    client = openai.OpenAI(base_url=f"{tx.url}/v1", api_key=tx.token)
+    errors = total = 0
+    for name, reference in REFERENCES.items():
+        with (SPEECH / name).open("rb") as handle:
+            result = client.audio.transcriptions.create(model="whisper-1", file=handle)
+        wrong, count = edits(reference, result.text)
+        errors, total = errors + wrong, total + count
+    assert errors / total <= 0.15, errors / total
+
+
+def test_streaming_delivers_segments_before_the_end(tx: Tx) -> None:
+    received: list[tuple[float, dict[str, Any]]] = []
+    with (
+        MEETING.open("rb") as handle,
+        tx.http.stream(
+            "POST",
+            "/v1/audio/transcriptions",
+            files={"file": ("meeting.ogg", handle)},
+            data={"model": "whisper-1", "stream": "true"},
+        ) as response,
+    ):
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                received.append((time.monotonic(), json.loads(line[6:])))
+    deltas = [(at, e) for at, e in received if e["type"] == "transcript.text.delta"]
+    done_at, done = received[-1]
+    assert done["type"] == "transcript.text.done"
+    assert len(deltas) >= 5
+    assert deltas[0][0] < done_at - 0.5  # the first segment came well before the end
+    assert done["text"] == "".join(e["delta"] for _, e in deltas).strip()
+    assert "deadline" in done["text"].lower()
+
+
+@pytest.mark.parametrize("response_format", ["json", "text", "srt", "vtt", "verbose_json"])
+def test_response_formats(tx: Tx, response_format: str) -> None:
+    response = tx.transcribe(
+        SPEECH / "sentence-03.ogg",
+        response_format=response_format,
+        **({"timestamp_granularities[]": "word"} if response_format == "verbose_json" else {}),
+    )
+    assert response.status_code == 200, response.text
+    if response_format == "json":
+        assert "kitchen" in response.json()["text"]
+    elif response_format == "text":
+        assert "kitchen" in response.text
+    elif response_format == "srt":
+        assert response.text.startswith("1\n00:00:0") and " --> " in response.text
+    elif response_format == "vtt":
+        assert response.text.startswith("WEBVTT\n\n00:00:0")
+    else:
+        body = response.json()
+        assert body["language"] == "en" and body["duration"] > 3
+        assert body["segments"][0]["end"] > body["segments"][0]["start"]
+        assert any(w["word"].strip().lower().startswith("kitchen") for w in body["words"])
+
+
+def test_a_job_transcribes_the_long_recording_and_reports_progress(tx: Tx) -> None:
+    job_id = tx.submit(MEETING, recorded_at="2026-11-02T10:00:00Z")
+    events: list[dict[str, Any]] = []
+    with tx.http.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+    assert events[0]["type"] == "snapshot"
+    progress = [e["progress"] for e in events if e["type"] == "progress"]
+    assert progress == sorted(progress) and len(progress) >= 3
+    assert events[-1]["type"] == "done"
+    job = tx.job(job_id)
+    assert job["progress"] == 1.0 and job["duration"] > 60
+    wrong, count = edits((SPEECH / "meeting.txt").read_text(), job["text"])
+    assert wrong / count <= 0.15
+    wait_until(lambda: tx.job(job_id)["indexed"], 30, "the transcript to be indexed")
+
+
+def test_a_preempted_job_gives_exactly_the_unpreempted_transcript(tx: Tx) -> None:
+    reference = wait_for_job(tx, tx.submit(MEETING))
+
+    async def preempt_twice(job_id: str) -> list[int]:
+        asker = GpuClient(tx.coordinator.url, lambda: tx.admin)
+        fences = []
+        async with httpx.AsyncClient(
+            base_url=tx.url, headers={"Authorization": f"Bearer {tx.token}"}, timeout=120
+        ) as http:
+            for round_ in range(2):
+                async with asyncio.timeout(60):
+                    while True:  # the first time, once something is stored; then as soon as it runs again
+                        job = (await http.get(f"/v1/jobs/{job_id}")).json()
+                        if job["state"] == "running" and (round_ or job["segments"]):
+                            break
+                        assert job["state"] != "done", "the job ended before it could be preempted"
+                        await asyncio.sleep(0.02)
+                lease = await asker.acquire("llm", "interactive", wait_s=30)  # the job yields
+                fences.append(lease.fence)
+                paused = (await http.get(f"/v1/jobs/{job_id}")).json()
+                assert paused["state"] == "paused"
+                await lease.release()
+        await asker.aclose()
+        return fences
+
+    job_id = tx.submit(MEETING)
+    fences = asyncio.run(preempt_twice(job_id))
+    preempted = wait_for_job(tx, job_id)
+    assert preempted["yields"] == 2
+    assert [(s["start"], s["end"], s["text"]) for s in preempted["segments"]] == [
+        (s["start"], s["end"], s["text"]) for s in reference["segments"]
+    ]
+    grants = [h for h in reversed(tx.history(limit=10)) if h["fence"] >= fences[0] - 1]
+    assert [(g["holder"], g["priority"]) for g in grants[:5]] == [
+        ("transcription", "batch"),
+        ("llm", "interactive"),
+        ("transcription", "batch"),
+        ("llm", "interactive"),
+        ("transcription", "batch"),
+    ]
+    assert [g["fence"] for g in grants[:5]] == sorted(g["fence"] for g in grants[:5])
+    assert all(g["end"] == "released" for g in grants[:4])
+
+
+def test_killing_the_service_mid_job_resumes_from_the_checkpoint(start_tx: StartTx) -> None:
+    tx = start_tx()
+    reference = wait_for_job(tx, tx.submit(MEETING))
+    job_id = tx.submit(MEETING)
+    wait_until(lambda: len(tx.job(job_id)["segments"]) > 0, 60, "a first checkpoint")
+    tx.service.kill()
+    tx.service.start()
+    done = wait_for_job(tx, job_id)
+    assert done["segments"] == reference["segments"]
+    resumed = [
+        json.loads(line)
+        for line in tx.service.log().splitlines()
+        if line.startswith("{") and '"resuming job"' in line and job_id in line
+    ]
+    assert resumed and resumed[-1]["seek"] > 0  # not from the start
+
+
+def test_rag_down_then_back_indexes_the_transcript(start_tx: StartTx, log_dir: Path, tmp_path: Path, mint: Any) -> None:
+    port = free_port()
+    tx = start_tx(rag_url=f"http://127.0.0.1:{port}")
+    job_id = tx.submit(SPEECH / "sentence-02.ogg")
+    job = wait_for_job(tx, job_id)
+    assert job["indexed"] is False
+    rag = ServiceProcess("rag", {"RAG_CHROMA_PATH": str(tmp_path / "chroma")}, log_dir, port=port).start()
+    try:
+        wait_until(lambda: tx.job(job_id)["indexed"], 30, "indexing after RAG came back")
+        found = httpx.post(
+            f"{rag.url}/v1/query",
+            json={"query": "finance report", "filter": {"job_id": job_id}},
+            headers={"Authorization": f"Bearer {mint('rag:read')}"},
+        ).json()["results"]
+        assert found and found[0]["metadata"]["source"] == "sentence-02.ogg"
+    finally:
+        rag.stop()
+
+
+async def test_cancel_a_job(tx: Tx) -> None:
+    holder = GpuClient(tx.coordinator.url, lambda: tx.admin)
+    lease = await holder.acquire("holder", "interactive", wait_s=30, ttl_ms=30000)  # the job cannot start
+    try:
+        async with httpx.AsyncClient(base_url=tx.url, headers={"Authorization": f"Bearer {tx.token}"}) as http:
+            with MEETING.open("rb") as handle:
+                job_id = (await http.post("/v1/jobs", files={"file": ("meeting.ogg", handle)})).json()["job_id"]
+            cancelled = await http.delete(f"/v1/jobs/{job_id}")
+            assert cancelled.status_code == 200
+            assert cancelled.json()["state"] in ("cancelled", "cancelling")
+            async with asyncio.timeout(10):
+                while (await http.get(f"/v1/jobs/{job_id}")).json()["state"] != "cancelled":
+                    await asyncio.sleep(0.02)
+                while tx.gpu_http.get("/v1/gpu").json()["queue"]:  # it left the GPU queue too
+                    await asyncio.sleep(0.02)
+            assert (await http.delete("/v1/jobs/job-nope")).status_code == 404
+    finally:
+        await lease.release()
+        await holder.aclose()
+
+
+def test_silence_gives_empty_text(tx: Tx, tmp_path: Path) -> None:
+    response = tx.transcribe(silence(tmp_path / "quiet.ogg", 5))
+    assert response.status_code == 200
+    assert response.json()["text"] == ""
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "form", "status", "code"),
+    [
+        (b"hello, this is not audio at all " * 50, "notes.wav", {}, 400, "invalid_audio"),
+        (bytes(range(256)) * 40, "song.mp3", {}, 400, "invalid_audio"),
+        (b"", "empty.ogg", {}, 400, "invalid_audio"),
+        (b"x" * (1024 * 1024 + 10), "big.wav", {}, 413, "payload_too_large"),
+        (None, "sentence-01.ogg", {"language": "xx"}, 400, "invalid_language"),
+        (None, "sentence-01.ogg", {"language": "fr"}, 400, "invalid_language"),
+        (None, "sentence-01.ogg", {"response_format": "pdf"}, 400, None),
+        (None, "sentence-01.ogg", {"model": "gpt-9-audio"}, 404, "model_not_found"),
+        (None, "sentence-01.ogg", {"temperature": "3"}, 400, None),
+    ],
+)
+def test_bad_input(
+    tx: Tx, tmp_path: Path, content: bytes | None, name: str, form: dict[str, str], status: int, code: str | None
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content if content is not None else (SPEECH / name).read_bytes())
+    for endpoint, data in (("/v1/audio/transcriptions", {"model": "whisper-1", **form}), ("/v1/jobs", form)):
+        if endpoint == "/v1/jobs" and set(form) & {"model", "response_format", "temperature"}:
+            continue
+        with path.open("rb") as handle:
+            response = tx.http.post(endpoint, files={"file": (name, handle)}, data=data)
+        assert response.status_code == status, (endpoint, response.text)
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        if code:
+            assert error["code"] == code
+        if code == "invalid_audio" and content:
+            assert "Supported formats: flac" in error["message"]
+
+
+def test_audio_longer_than_the_limit_is_413(tx: Tx, tmp_path: Path) -> None:
+    response = tx.transcribe(silence(tmp_path / "long.ogg", 110))
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "audio_too_long"
+
+
+def test_info_and_scopes(tx: Tx, mint: Any) -> None:
+    info = tx.http.get("/v1/info").json()
+    assert info["model"] == "whisper-tiny.en" and info["chunk_length_s"] == 30 and info["moves_device"] is True
+    chat_only = {"Authorization": f"Bearer {mint('chat')}"}
+    assert httpx.get(f"{tx.url}/v1/jobs", headers=chat_only).status_code == 403
