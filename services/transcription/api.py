@@ -159,7 +159,7 @@ def build_router(
         kept = job_folder / path.name
         shutil.move(path, kept)
         job = await runner.submit(
-            kept, file.filename or kept.name, audio.duration_s(samples), language, prompt, recorded_at
+            kept, file.filename or kept.name, audio.duration_s(samples), language, prompt, recorded_at, samples
         )
         return {"job_id": job.id, "state": job.state, "duration": job.duration}
 

@@ -185,6 +185,7 @@ class JobRunner:
         self._stop_now = threading.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
+        self._decoded: dict[str, Any] = {}  # samples of the job about to run, decoded at submission
 
     @property
     def moves_device(self) -> bool:
@@ -227,7 +228,9 @@ class JobRunner:
         language: str | None,
         prompt: str | None,
         recorded_at: datetime | None,
+        samples: Any = None,
     ) -> Job:
+        """Queue a job; ``samples``, if given, spare the worker decoding the file again."""
         job = Job(
             id=f"job-{secrets.token_hex(8)}",
             filename=filename,
@@ -239,6 +242,8 @@ class JobRunner:
             prompt=prompt,
         )
         await self.store.save(job)
+        if samples is not None and self._running is None and self._queue.empty():
+            self._decoded[job.id] = samples  # it runs next: no need to decode the file again
         await self._queue.put(job.id)
         log.info("job queued", extra={"job_id": job.id, "duration": job.duration})
         return job
@@ -278,7 +283,9 @@ class JobRunner:
                 self._running = None
 
     async def _run(self, job: Job) -> None:
-        samples = await asyncio.to_thread(audio.load, Path(job.path))
+        samples = self._decoded.pop(job.id, None)
+        if samples is None:
+            samples = await asyncio.to_thread(audio.load, Path(job.path))
         total = total_frames(samples)
         started = time.monotonic()
         while True:

@@ -1,0 +1,227 @@
+"""Transcription service vs in-process faster-whisper, one run, tiny.en on the CPU.
+
+    .venv/bin/python -m benchmarks.transcription [--repeat 3] [--runs 5] [--preemptions 15] [--windows 10 20 30]
+
+- Speed (audio seconds per second of processing) on the same file (the bundled
+  meeting, repeated ``--repeat`` times): through the service as a job (submit ->
+  done event) and through the interactive endpoint, beside in-process
+  ``WhisperModel.transcribe`` with the same options, both warmed up; ``--runs``
+  pairs, which side goes first alternating; the figure is the median of the
+  pairs' ratios (in-process time / service time).
+- Yield latency: a job runs; an interactive lease is requested at a random moment;
+  latency = the batch lease's end - the interactive request's arrival, both from
+  the coordinator's history (Redis' clock). Repeated for each decode window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import secrets
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from faster_whisper import WhisperModel
+from pydantic import SecretStr
+
+from baton.demo.speech.make_speech import write_ogg
+from benchmarks.support import percentile, save, table
+from services.transcription import audio
+from shared.auth import SCOPES, TokenIssuer
+from shared.models import PRESETS
+from shared.settings import AuthSettings
+from tests.support.servers import RedisServer, ServiceProcess, free_port
+
+MEETING = Path(__file__).resolve().parents[1] / "baton" / "demo" / "speech" / "meeting.ogg"
+
+
+def long_file(folder: Path, repeat: int) -> tuple[Path, float]:
+    samples = audio.load(MEETING)
+    joined = (np.concatenate([samples] * repeat) * 32767).astype(np.int16)
+    path = folder / f"meeting-x{repeat}.ogg"
+    write_ogg(joined, path)
+    return path, len(joined) / audio.SAMPLE_RATE
+
+
+def in_process(model: WhisperModel, path: Path, job_like: bool) -> float:
+    started = time.monotonic()
+    samples = audio.load(path)
+    options: dict[str, Any] = (
+        {"condition_on_previous_text": False, "vad_filter": False, "temperature": 0.0}
+        if job_like
+        else {"vad_filter": True}
+    )
+    segments, _ = model.transcribe(samples, language="en", beam_size=5, **options)
+    list(segments)
+    return time.monotonic() - started
+
+
+def service_job(http: httpx.Client, path: Path) -> float:
+    started = time.monotonic()
+    with path.open("rb") as handle:
+        job_id = http.post("/v1/jobs", files={"file": (path.name, handle)}).json()["job_id"]
+    with http.stream("GET", f"/v1/jobs/{job_id}/events") as events:
+        for line in events.iter_lines():
+            if line.startswith("data: ") and '"type": "done"' in line:
+                break
+    return time.monotonic() - started
+
+
+def service_interactive(http: httpx.Client, path: Path) -> float:
+    started = time.monotonic()
+    with path.open("rb") as handle:
+        http.post("/v1/audio/transcriptions", files={"file": (path.name, handle)}, data={"model": "whisper-1"})
+    return time.monotonic() - started
+
+
+def yield_latencies(http: httpx.Client, gpu: httpx.Client, path: Path, preemptions: int) -> list[float]:
+    """Preempt running jobs at random moments; latency from the coordinator's history."""
+    rng = random.Random(7)
+    samples: list[float] = []
+    job_id = ""
+    while len(samples) < preemptions:
+        if not job_id or http.get(f"/v1/jobs/{job_id}").json()["state"] in ("done", "failed", "cancelled"):
+            with path.open("rb") as handle:
+                job_id = http.post("/v1/jobs", files={"file": (path.name, handle)}).json()["job_id"]
+        while http.get(f"/v1/jobs/{job_id}").json()["state"] != "running":
+            time.sleep(0.01)
+        time.sleep(rng.random() * 1.5)  # a random phase within the decoding
+        if http.get(f"/v1/jobs/{job_id}").json()["state"] != "running":
+            continue
+        grant = gpu.post("/v1/leases", json={"holder": "bench", "priority": "interactive", "wait_ms": 60000}).json()
+        gpu.delete(f"/v1/leases/{grant['lease_id']}")
+        history = gpu.get("/v1/history", params={"limit": 3}).json()
+        mine = next(h for h in history if h["fence"] == grant["fence"])
+        yielded = next(h for h in history if h["fence"] == grant["fence"] - 1)
+        if yielded["holder"] == "transcription" and yielded["end"] == "released":
+            samples.append(yielded["ended_at"] - mine["requested_at"])
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--preemptions", type=int, default=15)
+    parser.add_argument("--windows", type=int, nargs="+", default=[10, 20, 30])
+    args = parser.parse_args()
+
+    secret = secrets.token_urlsafe(48)
+    os.environ["JWT_SECRET"] = secret
+    token = TokenIssuer(AuthSettings(secret=SecretStr(secret))).mint("bench", SCOPES, 3600)
+    headers = {"Authorization": f"Bearer {token}"}
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        path, seconds = long_file(work, args.repeat)
+        redis = RedisServer(work / "redis").start()
+        coordinator = ServiceProcess("coordinator", {"COORDINATOR_REDIS_URL": redis.url}, work).start()
+        base = {
+            "TRANSCRIPTION_REDIS_URL": redis.url,
+            "GPU_COORDINATOR_URL": coordinator.url,
+            "RAG_SERVICE_URL": f"http://127.0.0.1:{free_port()}",
+            "TRANSCRIPTION_LOG_LEVEL": "warning",
+            "TRANSCRIPTION_MAX_UPLOAD_MB": "100",
+        }
+        try:
+            service = ServiceProcess(
+                "transcription", {**base, "TRANSCRIPTION_DATA_DIR": str(work / "tx")}, work
+            ).start()
+            model = WhisperModel(str(PRESETS["whisper-tiny.en"].location()), device="cpu", compute_type="int8")
+            with httpx.Client(base_url=service.url, headers=headers, timeout=600) as http:
+                service_interactive(http, MEETING)  # warm both up
+                in_process(model, MEETING, job_like=False)
+                runs: dict[str, dict[str, list[float]]] = {
+                    "job": {"service_s": [], "in_process_s": []},
+                    "interactive": {"service_s": [], "in_process_s": []},
+                }
+                # In pairs, which side goes first alternating: this machine's speed drifts by
+                # up to 50% over minutes, and a pair is close enough in time to share it.
+                for run in range(args.runs):
+                    for name, ours, theirs in (
+                        ("job", lambda: service_job(http, path), lambda: in_process(model, path, job_like=True)),
+                        (
+                            "interactive",
+                            lambda: service_interactive(http, path),
+                            lambda: in_process(model, path, job_like=False),
+                        ),
+                    ):
+                        first, second = (ours, theirs) if run % 2 == 0 else (theirs, ours)
+                        a, b = first(), second()
+                        service_s, in_process_s = (a, b) if run % 2 == 0 else (b, a)
+                        runs[name]["service_s"].append(service_s)
+                        runs[name]["in_process_s"].append(in_process_s)
+                speed = {
+                    name: {
+                        "service_s": round(statistics.median(figures["service_s"]), 3),
+                        "in_process_s": round(statistics.median(figures["in_process_s"]), 3),
+                        "paired_ratio": round(
+                            statistics.median(
+                                b / a for a, b in zip(figures["service_s"], figures["in_process_s"], strict=True)
+                            ),
+                            3,
+                        ),
+                    }
+                    for name, figures in runs.items()
+                }
+            service.stop()
+            for figures in speed.values():
+                figures["service_x_realtime"] = round(seconds / figures["service_s"], 2)
+                figures["in_process_x_realtime"] = round(seconds / figures["in_process_s"], 2)
+            results["speed"] = {"audio_s": round(seconds, 1), **speed}
+            results["yield_latency"] = {}
+            with httpx.Client(base_url=coordinator.url, headers=headers, timeout=120) as gpu:
+                for window in args.windows:
+                    env = {
+                        **base,
+                        "TRANSCRIPTION_CHUNK_LENGTH_S": str(window),
+                        "TRANSCRIPTION_DATA_DIR": str(work / f"tx{window}"),
+                    }
+                    service = ServiceProcess("transcription", env, work).start()
+                    try:
+                        with httpx.Client(base_url=service.url, headers=headers, timeout=600) as http:
+                            latencies = yield_latencies(http, gpu, path, args.preemptions)
+                    finally:
+                        service.stop()
+                    results["yield_latency"][str(window)] = {
+                        "n": len(latencies),
+                        "p50_ms": round(percentile(latencies, 50) * 1000, 1),
+                        "p99_ms": round(percentile(latencies, 99) * 1000, 1),
+                        "mean_ms": round(statistics.fmean(latencies) * 1000, 1),
+                    }
+        finally:
+            coordinator.stop()
+            redis.stop()
+    report(results)
+
+
+def report(results: dict[str, Any]) -> None:
+    speed = results["speed"]
+    rows = [["path", "service (x real time)", "in-process (x real time)", "service/in-process (paired)"]]
+    for name in ("job", "interactive"):
+        s = speed[name]
+        rows.append(
+            [name, f"{s['service_x_realtime']:.1f}", f"{s['in_process_x_realtime']:.1f}", f"{s['paired_ratio']:.3f}x"]
+        )
+    print(f"{speed['audio_s']:.0f} s of speech, tiny.en, CPU; medians")
+    print(table(rows))
+    share = speed["job"]["paired_ratio"]
+    print(f"target: job >= 0.95x in-process: {'met' if share >= 0.95 else 'NOT met'} ({share:.3f}x)")
+    print()
+    rows = [["decode window", "yield latency p50", "p99", "mean", "n"]]
+    for window, y in results["yield_latency"].items():
+        rows.append(
+            [f"{window} s", f"{y['p50_ms']:.0f} ms", f"{y['p99_ms']:.0f} ms", f"{y['mean_ms']:.0f} ms", str(y["n"])]
+        )
+    print(table(rows))
+    print(f"written to {save('transcription', results)}")
+
+
+if __name__ == "__main__":
+    main()
