@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import httpx
 
@@ -450,3 +450,77 @@ class GpuClient:
             with contextlib.suppress(Exception):
                 self._events_http.close()
         await self.http.aclose()
+
+
+class HeldLease(Protocol):
+    """What a service holds while it may use the GPU."""
+
+    @property
+    def fence(self) -> int: ...
+
+    @property
+    def yield_seen_at(self) -> float | None: ...
+
+    @property
+    def lost_reason(self) -> str | None: ...
+
+    @property
+    def lost(self) -> bool: ...
+
+    @property
+    def yield_requested(self) -> bool: ...
+
+    def check(self) -> None: ...
+
+    async def wait_yield(self) -> None: ...
+
+    async def release(self) -> None: ...
+
+
+class Gpu(Protocol):
+    """Where leases come from: the coordinator, or nowhere (NoCoordinator)."""
+
+    async def acquire(
+        self, holder: str, priority: Priority = "interactive", wait_s: float = 30.0, ttl_ms: int | None = None
+    ) -> HeldLease: ...
+
+    async def aclose(self) -> None: ...
+
+
+class NoLease:
+    """Held when coordination is off: never asked to yield, never lost."""
+
+    def __init__(self) -> None:
+        self.fence = 0
+        self.yield_seen_at: float | None = None
+        self.lost_reason: str | None = None
+
+    @property
+    def lost(self) -> bool:
+        return False
+
+    @property
+    def yield_requested(self) -> bool:
+        return False
+
+    def check(self) -> None:
+        return None
+
+    async def wait_yield(self) -> None:
+        await asyncio.Event().wait()  # nobody ever asks
+
+    async def release(self) -> None:
+        return None
+
+
+class NoCoordinator:
+    """For comparisons only (benchmarks/stack.py): services that take no lease fight
+    over the card (on the CPU, over the cores)."""
+
+    async def acquire(
+        self, holder: str, priority: Priority = "interactive", wait_s: float = 30.0, ttl_ms: int | None = None
+    ) -> NoLease:
+        return NoLease()
+
+    async def aclose(self) -> None:
+        return None

@@ -17,7 +17,7 @@ from services.llm.placement import GpuPolicy, PlacementMetrics
 from services.llm.settings import LLMSettings
 from shared.auth import ServiceTokens, TokenIssuer, TokenVerifier
 from shared.client import ServiceClient
-from shared.gpu import GpuClient
+from shared.gpu import Gpu, GpuClient, NoCoordinator
 from shared.metrics import Metrics
 from shared.models import UnknownModel, resolve
 from shared.settings import ConfigError, load_settings
@@ -45,7 +45,11 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
         threads=settings.threads,
         chat_format=chat_format,
     )
-    gpu = GpuClient(settings.coordinator_url, tokens, default_ttl_ms=settings.lease_ttl_ms)
+    gpu: Gpu = (
+        GpuClient(settings.coordinator_url, tokens, default_ttl_ms=settings.lease_ttl_ms)
+        if settings.coordinate
+        else NoCoordinator()
+    )
     policy = GpuPolicy(engine, gpu, settings, slot, PlacementMetrics(metrics))
     memories = Memories(ServiceClient(settings.rag_url, tokens, retries=0), settings.rag_timeout_ms / 1000)
     chat = ChatService(engine, policy, memories, settings, ChatMetrics(metrics), model_id, slot)

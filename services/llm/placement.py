@@ -19,7 +19,7 @@ from typing import Literal
 from services.llm.engine import Engine, can_offload
 from services.llm.settings import LLMSettings
 from shared.errors import ServiceUnavailable
-from shared.gpu import GpuClient, GpuUnavailable, Lease
+from shared.gpu import Gpu, GpuUnavailable, HeldLease
 from shared.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class PlacementMetrics:
 @dataclass
 class Placement:
     device: Literal["gpu", "cpu"]
-    lease: Lease | None
+    lease: HeldLease | None
     gpu_wait_s: float
     fallback: bool = False
 
@@ -48,7 +48,7 @@ class GpuPolicy:
     def __init__(
         self,
         engine: Engine,
-        gpu: GpuClient,
+        gpu: Gpu,
         settings: LLMSettings,
         slot: asyncio.Lock,
         metrics: PlacementMetrics,
@@ -58,7 +58,7 @@ class GpuPolicy:
         self._settings = settings
         self._slot = slot
         self._metrics = metrics
-        self._lease: Lease | None = None
+        self._lease: HeldLease | None = None
         self._keeper: asyncio.Task[None] | None = None
         self.moves_layers = can_offload() or settings.force_reload
         if not self.moves_layers:
@@ -135,7 +135,7 @@ class GpuPolicy:
         elif queued_here == 0:
             self._keeper = asyncio.create_task(self._keep(lease), name="llm-keep-alive")
 
-    async def _keep(self, lease: Lease) -> None:
+    async def _keep(self, lease: HeldLease) -> None:
         """Hold the card while idle until the keep-alive runs out or someone asks for it."""
         waiting = {asyncio.ensure_future(lease.wait_yield())}
         try:

@@ -50,6 +50,9 @@ class LLMSettings(ServiceSettings):
     """Keep the GPU this long after a request while nobody else waits for it."""
     lease_ttl_ms: int = Field(default=15000, ge=1000, le=120000)
     """TTL of the lease; renewed in the background every third of it."""
+    coordinate: bool = True
+    """Take the GPU lease. False only for comparisons (benchmarks/stack.py): the LLM
+    and transcription then fight over the card."""
     force_reload: bool = False
     """Reload the model to move layers even on a llama.cpp build that cannot offload (tests)."""
 

@@ -21,7 +21,7 @@ from services.transcription.jobs import FINAL, JobRunner
 from services.transcription.settings import TranscriptionSettings
 from services.transcription.whisper import Piece, Transcriber
 from shared.errors import BadRequest, NotFound, PayloadTooLarge, ServiceUnavailable
-from shared.gpu import GpuClient, GpuUnavailable, Lease
+from shared.gpu import Gpu, GpuUnavailable, HeldLease
 from shared.metrics import Metrics
 from shared.sse import DONE, ClosingStream, frame
 from shared.web import Auth
@@ -56,7 +56,7 @@ class Uploads:
 def build_router(
     transcriber: Transcriber,
     runner: JobRunner,
-    gpu: GpuClient,
+    gpu: Gpu,
     settings: TranscriptionSettings,
     model_id: str,
     auth: Auth,
@@ -223,7 +223,7 @@ def _render(pieces: list[Piece], info: dict[str, Any], response_format: str, wor
 
 def _stream(
     transcriber: Transcriber,
-    lease: Lease,
+    lease: HeldLease,
     samples: Any,
     language: str | None,
     prompt: str | None,

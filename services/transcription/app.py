@@ -16,7 +16,7 @@ from services.transcription.settings import TranscriptionSettings
 from services.transcription.whisper import Transcriber
 from shared.auth import ServiceTokens, TokenIssuer, TokenVerifier
 from shared.client import ServiceClient
-from shared.gpu import GpuClient
+from shared.gpu import Gpu, GpuClient, NoCoordinator
 from shared.metrics import Metrics
 from shared.models import UnknownModel, resolve
 from shared.settings import ConfigError, load_settings
@@ -48,7 +48,11 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
     )
     metrics = Metrics("transcription")
     redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
-    gpu = GpuClient(settings.coordinator_url, tokens, default_ttl_ms=settings.lease_ttl_ms)
+    gpu: Gpu = (
+        GpuClient(settings.coordinator_url, tokens, default_ttl_ms=settings.lease_ttl_ms)
+        if settings.coordinate
+        else NoCoordinator()
+    )
     rag = ServiceClient(settings.rag_url, tokens, retries=0)
     runner = JobRunner(JobStore(redis, settings.key_prefix), transcriber, gpu, rag, settings, JobMetrics(metrics))
 

@@ -29,7 +29,7 @@ from services.transcription import audio
 from services.transcription.settings import TranscriptionSettings
 from services.transcription.whisper import Stopped, Transcriber, Window, total_frames
 from shared.client import ServiceClient, ServiceUnreachable
-from shared.gpu import GpuClient, GpuUnavailable, Lease
+from shared.gpu import Gpu, GpuUnavailable, HeldLease
 from shared.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class JobRunner:
         self,
         store: JobStore,
         transcriber: Transcriber,
-        gpu: GpuClient,
+        gpu: Gpu,
         rag: ServiceClient,
         settings: TranscriptionSettings,
         metrics: JobMetrics,
@@ -318,7 +318,7 @@ class JobRunner:
         self._finished(job)
         self._spawn(self._index(job))
 
-    async def _wait_for_gpu(self, job: Job) -> Lease | None:
+    async def _wait_for_gpu(self, job: Job) -> HeldLease | None:
         """The batch lease, or None once the job is cancelled (which leaves the queue)."""
         while job.id not in self._cancelled:
             self._cancel_wait.clear()
@@ -340,7 +340,7 @@ class JobRunner:
                 await asyncio.sleep(min(5.0, exc.retry_after_s))
         return None
 
-    async def _decode(self, job: Job, samples: Any, total: int, lease: Lease) -> str:
+    async def _decode(self, job: Job, samples: Any, total: int, lease: HeldLease) -> str:
         """Decode from the checkpoint until done, asked to yield, cancelled or fenced."""
         if self.moves_device:
             self._metrics.device.observe(await asyncio.to_thread(self._transcriber.to_device))
@@ -386,7 +386,7 @@ class JobRunner:
             return "cancelled"
         return "yield" if lease.yield_requested and not lease.lost else "lost"
 
-    async def _give_back(self, lease: Lease, job: Job, *, counted: bool) -> None:
+    async def _give_back(self, lease: HeldLease, job: Job, *, counted: bool) -> None:
         if self.moves_device:
             self._metrics.device.observe(await asyncio.to_thread(self._transcriber.free_device))
         await lease.release()

@@ -51,6 +51,8 @@ class TranscriptionSettings(ServiceSettings):
     """How long an interactive transcription waits for the GPU before 503."""
     lease_ttl_ms: int = Field(default=15000, ge=1000, le=120000)
     """TTL of the leases this service takes."""
+    coordinate: bool = True
+    """Take the GPU lease. False only for comparisons (benchmarks/stack.py)."""
     force_unload: bool = False
     """Move the model off the device on every yield even on the CPU (to exercise the path)."""
 
