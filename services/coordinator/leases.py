@@ -414,6 +414,9 @@ class LeaseManager:
         result = await self._call("release", lease_id)
         if "gone" in result:
             raise LeaseGone(result["gone"])
+        # Let the caller this release just granted the card answer first: the next
+        # holder is waiting; the one releasing only waits for its 204.
+        await asyncio.sleep(0)
 
     async def status(self) -> dict[str, Any]:
         result = await self._call("status")
