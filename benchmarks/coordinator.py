@@ -19,7 +19,6 @@ import asyncio
 import multiprocessing
 import os
 import random
-import secrets
 import sys
 import tempfile
 import time
@@ -28,13 +27,9 @@ from typing import Any
 
 import httpx
 import redis
-from pydantic import SecretStr
 
-from benchmarks.support import ratio, save, summary_ms, table
-from shared.auth import SCOPES, TokenIssuer
+from benchmarks.support import coordinated, dev_token, ratio, save, summary_ms, table
 from shared.gpu import GpuClient
-from shared.settings import AuthSettings
-from tests.support.servers import RedisServer, ServiceProcess
 
 LOCK_NAME = "bench:lock"
 
@@ -273,28 +268,16 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
 
-    secret = secrets.token_urlsafe(48)
-    os.environ["JWT_SECRET"] = secret
-    token = TokenIssuer(AuthSettings(secret=SecretStr(secret))).mint("bench", SCOPES, 3600)
-    with tempfile.TemporaryDirectory() as tmp:
-        server = RedisServer(Path(tmp) / "redis").start()
-        coordinator = ServiceProcess(
-            "coordinator",
-            {"COORDINATOR_REDIS_URL": server.url, "COORDINATOR_KEY_PREFIX": f"bench:{secrets.token_hex(4)}:"},
-            Path(tmp),
-        ).start()
-        try:
-            print(f"redis {server.url}, coordinator {coordinator.url}; {os.cpu_count()} cores", file=sys.stderr)
-            ours_rt = ours_round_trips(coordinator.url, token, args.iterations)
-            lock_rt = lock_round_trips(server.url, args.iterations)
-            ours_ho = ours_handoffs(coordinator.url, token, args.handoffs)
-            lock_ho = lock_handoffs(server.url, args.handoffs)
-            ours_ys = ours_yield_signals(coordinator.url, token, args.handoffs)
-            ours_gps = contend(ours_contender, (coordinator.url, token), args.clients, args.seconds)
-            lock_gps = contend(lock_contender, (server.url,), args.clients, args.seconds)
-        finally:
-            coordinator.stop()
-            server.stop()
+    token = dev_token()
+    with tempfile.TemporaryDirectory() as tmp, coordinated(Path(tmp)) as (server, coordinator):
+        print(f"redis {server.url}, coordinator {coordinator.url}; {os.cpu_count()} cores", file=sys.stderr)
+        ours_rt = ours_round_trips(coordinator.url, token, args.iterations)
+        lock_rt = lock_round_trips(server.url, args.iterations)
+        ours_ho = ours_handoffs(coordinator.url, token, args.handoffs)
+        lock_ho = lock_handoffs(server.url, args.handoffs)
+        ours_ys = ours_yield_signals(coordinator.url, token, args.handoffs)
+        ours_gps = contend(ours_contender, (coordinator.url, token), args.clients, args.seconds)
+        lock_gps = contend(lock_contender, (server.url,), args.clients, args.seconds)
 
     results: dict[str, Any] = {
         "round_trip": {"baton": summary_ms(ours_rt), "redis_lock": summary_ms(lock_rt)},

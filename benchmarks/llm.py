@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 import statistics
 import subprocess
 import sys
@@ -32,13 +30,10 @@ from typing import Any
 
 import httpx
 import llama_cpp
-from pydantic import SecretStr
 
-from benchmarks.support import save, table
-from shared.auth import SCOPES, TokenIssuer
+from benchmarks.support import coordinated, dev_token, save, table
 from shared.models import resolve
-from shared.settings import AuthSettings
-from tests.support.servers import RedisServer, ServiceProcess, free_port, wait_until
+from tests.support.servers import ServiceProcess, free_port, wait_until
 
 TOPICS = [
     "the ocean",
@@ -116,13 +111,9 @@ def main() -> None:
     args = parser.parse_args()
 
     path, preset = resolve(args.model, "llm")
-    secret = secrets.token_urlsafe(48)
-    os.environ["JWT_SECRET"] = secret
-    token = TokenIssuer(AuthSettings(secret=SecretStr(secret))).mint("bench", SCOPES, 3600)
-    with tempfile.TemporaryDirectory() as tmp:
+    token = dev_token()
+    with tempfile.TemporaryDirectory() as tmp, coordinated(Path(tmp)) as (_, coordinator):
         work = Path(tmp)
-        redis = RedisServer(work / "redis").start()
-        coordinator = ServiceProcess("coordinator", {"COORDINATOR_REDIS_URL": redis.url}, work).start()
         base = {
             "GPU_COORDINATOR_URL": coordinator.url,
             "RAG_SERVICE_URL": f"http://127.0.0.1:{free_port()}",
@@ -164,8 +155,6 @@ def main() -> None:
             server.terminate()
             server.wait()
             ours.stop()
-            coordinator.stop()
-            redis.stop()
     report(results)
 
 

@@ -20,9 +20,7 @@ bulk load is not what is measured.
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import secrets
 import tempfile
 import time
 from pathlib import Path
@@ -32,13 +30,10 @@ import chromadb
 import httpx
 import numpy as np
 from chromadb.api.shared_system_client import SharedSystemClient
-from pydantic import SecretStr
 
-from benchmarks.support import RESULTS, ratio, save, summary_ms, table
+from benchmarks.support import RESULTS, dev_token, ratio, save, summary_ms, table
 from services.rag.store import MiniLM
-from shared.auth import SCOPES, TokenIssuer
 from shared.models import PRESETS
-from shared.settings import AuthSettings
 from tests.support.servers import ServiceProcess
 
 COLLECTION = "memories"
@@ -163,9 +158,7 @@ def main() -> None:
     bulk_texts = corpus(max(args.tiers), seed=1)
     bulk_vectors = embeddings(bulk_texts, embedder)
     asks = questions(args.queries, seed=2)
-    secret = secrets.token_urlsafe(48)
-    os.environ["JWT_SECRET"] = secret
-    token = TokenIssuer(AuthSettings(secret=SecretStr(secret))).mint("bench", SCOPES, 3600)
+    token = dev_token()
     results: dict[str, Any] = {}
     rows = [["chunks", "figure", "service", "direct", "service/direct", "overhead"]]
     with tempfile.TemporaryDirectory() as tmp:

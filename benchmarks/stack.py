@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import secrets
 import statistics
 import tempfile
 import time
@@ -27,15 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
-from pydantic import SecretStr
 
-from baton.demo.speech.make_speech import write_ogg
-from benchmarks.support import percentile, save, table
-from services.transcription import audio
-from shared.auth import SCOPES, TokenIssuer
-from shared.settings import AuthSettings
-from tests.support.servers import RedisServer, ServiceProcess, free_port
+from benchmarks.support import coordinated, dev_token, long_meeting, percentile, save, table
+from tests.support.servers import ServiceProcess, free_port, running
 
 MEETING = Path(__file__).resolve().parents[1] / "baton" / "demo" / "speech" / "meeting.ogg"
 TOPICS = [
@@ -149,17 +141,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     args = parser.parse_args()
 
-    secret = secrets.token_urlsafe(48)
-    os.environ["JWT_SECRET"] = secret
-    token = TokenIssuer(AuthSettings(secret=SecretStr(secret))).mint("bench", SCOPES, 3600)
-    headers = {"Authorization": f"Bearer {token}"}
+    headers = {"Authorization": f"Bearer {dev_token()}"}
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, coordinated(Path(tmp)) as (redis, coordinator):
         work = Path(tmp)
-        path = work / "long.ogg"
-        write_ogg((np.concatenate([audio.load(MEETING)] * 10) * 32767).astype(np.int16), path)
-        redis = RedisServer(work / "redis").start()
-        coordinator = ServiceProcess("coordinator", {"COORDINATOR_REDIS_URL": redis.url}, work).start()
+        path, _ = long_meeting(work, 10)
         base = {
             "GPU_COORDINATOR_URL": coordinator.url,
             "RAG_SERVICE_URL": f"http://127.0.0.1:{free_port()}",
@@ -169,35 +155,28 @@ def main() -> None:
             "TRANSCRIPTION_LOG_LEVEL": "warning",
             "TRANSCRIPTION_MAX_UPLOAD_MB": "100",
         }
-        try:
-            for mode, coordinate in (("coordinated", "true"), ("bypassed", "false")):
-                env = {
-                    **base,
-                    "GEMMA_COORDINATE": coordinate,
-                    "TRANSCRIPTION_COORDINATE": coordinate,
-                    "TRANSCRIPTION_DATA_DIR": str(work / mode),
-                    "TRANSCRIPTION_KEY_PREFIX": f"{mode}:",
-                }
-                llm = ServiceProcess("llm", env, work).start()
-                tx = ServiceProcess("transcription", env, work).start()
-                try:
-                    with (
-                        httpx.Client(base_url=llm.url, headers=headers, timeout=300) as chat,
-                        httpx.Client(base_url=tx.url, headers=headers, timeout=300) as jobs,
-                    ):
-                        ask(chat, "Warm up.", 4)
-                        if mode == "coordinated":
-                            results["idle"] = scenario(chat, None, path, args.questions, args.max_tokens)
-                        results[mode] = scenario(chat, jobs, path, args.questions, args.max_tokens)
-                        if mode == "coordinated":
-                            with httpx.Client(base_url=coordinator.url, headers=headers) as gpu:
-                                results["yield_latency"] = yields(gpu, results["coordinated"]["samples"])
-                finally:
-                    tx.stop()
-                    llm.stop()
-        finally:
-            coordinator.stop()
-            redis.stop()
+        for mode, coordinate in (("coordinated", "true"), ("bypassed", "false")):
+            env = {
+                **base,
+                "GEMMA_COORDINATE": coordinate,
+                "TRANSCRIPTION_COORDINATE": coordinate,
+                "TRANSCRIPTION_DATA_DIR": str(work / mode),
+                "TRANSCRIPTION_KEY_PREFIX": f"{mode}:",
+            }
+            llm = ServiceProcess("llm", env, work)
+            tx = ServiceProcess("transcription", env, work)
+            with (
+                running(llm, tx),
+                httpx.Client(base_url=llm.url, headers=headers, timeout=300) as chat,
+                httpx.Client(base_url=tx.url, headers=headers, timeout=300) as jobs,
+            ):
+                ask(chat, "Warm up.", 4)
+                if mode == "coordinated":
+                    results["idle"] = scenario(chat, None, path, args.questions, args.max_tokens)
+                results[mode] = scenario(chat, jobs, path, args.questions, args.max_tokens)
+                if mode == "coordinated":
+                    with httpx.Client(base_url=coordinator.url, headers=headers) as gpu:
+                        results["yield_latency"] = yields(gpu, results["coordinated"]["samples"])
     report(results)
 
 

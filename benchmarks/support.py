@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from tests.support.servers import RedisServer, ServiceProcess
+
 RESULTS = Path(__file__).resolve().parent / "results"
+MEETING = Path(__file__).resolve().parents[1] / "baton" / "demo" / "speech" / "meeting.ogg"
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -48,3 +56,41 @@ def save(name: str, data: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2))
     return path
+
+
+def dev_token() -> str:
+    """A fresh JWT secret for this run, exported so that every service started from here
+    shares it, and a token with every scope."""
+    from pydantic import SecretStr
+
+    from shared.auth import SCOPES, TokenIssuer
+    from shared.settings import AuthSettings
+
+    secret = secrets.token_urlsafe(48)
+    os.environ["JWT_SECRET"] = secret
+    return TokenIssuer(AuthSettings(secret=SecretStr(secret))).mint("bench", SCOPES, 3600)
+
+
+@contextmanager
+def coordinated(work: Path, **settings: str) -> Iterator[tuple[RedisServer, ServiceProcess]]:
+    """A real Redis and a coordinator process on it, stopped on exit."""
+    redis = RedisServer(work / "redis").start()
+    coordinator = ServiceProcess("coordinator", {"COORDINATOR_REDIS_URL": redis.url, **settings}, work)
+    try:
+        coordinator.start()
+        yield redis, coordinator
+    finally:
+        coordinator.stop()
+        redis.stop()
+
+
+def long_meeting(folder: Path, repeat: int) -> tuple[Path, float]:
+    """The bundled meeting ``repeat`` times over, as one Opus file; (path, seconds)."""
+    from baton.demo.speech.make_speech import write_ogg
+    from services.transcription import audio
+
+    samples = audio.load(MEETING)
+    joined = (np.concatenate([samples] * repeat) * 32767).astype(np.int16)
+    path = folder / f"meeting-x{repeat}.ogg"
+    write_ogg(joined, path)
+    return path, len(joined) / audio.SAMPLE_RATE

@@ -16,9 +16,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import secrets
 import statistics
 import tempfile
 import time
@@ -26,27 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 from faster_whisper import WhisperModel
-from pydantic import SecretStr
 
-from baton.demo.speech.make_speech import write_ogg
-from benchmarks.support import percentile, save, table
+from benchmarks.support import MEETING, coordinated, dev_token, long_meeting, percentile, save, table
 from services.transcription import audio
-from shared.auth import SCOPES, TokenIssuer
 from shared.models import PRESETS
-from shared.settings import AuthSettings
-from tests.support.servers import RedisServer, ServiceProcess, free_port
-
-MEETING = Path(__file__).resolve().parents[1] / "baton" / "demo" / "speech" / "meeting.ogg"
-
-
-def long_file(folder: Path, repeat: int) -> tuple[Path, float]:
-    samples = audio.load(MEETING)
-    joined = (np.concatenate([samples] * repeat) * 32767).astype(np.int16)
-    path = folder / f"meeting-x{repeat}.ogg"
-    write_ogg(joined, path)
-    return path, len(joined) / audio.SAMPLE_RATE
+from tests.support.servers import ServiceProcess, free_port, running
 
 
 def in_process(model: WhisperModel, path: Path, job_like: bool) -> float:
@@ -112,16 +95,10 @@ def main() -> None:
     parser.add_argument("--windows", type=int, nargs="+", default=[10, 20, 30])
     args = parser.parse_args()
 
-    secret = secrets.token_urlsafe(48)
-    os.environ["JWT_SECRET"] = secret
-    token = TokenIssuer(AuthSettings(secret=SecretStr(secret))).mint("bench", SCOPES, 3600)
-    headers = {"Authorization": f"Bearer {token}"}
-    results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    headers = {"Authorization": f"Bearer {dev_token()}"}
+    with tempfile.TemporaryDirectory() as tmp, coordinated(Path(tmp)) as (redis, coordinator):
         work = Path(tmp)
-        path, seconds = long_file(work, args.repeat)
-        redis = RedisServer(work / "redis").start()
-        coordinator = ServiceProcess("coordinator", {"COORDINATOR_REDIS_URL": redis.url}, work).start()
+        path, seconds = long_meeting(work, args.repeat)
         base = {
             "TRANSCRIPTION_REDIS_URL": redis.url,
             "GPU_COORDINATOR_URL": coordinator.url,
@@ -129,76 +106,61 @@ def main() -> None:
             "TRANSCRIPTION_LOG_LEVEL": "warning",
             "TRANSCRIPTION_MAX_UPLOAD_MB": "100",
         }
-        try:
-            service = ServiceProcess(
-                "transcription", {**base, "TRANSCRIPTION_DATA_DIR": str(work / "tx")}, work
-            ).start()
-            model = WhisperModel(str(PRESETS["whisper-tiny.en"].location()), device="cpu", compute_type="int8")
-            with httpx.Client(base_url=service.url, headers=headers, timeout=600) as http:
-                service_interactive(http, MEETING)  # warm both up
-                in_process(model, MEETING, job_like=False)
-                runs: dict[str, dict[str, list[float]]] = {
-                    "job": {"service_s": [], "in_process_s": []},
-                    "interactive": {"service_s": [], "in_process_s": []},
+        service = ServiceProcess("transcription", {**base, "TRANSCRIPTION_DATA_DIR": str(work / "tx")}, work)
+        with running(service), httpx.Client(base_url=service.url, headers=headers, timeout=600) as http:
+            results: dict[str, Any] = {"speed": speed(http, path, seconds, args.runs), "yield_latency": {}}
+        with httpx.Client(base_url=coordinator.url, headers=headers, timeout=120) as gpu:
+            for window in args.windows:
+                env = {
+                    **base,
+                    "TRANSCRIPTION_CHUNK_LENGTH_S": str(window),
+                    "TRANSCRIPTION_DATA_DIR": str(work / f"tx{window}"),
                 }
-                # In pairs, which side goes first alternating: this machine's speed drifts by
-                # up to 50% over minutes, and a pair is close enough in time to share it.
-                for run in range(args.runs):
-                    for name, ours, theirs in (
-                        ("job", lambda: service_job(http, path), lambda: in_process(model, path, job_like=True)),
-                        (
-                            "interactive",
-                            lambda: service_interactive(http, path),
-                            lambda: in_process(model, path, job_like=False),
-                        ),
-                    ):
-                        first, second = (ours, theirs) if run % 2 == 0 else (theirs, ours)
-                        a, b = first(), second()
-                        service_s, in_process_s = (a, b) if run % 2 == 0 else (b, a)
-                        runs[name]["service_s"].append(service_s)
-                        runs[name]["in_process_s"].append(in_process_s)
-                speed = {
-                    name: {
-                        "service_s": round(statistics.median(figures["service_s"]), 3),
-                        "in_process_s": round(statistics.median(figures["in_process_s"]), 3),
-                        "paired_ratio": round(
-                            statistics.median(
-                                b / a for a, b in zip(figures["service_s"], figures["in_process_s"], strict=True)
-                            ),
-                            3,
-                        ),
-                    }
-                    for name, figures in runs.items()
+                service = ServiceProcess("transcription", env, work)
+                with running(service), httpx.Client(base_url=service.url, headers=headers, timeout=600) as http:
+                    latencies = yield_latencies(http, gpu, path, args.preemptions)
+                results["yield_latency"][str(window)] = {
+                    "n": len(latencies),
+                    "p50_ms": round(percentile(latencies, 50) * 1000, 1),
+                    "p99_ms": round(percentile(latencies, 99) * 1000, 1),
+                    "mean_ms": round(statistics.fmean(latencies) * 1000, 1),
                 }
-            service.stop()
-            for figures in speed.values():
-                figures["service_x_realtime"] = round(seconds / figures["service_s"], 2)
-                figures["in_process_x_realtime"] = round(seconds / figures["in_process_s"], 2)
-            results["speed"] = {"audio_s": round(seconds, 1), **speed}
-            results["yield_latency"] = {}
-            with httpx.Client(base_url=coordinator.url, headers=headers, timeout=120) as gpu:
-                for window in args.windows:
-                    env = {
-                        **base,
-                        "TRANSCRIPTION_CHUNK_LENGTH_S": str(window),
-                        "TRANSCRIPTION_DATA_DIR": str(work / f"tx{window}"),
-                    }
-                    service = ServiceProcess("transcription", env, work).start()
-                    try:
-                        with httpx.Client(base_url=service.url, headers=headers, timeout=600) as http:
-                            latencies = yield_latencies(http, gpu, path, args.preemptions)
-                    finally:
-                        service.stop()
-                    results["yield_latency"][str(window)] = {
-                        "n": len(latencies),
-                        "p50_ms": round(percentile(latencies, 50) * 1000, 1),
-                        "p99_ms": round(percentile(latencies, 99) * 1000, 1),
-                        "mean_ms": round(statistics.fmean(latencies) * 1000, 1),
-                    }
-        finally:
-            coordinator.stop()
-            redis.stop()
     report(results)
+
+
+def speed(http: httpx.Client, path: Path, seconds: float, pairs: int) -> dict[str, Any]:
+    """Service vs in-process, in pairs whose order alternates: this machine's speed drifts
+    by up to 50% over minutes, and a pair is close enough in time to share it."""
+    model = WhisperModel(str(PRESETS["whisper-tiny.en"].location()), device="cpu", compute_type="int8")
+    service_interactive(http, MEETING)  # warm both up
+    in_process(model, MEETING, job_like=False)
+    runs: dict[str, dict[str, list[float]]] = {
+        "job": {"service_s": [], "in_process_s": []},
+        "interactive": {"service_s": [], "in_process_s": []},
+    }
+    for run in range(pairs):
+        for name, ours, theirs in (
+            ("job", lambda: service_job(http, path), lambda: in_process(model, path, job_like=True)),
+            ("interactive", lambda: service_interactive(http, path), lambda: in_process(model, path, job_like=False)),
+        ):
+            first, second = (ours, theirs) if run % 2 == 0 else (theirs, ours)
+            a, b = first(), second()
+            service_s, in_process_s = (a, b) if run % 2 == 0 else (b, a)
+            runs[name]["service_s"].append(service_s)
+            runs[name]["in_process_s"].append(in_process_s)
+    result: dict[str, Any] = {"audio_s": round(seconds, 1)}
+    for name, figures in runs.items():
+        service_s = statistics.median(figures["service_s"])
+        in_process_s = statistics.median(figures["in_process_s"])
+        ratios = [b / a for a, b in zip(figures["service_s"], figures["in_process_s"], strict=True)]
+        result[name] = {
+            "service_s": round(service_s, 3),
+            "in_process_s": round(in_process_s, 3),
+            "paired_ratio": round(statistics.median(ratios), 3),
+            "service_x_realtime": round(seconds / service_s, 2),
+            "in_process_x_realtime": round(seconds / in_process_s, 2),
+        }
+    return result
 
 
 def report(results: dict[str, Any]) -> None:
