@@ -308,6 +308,8 @@ class GpuClient:
         self._ensure_events()
         if not self._watch:
             return False
+        if self._subscribed.is_set():  # the usual case: no hop to a worker thread
+            return True
         return await asyncio.to_thread(self._subscribed.wait, timeout_s)
 
     def _events_loop(self) -> None:
