@@ -70,3 +70,19 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LaunchedStack
     stack = LaunchedStack(tmp_path_factory.mktemp("stack") / "run").up()
     yield stack
     stack.down()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print what quality tests measured (``record_property("measured: ...", value)``)
+    beside their pass or fail, so a test run shows the figures, not only the verdict."""
+    rows = [
+        (report.nodeid, name.removeprefix("measured: "), value)
+        for outcome in ("passed", "failed")
+        for report in terminalreporter.stats.get(outcome, [])
+        for name, value in getattr(report, "user_properties", [])
+        if report.when == "call" and name.startswith("measured: ")
+    ]
+    if rows:
+        terminalreporter.section("measured")
+        for nodeid, name, value in rows:
+            terminalreporter.write_line(f"{name}: {value}  ({nodeid})")

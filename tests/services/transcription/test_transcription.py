@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ def wait_for_job(tx: Tx, job_id: str, state: str = "done", timeout_s: float = 12
     return job
 
 
-def test_openai_client_transcribes_with_a_low_word_error_rate(tx: Tx) -> None:
+def test_openai_client_transcribes_with_a_low_word_error_rate(
+    tx: Tx, record_property: Callable[[str, object], None]
+) -> None:
     client = openai.OpenAI(base_url=f"{tx.url}/v1", api_key=tx.token)
     errors = total = 0
     for name, reference in REFERENCES.items():
@@ -34,6 +37,7 @@ def test_openai_client_transcribes_with_a_low_word_error_rate(tx: Tx) -> None:
             result = client.audio.transcriptions.create(model="whisper-1", file=handle)
         wrong, count = edits(reference, result.text)
         errors, total = errors + wrong, total + count
+    record_property("measured: word error rate, tiny.en, the sentences", f"{errors / total:.1%}")
     assert errors / total <= 0.15, errors / total
 
 
@@ -84,7 +88,9 @@ def test_response_formats(tx: Tx, response_format: str) -> None:
         assert any(w["word"].strip().lower().startswith("kitchen") for w in body["words"])
 
 
-def test_a_job_transcribes_the_long_recording_and_reports_progress(tx: Tx) -> None:
+def test_a_job_transcribes_the_long_recording_and_reports_progress(
+    tx: Tx, record_property: Callable[[str, object], None]
+) -> None:
     job_id = tx.submit(MEETING, recorded_at="2026-11-02T10:00:00Z")
     events: list[dict[str, Any]] = []
     with tx.http.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
@@ -98,6 +104,7 @@ def test_a_job_transcribes_the_long_recording_and_reports_progress(tx: Tx) -> No
     job = tx.job(job_id)
     assert job["progress"] == 1.0 and job["duration"] > 60
     wrong, count = edits((SPEECH / "meeting.txt").read_text(), job["text"])
+    record_property("measured: word error rate, tiny.en, the meeting as a job", f"{wrong / count:.1%}")
     assert wrong / count <= 0.15
     wait_until(lambda: tx.job(job_id)["indexed"], 30, "the transcript to be indexed")
 
