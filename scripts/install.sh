@@ -4,7 +4,8 @@
 #
 # The first run compiles llama-cpp-python from source (about 6 minutes on 2 cores);
 # pip caches the wheel, so later installs take seconds. Set CMAKE_ARGS to build it
-# for CUDA (e.g. CMAKE_ARGS="-DGGML_CUDA=on").
+# for CUDA (e.g. CMAKE_ARGS="-DGGML_CUDA=on"): a change of CMAKE_ARGS recompiles it,
+# bypassing pip's cache, which holds the build made without them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,13 +27,16 @@ fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 
 stamp=.venv/.baton-installed
-want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$( (cat requirements.lock pyproject.toml; echo "CMAKE_ARGS=${CMAKE_ARGS:-}") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   llama=$(grep -E '^llama-cpp-python==' requirements.lock)
-  if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-cpp-python') != '${llama#*==}')" 2>/dev/null; then
+  build="$llama CMAKE_ARGS=${CMAKE_ARGS:-}"
+  if [ "$(cat .venv/.baton-llama 2>/dev/null)" != "$build" ]; then
     echo "==> installing $llama (compiled from source the first time: about 6 minutes on 2 cores)"
+    cache=()
+    if [ -n "${CMAKE_ARGS:-}" ]; then cache=(--no-cache-dir); fi
     # pip -v prints the compiler's progress lines; show them as percentages.
-    "${PIP[@]}" install -v -c requirements.lock "$llama" 2>&1 | awk '
+    "${PIP[@]}" install -v --force-reinstall --no-deps "${cache[@]}" -c requirements.lock "$llama" 2>&1 | awk '
       match($0, /\[ *[0-9]+\/[0-9]+\]/) {   # ninja: [12/345]
         split(substr($0, RSTART + 1, RLENGTH - 2), n, "/"); p = int(100 * n[1] / n[2]);
       }
@@ -42,6 +46,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
       p >= shown + 5 { shown = p; printf "    compiling llama.cpp: %3d%%\n", p; fflush() }
       /Successfully installed|Requirement already satisfied: llama|Using cached|ERROR|error:/ { print "    " $0; fflush() }'
     test "${PIPESTATUS[0]}" -eq 0
+    echo "$build" > .venv/.baton-llama
   fi
   echo "==> installing the pinned dependencies and Baton"
   "${PIP[@]}" install --quiet -c requirements.lock -e '.[all,dev]'
