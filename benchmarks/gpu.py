@@ -18,7 +18,6 @@ directly, in-process, with and without the layers on the GPU.
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import statistics
 import subprocess
@@ -31,7 +30,7 @@ from typing import Any
 import httpx
 import llama_cpp
 
-from benchmarks.support import coordinated, dev_token, save, table
+from benchmarks.support import coordinated, dev_token, metric, save, table
 from shared.models import resolve
 from tests.support.servers import ServiceProcess, free_port
 
@@ -56,13 +55,8 @@ def process_vram_mib(pid: int) -> float | None:
 
 
 def histogram(metrics: str, name: str) -> tuple[float, int]:
-    """(sum, count) of a Prometheus histogram in the text format."""
-
-    def sample(suffix: str) -> float:
-        found = re.search(rf"^{name}_{suffix} (\S+)$", metrics, re.M)
-        return float(found.group(1)) if found else 0.0
-
-    return sample("sum"), int(sample("count"))
+    """(sum, count) of a Prometheus histogram."""
+    return metric(metrics, f"{name}_sum"), int(metric(metrics, f"{name}_count"))
 
 
 def direct_load_s(path: Path, layers: int) -> float:
@@ -85,9 +79,9 @@ def rounds(llm: ServiceProcess, gpu: httpx.Client, chat: httpx.Client, model: st
         reloads = histogram(chat.get("/metrics").text, "llm_reload_seconds")
         response = chat.post("/v1/chat/completions", json=body)
         response.raise_for_status()
-        after = histogram(chat.get("/metrics").text, "llm_reload_seconds")
         loaded = process_vram_mib(pid)
-        offloads = histogram(chat.get("/metrics").text, "llm_offload_seconds")
+        page = chat.get("/metrics").text
+        after, offloads = histogram(page, "llm_reload_seconds"), histogram(page, "llm_offload_seconds")
         # Ask for the card: the service offloads, then releases, and only then is this granted.
         grant = gpu.post("/v1/leases", json={"holder": "bench", "priority": "interactive", "wait_ms": 60000})
         grant.raise_for_status()

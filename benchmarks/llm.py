@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 import llama_cpp
 
-from benchmarks.support import coordinated, dev_token, save, table
+from benchmarks.support import coordinated, dev_token, metric, save, table
 from shared.models import resolve
 from tests.support.servers import ServiceProcess, free_port, wait_until
 
@@ -217,20 +217,13 @@ def reloads(args: argparse.Namespace, base: dict[str, str], work: Path, token: s
                 metrics = http.get("/metrics").text
             out[label] = {
                 "requests": args.sequential,
-                "reloads": _sample(metrics, "llm_reload_seconds_count"),
-                "offloads": _sample(metrics, "llm_offload_seconds_count"),
+                "reloads": metric(metrics, "llm_reload_seconds_count"),
+                "offloads": metric(metrics, "llm_offload_seconds_count"),
                 "seconds": round(elapsed, 2),
             }
         finally:
             service.stop()
     return out
-
-
-def _sample(metrics: str, name: str) -> float:
-    for line in metrics.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def report(results: dict[str, Any]) -> None:

@@ -51,6 +51,14 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x"
 
 
+def metric(text: str, name: str) -> float:
+    """One sample from a Prometheus text page (``llm_reload_seconds_count``, say); 0 if absent."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def save(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
