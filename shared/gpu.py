@@ -11,6 +11,12 @@ itself: once no renewal has succeeded by (time the last successful renewal was
 *sent* + TTL - margin) on the monotonic clock, the lease counts as lost, whatever
 the network says. Yield requests arrive within milliseconds over the coordinator's
 event stream (read on another thread), and in every renewal answer as a fallback.
+
+A holder whose GPU work runs in another process registers a listener
+(``lease.listen(fn)``): it is called on the thread that learns of a yield request, a
+loss or a renewal, so that the work can be paused without waiting for the event loop.
+A lease also says whether its holder must free its device memory before releasing
+(``free_memory``), and the release reports what the holder did (``handover``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ import httpx
 log = logging.getLogger(__name__)
 
 Priority = Literal["interactive", "batch"]
+Handover = Literal["pause", "checkpoint", "restart", "unload", "offload", "keep"]
+LeaseEvent = Literal["yield", "lost", "renewed"]
+Listener = Callable[[LeaseEvent], None]
 
 
 class LeaseLost(Exception):
@@ -44,6 +53,17 @@ class GpuUnavailable(Exception):
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.reason = reason
+
+
+CUDA_CONTEXT_MB = 300
+"""Device memory a process's CUDA context and buffers take beside its weights (estimate)."""
+
+
+def vram_estimate_mb(weights_bytes: int, copies: int = 1) -> int:
+    """What a holder declares when no setting says: its weights plus a fifth (activations,
+    caches), plus one CUDA context per process that holds a copy."""
+    per_copy = weights_bytes * 1.2 / 1_048_576 + CUDA_CONTEXT_MB
+    return int(per_copy * copies + 0.5)
 
 
 def _retry_after(response: httpx.Response) -> float:
@@ -71,6 +91,10 @@ class Lease:
         self.ttl_ms: int = int(grant["ttl_ms"])
         self.waited_ms: int = int(grant.get("waited_ms", 0))
         self.granted_at: float = float(grant["granted_at"])
+        self.vram_mb: int = int(grant.get("vram_mb") or 0)
+        self.free_memory: bool = bool(grant.get("free_memory", False))
+        """Free the device memory before releasing: the card cannot hold this and the next holder."""
+        self._listeners: list[Listener] = []
         self._ttl_s = self.ttl_ms / 1000.0
         self._margin_s = client.margin_for(self._ttl_s)
         self._loop = loop
@@ -132,13 +156,37 @@ class Lease:
     async def wait_lost(self) -> None:
         await self._lost_async.wait()
 
+    def listen(self, listener: Listener) -> None:
+        """Call ``listener`` on the thread that learns of a yield request, a loss or a
+        renewal (it must be quick and must not block). A yield or loss that already
+        happened is reported at once."""
+        with self._lock:
+            self._listeners.append(listener)
+        if self._yield.is_set():
+            listener("yield")
+        if self._lost_reason is not None:
+            listener("lost")
+
+    def _notify(self, event: LeaseEvent) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("lease listener failed", extra={"fence": self.fence, "event": event})
+
     # -- called from other threads --------------------------------------------
 
-    def _on_yield(self) -> None:
+    def _on_yield(self, free_memory: bool | None = None) -> None:
+        if free_memory is not None:
+            self.free_memory = free_memory
         if not self._yield.is_set():
             self.yield_seen_at = time.monotonic()
             self._yield.set()
-            self._loop.call_soon_threadsafe(self._yield_async.set)
+            self._notify("yield")
+            with contextlib.suppress(RuntimeError):  # the loop may be closed at exit
+                self._loop.call_soon_threadsafe(self._yield_async.set)
 
     def _mark_lost(self, reason: str) -> None:
         with self._lock:
@@ -147,14 +195,18 @@ class Lease:
             self._lost_reason = reason
         if not self._released:
             log.warning("GPU lease lost", extra={"fence": self.fence, "holder": self.holder, "reason": reason})
+        self._notify("lost")
         with contextlib.suppress(RuntimeError):  # the loop may be closed at exit
             self._loop.call_soon_threadsafe(self._lost_async.set)
 
     def _confirmed(self, sent_at: float, body: dict[str, Any]) -> None:
         with self._lock:
             self._last_sent = max(self._last_sent, sent_at)
+        if "free_memory" in body:
+            self.free_memory = bool(body["free_memory"])
         if body.get("yield_requested"):
             self._on_yield()
+        self._notify("renewed")
 
     # -- renewal thread ----------------------------------------------------------
 
@@ -207,8 +259,9 @@ class Lease:
 
     # -- release -------------------------------------------------------------------
 
-    async def release(self) -> None:
-        """Give the card back (idempotent). Never raises for a lease already gone."""
+    async def release(self, handover: Handover | None = None, handover_ms: float = 0.0) -> None:
+        """Give the card back (idempotent). Never raises for a lease already gone.
+        ``handover``: what was done with the device, for the coordinator's history."""
         if self._released:
             return
         self._released = True
@@ -216,9 +269,10 @@ class Lease:
         self._client._forget(self)
         if self._lost_reason in ("expired", "released"):
             return  # nothing left to give back; a revoked lease is still released early
+        params = {"handover": handover, "handover_ms": f"{handover_ms:.3f}"} if handover else None
         try:
             response = await self._client.http.delete(
-                f"/v1/leases/{self.lease_id}", headers=self._client.auth_headers()
+                f"/v1/leases/{self.lease_id}", headers=self._client.auth_headers(), params=params
             )
         except httpx.TransportError as exc:
             log.warning(
@@ -345,7 +399,8 @@ class GpuClient:
                     lease._renew_now.set()
             return
         try:
-            fence = int(json.loads(data).get("fence") or 0)
+            body = json.loads(data)
+            fence = int(body.get("fence") or 0)
         except (ValueError, TypeError, AttributeError):
             return
         with self._leases_lock:
@@ -353,7 +408,8 @@ class GpuClient:
         if target is None:
             return
         if event == "yield_requested":
-            target._on_yield()
+            free = body.get("free_memory")
+            target._on_yield(bool(free) if free is not None else None)
         elif event in ("revoked", "expired"):
             target._mark_lost(event)
 
@@ -365,8 +421,10 @@ class GpuClient:
         priority: Priority = "interactive",
         wait_s: float = 30.0,
         ttl_ms: int | None = None,
+        vram_mb: int = 0,
     ) -> Lease:
-        """Wait for the GPU; raises GpuUnavailable if it is not granted in ``wait_s``."""
+        """Wait for the GPU; raises GpuUnavailable if it is not granted in ``wait_s``.
+        ``vram_mb``: the device memory this holder needs (0: none declared)."""
         if self._watch:
             await self.wait_subscribed()
         ttl_ms = ttl_ms or self.default_ttl_ms
@@ -380,6 +438,7 @@ class GpuClient:
                 "ttl_ms": ttl_ms,
                 "wait_ms": int(remaining * 1000),
                 "waiter_id": waiter_id,
+                "vram_mb": vram_mb,
             }
             sent = time.monotonic()
             try:
@@ -434,9 +493,10 @@ class GpuClient:
         priority: Priority = "interactive",
         wait_s: float = 30.0,
         ttl_ms: int | None = None,
+        vram_mb: int = 0,
     ) -> AsyncIterator[Lease]:
         """Acquire, and release on exit: also on errors and cancellation."""
-        lease = await self.acquire(holder, priority, wait_s, ttl_ms)
+        lease = await self.acquire(holder, priority, wait_s, ttl_ms, vram_mb)
         try:
             yield lease
         finally:
@@ -473,18 +533,33 @@ class HeldLease(Protocol):
     @property
     def yield_requested(self) -> bool: ...
 
+    @property
+    def free_memory(self) -> bool: ...
+
+    @property
+    def deadline(self) -> float: ...
+
     def check(self) -> None: ...
+
+    def listen(self, listener: Listener) -> None: ...
 
     async def wait_yield(self) -> None: ...
 
-    async def release(self) -> None: ...
+    async def wait_lost(self) -> None: ...
+
+    async def release(self, handover: Handover | None = None, handover_ms: float = 0.0) -> None: ...
 
 
 class Gpu(Protocol):
     """Where leases come from: the coordinator, or nowhere (NoCoordinator)."""
 
     async def acquire(
-        self, holder: str, priority: Priority = "interactive", wait_s: float = 30.0, ttl_ms: int | None = None
+        self,
+        holder: str,
+        priority: Priority = "interactive",
+        wait_s: float = 30.0,
+        ttl_ms: int | None = None,
+        vram_mb: int = 0,
     ) -> HeldLease: ...
 
     async def aclose(self) -> None: ...
@@ -506,13 +581,27 @@ class NoLease:
     def yield_requested(self) -> bool:
         return False
 
+    @property
+    def free_memory(self) -> bool:
+        return False
+
+    @property
+    def deadline(self) -> float:
+        return float("inf")
+
     def check(self) -> None:
+        return None
+
+    def listen(self, listener: Listener) -> None:
         return None
 
     async def wait_yield(self) -> None:
         await asyncio.Event().wait()  # nobody ever asks
 
-    async def release(self) -> None:
+    async def wait_lost(self) -> None:
+        await asyncio.Event().wait()  # never lost
+
+    async def release(self, handover: Handover | None = None, handover_ms: float = 0.0) -> None:
         return None
 
 
@@ -521,7 +610,12 @@ class NoCoordinator:
     over the card (on the CPU, over the cores)."""
 
     async def acquire(
-        self, holder: str, priority: Priority = "interactive", wait_s: float = 30.0, ttl_ms: int | None = None
+        self,
+        holder: str,
+        priority: Priority = "interactive",
+        wait_s: float = 30.0,
+        ttl_ms: int | None = None,
+        vram_mb: int = 0,
     ) -> NoLease:
         return NoLease()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import asdict
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -19,7 +19,7 @@ from services.coordinator.leases import (
     StoreUnavailable,
     WaitOver,
 )
-from services.coordinator.schemas import GpuStatus, HistoryEntry, LeaseGrant, LeaseRequest, Renewal
+from services.coordinator.schemas import GpuStatus, Handover, HistoryEntry, LeaseGrant, LeaseRequest, Renewal
 from services.coordinator.settings import CoordinatorSettings
 from shared.errors import BadRequest, Gone, ServiceUnavailable, TooManyRequests
 from shared.web import Auth, until_disconnected
@@ -43,7 +43,13 @@ def build_router(manager: LeaseManager, settings: CoordinatorSettings, auth: Aut
             raise BadRequest(f"ttl_ms must be at most {settings.max_ttl_ms}", param="ttl_ms")
         try:
             grant = await manager.acquire(
-                body.holder, body.priority, ttl_ms, body.wait_ms, body.waiter_id, lambda: until_disconnected(request)
+                body.holder,
+                body.priority,
+                ttl_ms,
+                body.wait_ms,
+                body.waiter_id,
+                lambda: until_disconnected(request),
+                vram_mb=body.vram_mb,
             )
         except QueueFull as exc:
             raise TooManyRequests("the GPU queue is full", retry_after_s=exc.retry_after_s) from None
@@ -74,9 +80,16 @@ def build_router(manager: LeaseManager, settings: CoordinatorSettings, auth: Aut
         return Renewal(**asdict(renewal))
 
     @router.delete("/leases/{lease_id}", status_code=204, dependencies=holder_scope)
-    async def release(lease_id: str) -> Response:
+    async def release(
+        lease_id: str,
+        handover: Annotated[
+            Handover | None,
+            Query(description="What the holder did with the device before releasing; kept in the history."),
+        ] = None,
+        handover_ms: Annotated[float, Query(ge=0, le=3_600_000, description="How long that took.")] = 0.0,
+    ) -> Response:
         try:
-            await manager.release(_lease_id(lease_id))
+            await manager.release(_lease_id(lease_id), handover or "", handover_ms if handover else 0.0)
         except LeaseGone as exc:
             raise Gone(f"not the current lease ({exc.reason})", code=exc.reason) from None
         except StoreUnavailable as exc:

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from services.coordinator.api import build_router
+from services.coordinator.card import card_memory_mb
 from services.coordinator.events import EventBus
 from services.coordinator.leases import CoordinatorMetrics, LeaseManager
 from services.coordinator.settings import CoordinatorSettings
@@ -35,7 +36,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     timeout = settings.redis_timeout_ms / 1000.0
     redis = Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
     bus = EventBus()
-    manager = LeaseManager(redis, settings, bus, CoordinatorMetrics(metrics))
+    manager = LeaseManager(redis, settings, bus, CoordinatorMetrics(metrics), card_memory_mb(settings.gpu_memory_mb))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -60,6 +61,8 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
             "max_queue": settings.max_queue,
             "max_batch_wait_ms": settings.max_batch_wait_ms,
             "yield_grace_ms": settings.yield_grace_ms,
+            "batch_slice_ms": settings.batch_slice_ms,
+            "card_mb": manager.card_mb,
         }
 
     app = create_service_app(

@@ -12,6 +12,12 @@
 -- ARGV: 1 op  2 epoch expected by the caller  3 max_batch_wait_ms  4 yield_grace_ms
 --       5 history_size  6 max_queue  7 min_fence (highest fence the caller has seen)
 --       8 key prefix (for the per-lease "ended" markers)  9.. op arguments
+--
+-- Device memory: the card's size (meta card_mb, 0 when unknown: a CPU) and each
+-- holder's declared need (meta vram:<holder>, from its last request) decide whether
+-- a holder must free its device memory when it releases (free_memory). It must when
+-- its need plus the largest need of any other holder exceeds the card; never on a
+-- card of unknown size.
 
 redis.replicate_commands()
 
@@ -49,6 +55,8 @@ end
 if op == 'init' then
   -- ARGV 9: epoch to create if none  10: epoch this coordinator knew ('' if none)
   --      11: quarantine length in ms when the data was lost  12: waiter heartbeat ms
+  --      13: the card's memory in MB (0: unknown)  14: guaranteed batch slice in ms
+  redis.call('HSET', K_META, 'card_mb', ARGV[13], 'batch_slice_ms', ARGV[14])
   local stored = redis.call('GET', K_EPOCH)
   if stored then
     -- A (re)starting coordinator: queued waiters could not refresh their heartbeat
@@ -88,17 +96,39 @@ local function lease_get()
   local l = {}
   for i = 1, #flat, 2 do l[flat[i]] = flat[i + 1] end
   for _, k in ipairs({'fence', 'ttl_ms', 'requested_at', 'granted_at', 'expires_at',
-                      'yield_requested', 'revoke_at', 'revoked'}) do
-    l[k] = tonumber(l[k])
+                      'yield_requested', 'revoke_at', 'revoked', 'vram_mb', 'free_memory',
+                      'slice_until'}) do
+    l[k] = tonumber(l[k] or '0')
   end
   return l
+end
+
+local function meta_number(field)
+  return tonumber(redis.call('HGET', K_META, field) or '0') or 0
+end
+
+-- 1 when this holder must free its device memory on release, else 0.
+local function must_free(holder, vram_mb)
+  local card = meta_number('card_mb')
+  if card <= 0 then return 0 end
+  local others = 0
+  local flat = redis.call('HGETALL', K_META)
+  for i = 1, #flat, 2 do
+    local name = flat[i]
+    if string.sub(name, 1, 5) == 'vram:' and string.sub(name, 6) ~= holder then
+      others = math.max(others, tonumber(flat[i + 1]) or 0)
+    end
+  end
+  if vram_mb + others > card then return 1 end
+  return 0
 end
 
 local function public_lease(l)
   return {lease_id = l.lease_id, fence = l.fence, holder = l.holder, priority = l.priority,
           ttl_ms = l.ttl_ms, requested_at = l.requested_at, granted_at = l.granted_at,
           expires_at = l.expires_at, waited_ms = l.granted_at - l.requested_at,
-          yield_requested = l.yield_requested == 1, revoked = l.revoked == 1}
+          yield_requested = l.yield_requested == 1, revoked = l.revoked == 1,
+          vram_mb = l.vram_mb, free_memory = l.free_memory == 1}
 end
 
 local function waiter_get(id)
@@ -109,7 +139,9 @@ end
 
 -- how: the history's end (released | expired | revoked); event: what just happened
 -- (released | expired). A revoked lease ends as 'revoked' whichever way it ends.
-local function end_lease(l, event)
+-- handover, handover_ms: what the holder did with the device when it released
+-- (pause, checkpoint, restart, unload, offload, keep), and how long that took.
+local function end_lease(l, event, handover, handover_ms)
   local how = event
   if l.revoked == 1 then how = 'revoked' end
   redis.call('DEL', K_LEASE)
@@ -117,7 +149,12 @@ local function end_lease(l, event)
   redis.call('SET', prefix .. 'ended:' .. l.lease_id, how, 'PX', 600000)
   local record = {fence = l.fence, holder = l.holder, priority = l.priority,
                   requested_at = l.requested_at, granted_at = l.granted_at,
-                  ended_at = now, ['end'] = how}
+                  ended_at = now, ['end'] = how, vram_mb = l.vram_mb,
+                  free_memory = l.free_memory == 1}
+  if handover and handover ~= '' then
+    record.handover = handover
+    record.handover_ms = tonumber(handover_ms)
+  end
   redis.call('LPUSH', K_HISTORY, cjson.encode(record))
   redis.call('LTRIM', K_HISTORY, 0, history_size - 1)
   emit(event, l.fence, l.holder, l.priority, {['end'] = how})
@@ -161,15 +198,23 @@ end
 
 local function grant(id, w)
   local fence = next_fence()
+  local vram = w.vram_mb or 0
+  -- A batch waiter granted because it starved keeps the card for a guaranteed slice:
+  -- nobody is asked for it back before then, so a stream of chats cannot hold it at 0 %.
+  local slice_until = 0
+  if w.priority == 'batch' and starving(w) then slice_until = now + meta_number('batch_slice_ms') end
   local l = {lease_id = w.lease_id, fence = fence, holder = w.holder, priority = w.priority,
              ttl_ms = w.ttl_ms, requested_at = w.requested_at, granted_at = now,
              expires_at = now + w.ttl_ms, yield_requested = 0, revoke_at = 0, revoked = 0,
-             waiter = id}
+             waiter = id, vram_mb = vram, free_memory = must_free(w.holder, vram),
+             slice_until = slice_until}
   redis.call('HSET', K_LEASE,
     'lease_id', l.lease_id, 'fence', string.format('%d', fence), 'holder', l.holder,
     'priority', l.priority, 'ttl_ms', l.ttl_ms, 'requested_at', string.format('%d', l.requested_at),
     'granted_at', string.format('%d', now), 'expires_at', string.format('%d', l.expires_at),
-    'yield_requested', 0, 'revoke_at', 0, 'revoked', 0, 'waiter', id)
+    'yield_requested', 0, 'revoke_at', 0, 'revoked', 0, 'waiter', id,
+    'vram_mb', string.format('%d', vram), 'free_memory', l.free_memory,
+    'slice_until', string.format('%d', slice_until))
   redis.call('ZREM', queue_of(w.priority), id)
   -- The record stays (marked granted) while the lease lives, so that a caller whose
   -- connection broke can ask again with the same waiter id and get this grant.
@@ -179,7 +224,8 @@ local function grant(id, w)
   -- it strips them before the event leaves the process.
   emit('granted', fence, l.holder, l.priority,
        {waiter = id, lease_id = l.lease_id, ttl_ms = l.ttl_ms, requested_at = l.requested_at,
-        granted_at = now, expires_at = l.expires_at, waited_ms = now - l.requested_at})
+        granted_at = now, expires_at = l.expires_at, waited_ms = now - l.requested_at,
+        vram_mb = vram, free_memory = l.free_memory == 1})
   return l
 end
 
@@ -222,11 +268,17 @@ local function advance()
     soon(l.expires_at)
     local interactive = redis.call('ZCARD', K_QI)
     local batch = redis.call('ZCARD', K_QB)
-    if l.revoked == 0 and interactive + batch > 0 then
-      if l.yield_requested == 0 then
+    local in_slice = now < l.slice_until
+    if in_slice and l.revoked == 0 and interactive + batch > 0 then
+      soon(l.slice_until)
+    elseif l.revoked == 0 and interactive + batch > 0 then
+      -- The table of needs may have grown since the grant (a new service asked).
+      local free = must_free(l.holder, l.vram_mb)
+      if l.yield_requested == 0 or free ~= l.free_memory then
         l.yield_requested = 1
-        redis.call('HSET', K_LEASE, 'yield_requested', 1)
-        emit('yield_requested', l.fence, l.holder, l.priority)
+        l.free_memory = free
+        redis.call('HSET', K_LEASE, 'yield_requested', 1, 'free_memory', free)
+        emit('yield_requested', l.fence, l.holder, l.priority, {free_memory = free == 1})
       end
       -- Waiters of the holder's priority or higher (a starving batch waiter counts
       -- as higher) start the grace period; lower ones only ask.
@@ -289,6 +341,7 @@ end
 
 if op == 'enqueue' then
   -- ARGV 9 waiter id  10 holder  11 priority  12 ttl_ms  13 heartbeat ms  14 lease id
+  --      15 the device memory the holder needs, in MB (0: none declared)
   local id = ARGV[9]
   local w = waiter_get(id)
   if w then
@@ -302,7 +355,8 @@ if op == 'enqueue' then
       return reply({full = true, next_at = next0})
     end
     w = {holder = ARGV[10], priority = ARGV[11], ttl_ms = tonumber(ARGV[12]), requested_at = now,
-         hb_until = now + tonumber(ARGV[13]), lease_id = ARGV[14]}
+         hb_until = now + tonumber(ARGV[13]), lease_id = ARGV[14], vram_mb = tonumber(ARGV[15]) or 0}
+    redis.call('HSET', K_META, 'vram:' .. w.holder, string.format('%d', w.vram_mb))
     local seq = redis.call('INCR', K_SEQ)
     redis.call('ZADD', queue_of(w.priority), seq, id)
     redis.call('HSET', K_WAITERS, id, cjson.encode(w))
@@ -357,17 +411,18 @@ if op == 'renew' then
   l.expires_at = now + l.ttl_ms
   redis.call('HSET', K_LEASE, 'expires_at', string.format('%d', l.expires_at))
   return reply({fence = l.fence, expires_at = l.expires_at, yield_requested = l.yield_requested == 1,
-                next_at = next_at})
+                free_memory = l.free_memory == 1, next_at = next_at})
 end
 
 if op == 'release' then
-  -- ARGV 9 lease id. One advance, after the release: it also expires and grants.
+  -- ARGV 9 lease id  10 hand-over path ('' if not reported)  11 its duration in ms.
+  -- One advance, after the release: it also expires and grants.
   local l = lease_get()
   if not l or l.lease_id ~= ARGV[9] or now >= l.expires_at then
     advance()
     return gone(ARGV[9])
   end
-  end_lease(l, 'released')
+  end_lease(l, 'released', ARGV[10], ARGV[11])
   local _, next_at = advance()
   return reply({released = true, next_at = next_at})
 end

@@ -73,6 +73,9 @@ class Grant:
     expires_at: float
     waited_ms: int
     yield_requested: bool = False
+    vram_mb: int = 0
+    free_memory: bool = False
+    """Whether the holder must free its device memory when it releases."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class Renewal:
     fence: int
     expires_at: float
     yield_requested: bool
+    free_memory: bool = False
 
 
 def _items(value: Any) -> list[Any]:
@@ -103,6 +107,8 @@ def _grant_from(data: dict[str, Any]) -> Grant:
         expires_at=_seconds(data["expires_at"]),
         waited_ms=int(data["waited_ms"]),
         yield_requested=bool(data.get("yield_requested", False)),
+        vram_mb=int(data.get("vram_mb") or 0),
+        free_memory=bool(data.get("free_memory", False)),
     )
 
 
@@ -118,6 +124,12 @@ class CoordinatorMetrics:
         self.fence = metrics.gauge("gpu_fence", "Fence of the last grant.")
         self.quarantines = metrics.counter("gpu_quarantines_total", "Times Redis was found without lease data.")
         self.store_errors = metrics.counter("gpu_store_errors_total", "Failed calls to Redis.")
+        self.handovers = metrics.histogram(
+            "gpu_handover_seconds",
+            "What a releasing holder did with the device, and how long it took.",
+            ("path",),
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
 
 
 class _Waiter:
@@ -135,9 +147,12 @@ class LeaseManager:
         settings: CoordinatorSettings,
         bus: EventBus,
         metrics: CoordinatorMetrics | None = None,
+        card_mb: int = 0,
     ) -> None:
         self._redis = redis
         self._settings = settings
+        self.card_mb = card_mb
+        """The card's memory in MB; 0 when unknown (a CPU): nobody ever must free memory."""
         self.bus = bus
         self._metrics = metrics
         self._script = redis.register_script(_SCRIPT)
@@ -205,7 +220,13 @@ class LeaseManager:
         async with self._init_lock:
             known = self._epoch or ""
             result = await self._eval(
-                "init", secrets.token_hex(8), known, self._settings.max_ttl_ms, self._settings.waiter_heartbeat_ms
+                "init",
+                secrets.token_hex(8),
+                known,
+                self._settings.max_ttl_ms,
+                self._settings.waiter_heartbeat_ms,
+                self.card_mb,
+                self._settings.batch_slice_ms,
             )
             self._epoch = result["epoch"]
             if result.get("lost"):
@@ -290,7 +311,10 @@ class LeaseManager:
             if m:
                 m.ends.labels(event.get("end", kind)).inc()
         elif kind == "yield_requested":
-            log.info("yield requested", extra={"fence": event["fence"], "holder": event["holder"]})
+            log.info(
+                "yield requested",
+                extra={"fence": event["fence"], "holder": event["holder"], "free_memory": event.get("free_memory")},
+            )
             if m:
                 m.yields.inc()
         elif kind == "revoked":
@@ -337,6 +361,7 @@ class LeaseManager:
         wait_ms: int,
         waiter_id: str | None = None,
         disconnected: Callable[[], Awaitable[object]] | None = None,
+        vram_mb: int = 0,
     ) -> Grant:
         """Queue, and wait up to ``wait_ms`` for the grant.
 
@@ -358,6 +383,7 @@ class LeaseManager:
                 ttl_ms,
                 self._settings.waiter_heartbeat_ms,
                 secrets.token_hex(16),
+                vram_mb,
             )
             if result.get("full"):
                 raise QueueFull(retry_after_s=1.0)
@@ -408,12 +434,20 @@ class LeaseManager:
         result = await self._call("renew", lease_id)
         if "gone" in result:
             raise LeaseGone(result["gone"])
-        return Renewal(int(result["fence"]), _seconds(result["expires_at"]), bool(result["yield_requested"]))
+        return Renewal(
+            int(result["fence"]),
+            _seconds(result["expires_at"]),
+            bool(result["yield_requested"]),
+            bool(result.get("free_memory", False)),
+        )
 
-    async def release(self, lease_id: str) -> None:
-        result = await self._call("release", lease_id)
+    async def release(self, lease_id: str, handover: str = "", handover_ms: float = 0.0) -> None:
+        """``handover``: what the holder did with the device (schemas.Handover), kept in the history."""
+        result = await self._call("release", lease_id, handover, f"{handover_ms:.3f}")
         if "gone" in result:
             raise LeaseGone(result["gone"])
+        if handover and self._metrics:
+            self._metrics.handovers.labels(handover).observe(handover_ms / 1000.0)
         # Let the caller this release just granted the card answer first: the next
         # holder is waiting; the one releasing only waits for its 204.
         await asyncio.sleep(0)
@@ -438,7 +472,10 @@ class LeaseManager:
                 expires_at=_seconds(lease["expires_at"]),
                 yield_requested=bool(lease["yield_requested"]),
                 revoked=bool(lease["revoked"]),
+                vram_mb=int(lease.get("vram_mb") or 0),
+                free_memory=bool(lease.get("free_memory", False)),
             )
+        view["card_mb"] = self.card_mb
         view["queue"] = _items(result.get("queue"))
         quarantine = result.get("quarantine_until") or 0
         view["quarantine_until"] = _seconds(quarantine) if quarantine > result["now"] else None

@@ -5,6 +5,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Priority = Literal["interactive", "batch"]
+Handover = Literal["pause", "checkpoint", "restart", "unload", "offload", "keep"]
+"""What a holder did with the device when it released: paused its work with the memory
+left in place, checkpointed the memory to the host (CUDA checkpoint API), ended its
+worker (to restart from a checkpoint), moved its weights off (unload, offload), or kept
+everything (nothing needed the memory)."""
 
 
 class LeaseRequest(BaseModel):
@@ -14,6 +19,13 @@ class LeaseRequest(BaseModel):
     priority: Priority
     ttl_ms: int | None = Field(default=None, ge=1000, le=120000, description="Default COORDINATOR_DEFAULT_TTL_MS.")
     wait_ms: int = Field(default=0, ge=0, le=300000, description="How long to wait in the queue; 0 tries once.")
+    vram_mb: int = Field(
+        default=0,
+        ge=0,
+        le=1_048_576,
+        description="Device memory the holder needs, in MB (0: none declared). With the card's size it "
+        "decides whether holders must free their memory when they hand the card over.",
+    )
     waiter_id: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9_-]{8,64}$",
@@ -32,12 +44,17 @@ class LeaseGrant(BaseModel):
     expires_at: float
     waited_ms: int
     yield_requested: bool
+    vram_mb: int = 0
+    free_memory: bool = Field(
+        default=False, description="Free the device memory before releasing (the card cannot hold both)."
+    )
 
 
 class Renewal(BaseModel):
     fence: int
     expires_at: float
     yield_requested: bool
+    free_memory: bool = False
 
 
 class QueueEntry(BaseModel):
@@ -54,6 +71,9 @@ class GpuStatus(BaseModel):
     expires_at: float | None
     yield_requested: bool
     revoked: bool = False
+    vram_mb: int = 0
+    free_memory: bool = False
+    card_mb: int = Field(default=0, description="The card's memory in MB; 0 when unknown (no card: never free).")
     queue: list[QueueEntry]
     quarantine_until: float | None
 
@@ -66,3 +86,9 @@ class HistoryEntry(BaseModel):
     granted_at: float
     ended_at: float | None
     end: Literal["released", "expired", "revoked"] | None
+    vram_mb: int = 0
+    free_memory: bool = False
+    handover: Handover | None = Field(
+        default=None, description="What the holder did with the device when it released, as it reported."
+    )
+    handover_ms: float | None = None

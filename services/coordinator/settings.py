@@ -35,6 +35,12 @@ class CoordinatorSettings(ServiceSettings):
     """A queued waiter whose coordinator stopped refreshing it is dropped after this."""
     history_size: int = Field(default=1000, ge=10, le=100000)
     """How many ended grants the history keeps."""
+    gpu_memory_mb: int | None = Field(default=None, ge=0, le=1_048_576)
+    """The card's memory in MB. Unset: read from NVML at start (0 where there is none,
+    as on a CPU: then no holder ever has to free its memory to hand the card over)."""
+    batch_slice_ms: int = Field(default=5000, ge=0, le=600000)
+    """A batch holder granted because it starved keeps the card this long before it is
+    asked to yield."""
 
     auth: AuthSettings = Field(default_factory=AuthSettings)
 

@@ -31,6 +31,8 @@ async def test_grant_renew_release(start_coordinator: StartCoordinator, api_fact
         "expires_at",
         "waited_ms",
         "yield_requested",
+        "vram_mb",
+        "free_memory",
     }
     assert (grant["holder"], grant["priority"], grant["ttl_ms"]) == ("llm", "interactive", 5000)
     assert len(grant["lease_id"]) == 32
@@ -136,7 +138,8 @@ async def test_history_records_how_each_grant_ended(
     expired = history[1]
     assert expired["ended_at"] >= second["expires_at"] - 0.001
     assert history[0]["granted_at"] >= expired["ended_at"]
-    assert set(expired) == {"fence", "holder", "priority", "requested_at", "granted_at", "ended_at", "end"}
+    assert set(expired) >= {"fence", "holder", "priority", "requested_at", "granted_at", "ended_at", "end"}
+    assert (expired["vram_mb"], expired["handover"]) == (0, None)
     assert len(await api.history(limit=1)) == 1
 
 

@@ -1,0 +1,92 @@
+"""Device memory in leases: declared needs, the card's size, and whether a holder must
+free its memory to hand the card over; hand-over reports; the batch slice."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from tests.services.coordinator.conftest import Api, Events, StartCoordinator
+from tests.support.servers import ServiceProcess
+
+ApiFactory = Callable[[ServiceProcess], Api]
+EventsFor = Callable[[ServiceProcess], Events]
+
+
+async def test_vram_is_declared_and_shown(start_coordinator: StartCoordinator, api_factory: ApiFactory) -> None:
+    api = api_factory(start_coordinator(gpu_memory_mb=24000))
+    grant = (await api.acquire("llm", vram_mb=2600)).json()
+    assert (grant["vram_mb"], grant["free_memory"]) == (2600, False)
+    state = await api.gpu()
+    assert (state["vram_mb"], state["card_mb"]) == (2600, 24000)
+    assert (await api.release(grant["lease_id"], handover="keep", handover_ms=0.4)).status_code == 204
+    ended = (await api.history(1))[0]
+    assert (ended["vram_mb"], ended["handover"], ended["handover_ms"]) == (2600, "keep", 0.4)
+
+
+async def test_a_card_of_unknown_size_never_asks_to_free(
+    start_coordinator: StartCoordinator, api_factory: ApiFactory, events_for: EventsFor
+) -> None:
+    coordinator = start_coordinator(gpu_memory_mb=0)  # what NVML gives on a machine without a card
+    api = api_factory(coordinator)
+    async with events_for(coordinator) as events:
+        job = (await api.acquire("transcription", "batch", vram_mb=900_000)).json()
+        await api.acquire("llm", wait_ms=0, vram_mb=900_000)  # asks, gives up at once
+        asked = await events.wait_for(lambda e: e["type"] == "yield_requested")
+    assert asked["free_memory"] is False
+    assert (await api.renew(job["lease_id"])).json()["free_memory"] is False
+
+
+async def test_yield_requests_say_whether_memory_must_be_freed(
+    start_coordinator: StartCoordinator, api_factory: ApiFactory, events_for: EventsFor
+) -> None:
+    coordinator = start_coordinator(gpu_memory_mb=4000)
+    api = api_factory(coordinator)
+    async with events_for(coordinator) as events:
+        # Both fit (2500 + 1000 <= 4000): pausing compute is enough.
+        job = (await api.acquire("transcription", "batch", vram_mb=1000)).json()
+        assert job["free_memory"] is False  # nobody else has declared a need yet
+        await api.acquire("llm", vram_mb=2500)  # tries once, refused: the card is held
+        asked = await events.wait_for(lambda e: e["type"] == "yield_requested" and e["fence"] == job["fence"])
+        assert asked["free_memory"] is False
+        assert (await api.release(job["lease_id"], handover="pause", handover_ms=1.5)).status_code == 204
+
+        # The LLM now needs more than the card has beside the job's model.
+        job = (await api.acquire("transcription", "batch", vram_mb=1000)).json()
+        await api.acquire("llm", vram_mb=3500)
+        asked = await events.wait_for(lambda e: e["type"] == "yield_requested" and e["fence"] == job["fence"])
+        assert asked["free_memory"] is True
+        assert (await api.renew(job["lease_id"])).json()["free_memory"] is True
+        assert (await api.release(job["lease_id"], handover="restart", handover_ms=12.0)).status_code == 204
+
+        # A new grant knows it at once, from the needs declared so far.
+        llm = (await api.acquire("llm", vram_mb=3500)).json()
+        assert llm["free_memory"] is True
+    history = await api.history(3)
+    assert [(h["holder"], h.get("handover"), h.get("handover_ms")) for h in history] == [
+        ("llm", None, None),
+        ("transcription", "restart", 12.0),
+        ("transcription", "pause", 1.5),
+    ]
+
+
+async def test_a_starved_batch_holder_keeps_the_card_for_its_slice(
+    start_coordinator: StartCoordinator, api_factory: ApiFactory, events_for: EventsFor
+) -> None:
+    coordinator = start_coordinator(max_batch_wait_ms=200, batch_slice_ms=1500)
+    api = api_factory(coordinator)
+    async with events_for(coordinator) as events:
+        chat = (await api.acquire("llm")).json()
+        job_waits = asyncio.ensure_future(api.acquire("transcription", "batch", wait_ms=30000))
+        async with asyncio.timeout(10):  # until the job has waited past max_batch_wait_ms: it starves
+            while not (queue := (await api.gpu())["queue"]) or queue[0]["waiting_ms"] < 250:
+                await asyncio.sleep(0.01)
+        assert (await api.release(chat["lease_id"])).status_code == 204
+        job = (await job_waits).json()
+        next_chat = asyncio.ensure_future(api.acquire("llm", wait_ms=30000))
+        await events.wait_for(lambda e: e["type"] == "queued" and e["holder"] == "llm")
+        assert (await api.gpu())["yield_requested"] is False  # within its slice nobody asks
+        asked = await events.wait_for(lambda e: e["type"] == "yield_requested" and e["fence"] == job["fence"])
+        assert asked["at"] - job["granted_at"] >= 1.5  # not before its slice ended (coordinator clock)
+        assert (await api.release(job["lease_id"])).status_code == 204
+        assert (await next_chat).status_code == 201
