@@ -57,7 +57,7 @@ class Api:
     async def renew(self, lease_id: str) -> httpx.Response:
         return await self.http.post(f"/v1/leases/{lease_id}/renew")
 
-    async def release(self, lease_id: str, **params: object) -> httpx.Response:
+    async def release(self, lease_id: str, **params: str | float) -> httpx.Response:
         return await self.http.delete(f"/v1/leases/{lease_id}", params=params)
 
     async def gpu(self) -> dict[str, Any]:
