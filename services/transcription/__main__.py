@@ -2,4 +2,5 @@ from services.transcription.app import create_app
 from services.transcription.settings import TranscriptionSettings
 from shared.runner import serve
 
-serve("transcription", TranscriptionSettings, create_app)
+if __name__ == "__main__":  # the worker processes import this package too
+    serve("transcription", TranscriptionSettings, create_app)

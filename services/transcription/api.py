@@ -18,10 +18,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from services.transcription import audio
 from services.transcription.formats import FORMATS, srt, text_of, verbose, vtt
 from services.transcription.jobs import FINAL, JobRunner
+from services.transcription.placement import Placement
 from services.transcription.settings import TranscriptionSettings
-from services.transcription.whisper import Piece, Transcriber
+from services.transcription.whisper import Piece, check_language
+from services.transcription.worker import Request
 from shared.errors import BadRequest, NotFound, PayloadTooLarge, ServiceUnavailable
-from shared.gpu import Gpu, GpuUnavailable, HeldLease
+from shared.gpu import GpuUnavailable, HeldLease
 from shared.metrics import Metrics
 from shared.sse import DONE, ClosingStream, frame
 from shared.web import Auth
@@ -54,9 +56,8 @@ class Uploads:
 
 
 def build_router(
-    transcriber: Transcriber,
+    placement: Placement,
     runner: JobRunner,
-    gpu: Gpu,
     settings: TranscriptionSettings,
     model_id: str,
     auth: Auth,
@@ -89,10 +90,10 @@ def build_router(
             )
         return path, samples
 
-    def check_language(language: str | None) -> str | None:
+    def valid_language(language: str | None) -> str | None:
         language = language or None
         try:
-            transcriber.check_language(language)
+            check_language(language, multilingual=bool(placement.pool.info.get("multilingual")), model_name=model_id)
         except ValueError as exc:
             raise BadRequest(str(exc), param="language", code="invalid_language") from None
         return language
@@ -119,29 +120,35 @@ def build_router(
         unknown = set(granularities) - {"word", "segment"}
         if unknown:
             raise BadRequest("timestamp_granularities[] takes word and segment", param="timestamp_granularities[]")
-        language = check_language(language)
+        language = valid_language(language)
         path, samples = await decoded(file)
         path.unlink(missing_ok=True)
         words = "word" in granularities
+        request = Request(
+            "transcribe",
+            samples,
+            {"language": language, "prompt": prompt, "temperature": temperature, "words": words},
+        )
+        wait_s = settings.gpu_wait_ms / 1000
         try:
-            lease = await gpu.acquire(
-                "transcription", "interactive", wait_s=settings.gpu_wait_ms / 1000, ttl_ms=settings.lease_ttl_ms
+            lease = await placement.acquire("interactive", wait_s)
+        except GpuUnavailable as exc:
+            raise _not_granted(exc) from None
+        if stream:
+            return _stream(placement, lease, request, wait_s)
+        started = time.monotonic()
+        pieces: list[Piece] = []
+
+        async def keep(_: str, piece: Piece) -> None:
+            if piece.id >= len(pieces):  # a rerun (after the worker was ended) repeats earlier pieces
+                pieces.append(piece)
+
+        try:
+            info = await placement.run(
+                lambda: request, priority="interactive", wait_s=wait_s, on_message=keep, lease=lease
             )
         except GpuUnavailable as exc:
-            raise ServiceUnavailable(
-                f"the GPU was not granted in time ({exc.reason})",
-                retry_after_s=exc.retry_after_s,
-                code="gpu_unavailable",
-            ) from None
-        if stream:
-            return _stream(transcriber, lease, samples, language, prompt, temperature, words)
-        started = time.monotonic()
-        try:
-            pieces, info = await asyncio.to_thread(
-                transcriber.transcribe, samples, language=language, prompt=prompt, temperature=temperature, words=words
-            )
-        finally:
-            await lease.release()
+            raise _not_granted(exc) from None
         speed.observe(audio.duration_s(samples) / max(1e-6, time.monotonic() - started))
         return _render(pieces, info, response_format, words)
 
@@ -152,7 +159,7 @@ def build_router(
         prompt: Annotated[str | None, Form()] = None,
         recorded_at: Annotated[datetime | None, Form()] = None,
     ) -> dict[str, Any]:
-        language = check_language(language)
+        language = valid_language(language)
         job_folder = settings.data_dir / "jobs"
         job_folder.mkdir(parents=True, exist_ok=True)
         path, samples = await decoded(file)
@@ -209,6 +216,12 @@ def build_router(
     return router
 
 
+def _not_granted(exc: GpuUnavailable) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"the GPU was not granted in time ({exc.reason})", retry_after_s=exc.retry_after_s, code="gpu_unavailable"
+    )
+
+
 def _render(pieces: list[Piece], info: dict[str, Any], response_format: str, words: bool) -> Response:
     if response_format == "text":
         return PlainTextResponse(text_of(pieces) + "\n")
@@ -221,48 +234,42 @@ def _render(pieces: list[Piece], info: dict[str, Any], response_format: str, wor
     return JSONResponse({"text": text_of(pieces)})
 
 
-def _stream(
-    transcriber: Transcriber,
-    lease: HeldLease,
-    samples: Any,
-    language: str | None,
-    prompt: str | None,
-    temperature: float | None,
-    words: bool,
-) -> Response:
+def _stream(placement: Placement, lease: HeldLease, request: Request, wait_s: float) -> Response:
     """Segments as they are decoded (OpenAI's transcript.text.delta events), then the whole text."""
+    pieces: asyncio.Queue[Piece | None] = asyncio.Queue()
+    seen: list[Piece] = []
+
+    async def hand_over(_: str, piece: Piece) -> None:
+        if piece.id >= len(seen):  # a rerun (after the worker was ended) repeats earlier pieces
+            seen.append(piece)
+            pieces.put_nowait(piece)
+
+    async def work() -> None:
+        try:
+            await placement.run(
+                lambda: request, priority="interactive", wait_s=wait_s, on_message=hand_over, lease=lease
+            )
+        finally:
+            pieces.put_nowait(None)
+
+    task = asyncio.create_task(work())
 
     async def frames() -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[Piece | None] = asyncio.Queue()
-
-        def hand_over(piece: Piece) -> None:
-            loop.call_soon_threadsafe(pieces.put_nowait, piece)
-
-        def work() -> None:
-            try:
-                transcriber.transcribe(
-                    samples,
-                    language=language,
-                    prompt=prompt,
-                    temperature=temperature,
-                    words=words,
-                    on_piece=hand_over,
-                )
-            finally:
-                loop.call_soon_threadsafe(pieces.put_nowait, None)
-
-        worker = loop.run_in_executor(None, work)
-        seen: list[Piece] = []
+        sent = 0
         while (piece := await pieces.get()) is not None:
-            seen.append(piece)
+            sent += 1
             yield frame({"type": "transcript.text.delta", "delta": piece.text, "segment": piece.public()})
-        await worker
-        yield frame({"type": "transcript.text.done", "text": text_of(seen)})
+        try:
+            await task
+        except GpuUnavailable as exc:
+            raise _not_granted(exc) from None
+        yield frame({"type": "transcript.text.done", "text": text_of(seen[:sent])})
         yield DONE
 
-    async def release(_: bool) -> None:
-        with contextlib.suppress(Exception):
-            await lease.release()
+    async def close(_: bool) -> None:
+        if not task.done():
+            task.cancel()  # the client left: the worker's request ends, the lease is released
+        with contextlib.suppress(BaseException):
+            await task
 
-    return ClosingStream(frames(), release)
+    return ClosingStream(frames(), close)

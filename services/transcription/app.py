@@ -12,11 +12,13 @@ from redis.exceptions import RedisError
 
 from services.transcription.api import build_router
 from services.transcription.jobs import JobMetrics, JobRunner, JobStore
+from services.transcription.placement import Placement, PlacementMetrics
+from services.transcription.pool import WorkerPool
 from services.transcription.settings import TranscriptionSettings
-from services.transcription.whisper import Transcriber
+from services.transcription.worker import WorkerSpec
 from shared.auth import ServiceTokens, TokenIssuer, TokenVerifier
 from shared.client import ServiceClient
-from shared.gpu import Gpu, GpuClient, NoCoordinator
+from shared.gpu import Gpu, GpuClient, NoCoordinator, vram_estimate_mb
 from shared.metrics import Metrics
 from shared.models import UnknownModel, resolve
 from shared.settings import ConfigError, load_settings
@@ -38,14 +40,17 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
     except UnknownModel as exc:
         raise ConfigError(f"TRANSCRIPTION_MODEL: {exc}") from None
     model_id = preset.name if preset else path.name
-    transcriber = Transcriber(
+    spec = WorkerSpec(
         path,
         device=settings.device,
         compute_type=settings.compute_type,
         threads=settings.threads,
         beam_size=settings.beam_size,
         chunk_length_s=settings.chunk_length_s,
+        nice=settings.worker_nice,
     )
+    weights = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    vram_mb = settings.vram_mb if settings.vram_mb is not None else vram_estimate_mb(weights, settings.workers)
     metrics = Metrics("transcription")
     redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     gpu: Gpu = (
@@ -54,15 +59,26 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
         else NoCoordinator()
     )
     rag = ServiceClient(settings.rag_url, tokens, retries=0)
-    runner = JobRunner(JobStore(redis, settings.key_prefix), transcriber, gpu, rag, settings, JobMetrics(metrics))
+    pool = WorkerPool(spec, settings.workers)
+    placement = Placement(
+        pool,
+        gpu,
+        vram_mb=vram_mb,
+        ttl_ms=settings.lease_ttl_ms,
+        on_cuda=settings.device != "cpu",
+        metrics=PlacementMetrics(metrics),
+    )
+    runner = JobRunner(JobStore(redis, settings.key_prefix), placement, rag, settings, JobMetrics(metrics))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await pool.start()  # on the event loop's thread: see worker.Worker
         await runner.start()
         try:
             yield
         finally:
             await runner.stop()
+            await pool.close()
             await gpu.aclose()
             await rag.aclose()
             await redis.aclose()
@@ -82,7 +98,9 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
             "compute_type": settings.compute_type,
             "beam_size": settings.beam_size,
             "chunk_length_s": settings.chunk_length_s,
-            "moves_device": runner.moves_device,
+            "workers": settings.workers,
+            "vram_mb": vram_mb,
+            "frees_memory_with": "checkpoint" if placement.checkpoints else "restart",
             "max_upload_mb": settings.max_upload_mb,
             "max_duration_s": settings.max_duration_s,
         }
@@ -96,5 +114,5 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
         ready=ready,
         info=info,
     )
-    app.include_router(build_router(transcriber, runner, gpu, settings, model_id, auth, metrics))
+    app.include_router(build_router(placement, runner, settings, model_id, auth, metrics))
     return app

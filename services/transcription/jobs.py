@@ -1,9 +1,10 @@
 """Long transcriptions as jobs: stored in Redis, decoded under a batch lease, resumable.
 
-One worker runs the jobs in order. It decodes window by window; after each window
-the checkpoint (where to go on, the segments so far) is written to Redis. When the
-coordinator asks for the GPU, the worker stops between segments, frees the device,
-releases the lease, waits for the GPU again and resumes from the checkpoint. A
+One task runs the jobs in order, through the placement (placement.py): a worker
+process decodes window by window, and after each window the checkpoint (where to go
+on, the segments so far) is written to Redis. When the coordinator asks for the GPU,
+the worker is paused at once and resumed where it stopped; if it had to be ended (to
+free device memory, or because it died) a new one resumes from the checkpoint. A
 restarted service resumes unfinished jobs the same way. A finished transcript is
 indexed into RAG, retried with backoff while RAG is unreachable.
 """
@@ -15,7 +16,6 @@ import contextlib
 import json
 import logging
 import secrets
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
@@ -26,27 +26,22 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 
 from services.transcription import audio
+from services.transcription.placement import Placement
 from services.transcription.settings import TranscriptionSettings
-from services.transcription.whisper import Stopped, Transcriber, Window, total_frames
+from services.transcription.whisper import Window, total_frames
+from services.transcription.worker import Request
 from shared.client import ServiceClient, ServiceUnreachable
-from shared.gpu import Gpu, GpuUnavailable, HeldLease
 from shared.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 State = Literal["queued", "running", "paused", "done", "failed", "cancelled"]
 FINAL: frozenset[str] = frozenset({"done", "failed", "cancelled"})
-HOLDER = "transcription"
 
 
 class JobMetrics:
     def __init__(self, metrics: Metrics) -> None:
         self.jobs = metrics.counter("transcription_jobs_total", "Jobs that ended, by state.", ("state",))
-        self.yields = metrics.counter("transcription_yields_total", "Times a job gave the GPU back mid-file.")
-        self.yield_latency = metrics.histogram(
-            "transcription_yield_latency_seconds", "From learning someone waits to releasing the lease."
-        )
-        self.device = metrics.histogram("transcription_device_move_seconds", "Moving the model off or onto the device.")
         self.rtf = metrics.histogram(
             "transcription_speed_ratio", "Audio seconds per processing second.", buckets=(1, 2, 5, 10, 20, 50, 100, 200)
         )
@@ -165,31 +160,24 @@ class JobRunner:
     def __init__(
         self,
         store: JobStore,
-        transcriber: Transcriber,
-        gpu: Gpu,
+        placement: Placement,
         rag: ServiceClient,
         settings: TranscriptionSettings,
         metrics: JobMetrics,
     ) -> None:
         self.store = store
         self.events = JobEvents()
-        self._transcriber = transcriber
-        self._gpu = gpu
+        self._placement = placement
         self._rag = rag
         self._settings = settings
         self._metrics = metrics
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._cancelled: set[str] = set()
-        self._cancel_wait = asyncio.Event()  # wakes the worker while it waits for the GPU
         self._running: str | None = None
-        self._stop_now = threading.Event()
+        self._current: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
         self._decoded: dict[str, Any] = {}  # samples of the job about to run, decoded at submission
-
-    @property
-    def moves_device(self) -> bool:
-        return self._settings.device != "cpu" or self._settings.force_unload
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -204,11 +192,10 @@ class JobRunner:
         self._worker = asyncio.create_task(self._work(), name="transcription-jobs")
 
     async def stop(self) -> None:
-        self._stop_now.set()
-        for task in [self._worker, *self._tasks]:
+        for task in [self._worker, self._current, *self._tasks]:
             if task is not None:
                 task.cancel()
-        for task in [self._worker, *self._tasks]:
+        for task in [self._worker, self._current, *self._tasks]:
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
@@ -253,8 +240,8 @@ class JobRunner:
         if job is None or job.state in FINAL:
             return job
         self._cancelled.add(job_id)
-        if self._running == job_id:
-            self._cancel_wait.set()  # the worker ends it, whether it decodes or waits
+        if self._running == job_id and self._current is not None:
+            self._current.cancel()  # ends its worker's request at once, or its wait for the GPU
         else:  # queued behind another job: end it here
             job.state = "cancelled"
             await self.store.save(job)
@@ -270,17 +257,21 @@ class JobRunner:
             if job is None or job.state in FINAL or job_id in self._cancelled:
                 continue
             self._running = job_id
+            self._current = asyncio.create_task(self._run(job), name=f"job-{job_id}")
             try:
-                await self._run(job)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.exception("job failed", extra={"job_id": job_id})
-                job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
-                await self.store.save(job)
-                self._finished(job)
+                await asyncio.wait({self._current})
+                if self._current.cancelled():
+                    job.state = "cancelled"
+                    await self.store.save(job)
+                    self._finished(job)
+                elif (exc := self._current.exception()) is not None:
+                    log.error("job failed", extra={"job_id": job_id}, exc_info=exc)
+                    job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
+                    await self.store.save(job)
+                    self._finished(job)
             finally:
                 self._running = None
+                self._current = None
 
     async def _run(self, job: Job) -> None:
         samples = self._decoded.pop(job.id, None)
@@ -288,90 +279,13 @@ class JobRunner:
             samples = await asyncio.to_thread(audio.load, Path(job.path))
         total = total_frames(samples)
         started = time.monotonic()
-        while True:
-            lease = await self._wait_for_gpu(job)
-            if lease is None:  # cancelled while waiting for the GPU
-                job.state = "cancelled"
-                await self.store.save(job)
-                self._finished(job)
-                return
-            try:
-                outcome = await self._decode(job, samples, total, lease)
-            except BaseException:
-                await self._give_back(lease, job, counted=False)
-                raise
-            if outcome == "done":
-                await self._give_back(lease, job, counted=False)
-                break
-            await self._give_back(lease, job, counted=outcome == "yield")
-            if outcome == "cancelled":
-                job.state = "cancelled"
-                await self.store.save(job)
-                self._finished(job)
-                return
-            job.state = "paused"
-            await self.store.checkpoint(job)
-            self.events.publish(job.id, {"type": "state", "state": "paused", "progress": job.progress})
-        self._metrics.rtf.observe(job.duration / max(1e-6, time.monotonic() - started))
-        job.state, job.progress, job.seek = "done", 1.0, total
-        await self.store.save(job)
-        self._finished(job)
-        self._spawn(self._index(job))
 
-    async def _wait_for_gpu(self, job: Job) -> HeldLease | None:
-        """The batch lease, or None once the job is cancelled (which leaves the queue)."""
-        while job.id not in self._cancelled:
-            self._cancel_wait.clear()
-            asking = asyncio.ensure_future(
-                self._gpu.acquire(HOLDER, "batch", wait_s=300, ttl_ms=self._settings.lease_ttl_ms)
-            )
-            cancelled = asyncio.ensure_future(self._cancel_wait.wait())
-            await asyncio.wait({asking, cancelled}, return_when=asyncio.FIRST_COMPLETED)
-            cancelled.cancel()
-            if not asking.done():
-                asking.cancel()
-                with contextlib.suppress(asyncio.CancelledError, GpuUnavailable):
-                    await asking
-                continue
-            try:
-                return asking.result()
-            except GpuUnavailable as exc:
-                log.info("still waiting for the GPU", extra={"job_id": job.id, "reason": exc.reason})
-                await asyncio.sleep(min(5.0, exc.retry_after_s))
-        return None
+        def request() -> Request:
+            """From the checkpoint: where the last stored window ends."""
+            options = {"seek": job.seek, "first_id": len(job.segments), "language": job.language, "prompt": job.prompt}
+            return Request("windows", samples, options)
 
-    async def _decode(self, job: Job, samples: Any, total: int, lease: HeldLease) -> str:
-        """Decode from the checkpoint until done, asked to yield, cancelled or fenced."""
-        if self.moves_device:
-            self._metrics.device.observe(await asyncio.to_thread(self._transcriber.to_device))
-        job.state = "running"
-        await self.store.checkpoint(job)
-        self.events.publish(job.id, {"type": "state", "state": "running", "progress": job.progress})
-        loop = asyncio.get_running_loop()
-        windows: asyncio.Queue[Window | None] = asyncio.Queue()
-
-        def stop() -> bool:
-            return lease.yield_requested or lease.lost or job.id in self._cancelled or self._stop_now.is_set()
-
-        def work() -> str:
-            try:
-                for window in self._transcriber.windows(
-                    samples,
-                    seek=job.seek,
-                    first_id=len(job.segments),
-                    language=job.language,
-                    prompt=job.prompt,
-                    should_stop=stop,
-                ):
-                    loop.call_soon_threadsafe(windows.put_nowait, window)
-            except Stopped:
-                return "stopped"
-            finally:
-                loop.call_soon_threadsafe(windows.put_nowait, None)
-            return "done"
-
-        worker = loop.run_in_executor(None, work)
-        while (window := await windows.get()) is not None:
+        async def on_window(_: str, window: Window) -> None:
             pieces = [p.public() for p in window.pieces]
             job.segments.extend(pieces)
             job.seek = window.next_seek
@@ -380,31 +294,20 @@ class JobRunner:
             for piece in pieces:
                 self.events.publish(job.id, {"type": "segment", "segment": piece})
             self.events.publish(job.id, {"type": "progress", "progress": job.progress})
-        if await worker == "done":
-            return "done"
-        if job.id in self._cancelled:
-            return "cancelled"
-        return "yield" if lease.yield_requested and not lease.lost else "lost"
 
-    async def _give_back(self, lease: HeldLease, job: Job, *, counted: bool) -> None:
-        if self.moves_device:
-            self._metrics.device.observe(await asyncio.to_thread(self._transcriber.free_device))
-        await lease.release()
-        if counted:
-            job.yields += 1
-            self._metrics.yields.inc()
-            if lease.yield_seen_at is not None:
-                latency = time.monotonic() - lease.yield_seen_at
-                self._metrics.yield_latency.observe(latency)
-                log.info(
-                    "yielded the GPU",
-                    extra={
-                        "job_id": job.id,
-                        "fence": lease.fence,
-                        "seek": job.seek,
-                        "latency_ms": round(latency * 1000, 1),
-                    },
-                )
+        async def on_state(state: str) -> None:
+            job.state = "paused" if state == "paused" else "running"
+            if state == "paused":
+                job.yields += 1
+            await self.store.checkpoint(job)
+            self.events.publish(job.id, {"type": "state", "state": job.state, "progress": job.progress})
+
+        await self._placement.run(request, priority="batch", wait_s=None, on_message=on_window, on_state=on_state)
+        self._metrics.rtf.observe(job.duration / max(1e-6, time.monotonic() - started))
+        job.state, job.progress, job.seek = "done", 1.0, total
+        await self.store.save(job)
+        self._finished(job)
+        self._spawn(self._index(job))
 
     def _finished(self, job: Job) -> None:
         self._metrics.jobs.labels(job.state).inc()

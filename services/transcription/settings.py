@@ -53,8 +53,15 @@ class TranscriptionSettings(ServiceSettings):
     """TTL of the leases this service takes."""
     coordinate: bool = True
     """Take the GPU lease. False only for comparisons (benchmarks/stack.py)."""
-    force_unload: bool = False
-    """Move the model off the device on every yield even on the CPU (to exercise the path)."""
+    vram_mb: int | None = Field(default=None, ge=0, le=1_048_576)
+    """Device memory this service declares in its leases. Unset: estimated from the
+    model's files, once per worker (shared.gpu.vram_estimate_mb)."""
+    workers: int = Field(default=2, ge=1, le=8)
+    """Worker processes, each with the model loaded: a second one lets an interactive
+    request run while a job's worker is paused mid-window."""
+    worker_nice: int = Field(default=10, ge=0, le=19)
+    """CPU niceness of the workers, so that the services' own threads (and, on the CPU,
+    the LLM) win the cores from a decode."""
 
     rag_url: str = Field(
         default="http://127.0.0.1:8004",

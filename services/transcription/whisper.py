@@ -1,12 +1,14 @@
-"""faster-whisper behind one small class. Everything blocks; callers use threads.
+"""faster-whisper behind one small class. Everything blocks; it runs in a worker
+process (worker.py), which the service pauses and resumes as a whole.
 
 Jobs decode resumably. With ``condition_on_previous_text=False``, temperature 0 only
 (the fallback samples at random), no VAD and no word timestamps, each decode window
 depends only on where it starts (and, for the very first window, on the initial
 prompt). Resuming at the start of a window therefore reproduces exactly what an
-uninterrupted run decodes from there. A job can stop between any two segments: its
-checkpoint is the start of the window it was reading, whose segments are decoded
-again on resume. One interruption costs at most one decode window.
+uninterrupted run decodes from there. A paused worker loses nothing; a worker that
+was ended (to free device memory, or because it died) resumes at its checkpoint, the
+start of the window it was reading, whose segments are decoded again: one such
+interruption costs at most one decode window.
 
 A window is known to be complete only when the next one's first segment arrives
 (faster-whisper decodes a whole window, then hands out its segments), so the
@@ -54,10 +56,6 @@ class Piece:
         return data
 
 
-class Stopped(Exception):
-    """The caller asked to stop (yield, cancel, lost lease)."""
-
-
 @dataclass
 class Window:
     """Segments of one decode window, committed together. ``next_seek``: where
@@ -82,14 +80,6 @@ class Transcriber:
     @property
     def multilingual(self) -> bool:
         return bool(self._model.model.is_multilingual)
-
-    def check_language(self, language: str | None) -> None:
-        if language is None:
-            return
-        if language not in _LANGUAGE_CODES:
-            raise ValueError(f"unknown language {language!r}; use an ISO 639-1 code such as 'en'")
-        if not self.multilingual and language != "en":
-            raise ValueError(f"this model ({self.path.name}) transcribes English only")
 
     # -- the device -------------------------------------------------------------
 
@@ -155,11 +145,9 @@ class Transcriber:
         first_id: int,
         language: str | None,
         prompt: str | None,
-        should_stop: Callable[[], bool],
     ) -> Iterator[Window]:
-        """Complete windows from ``seek`` on (in mel frames). ``should_stop`` is asked
-        between segments; when it says so, Stopped is raised and the window in
-        progress is dropped: resume at the last yielded window's ``next_seek``."""
+        """Complete windows from ``seek`` on (in mel frames). A caller that stops
+        early resumes at the last yielded window's ``next_seek``."""
         with self._lock:
             if not self._model.model.model_is_loaded:
                 self._model.model.load_model()
@@ -186,8 +174,6 @@ class Transcriber:
                             current.next_seek = int(segment.seek)
                             yield current
                         current = Window(int(segment.seek), [])
-                    if should_stop():
-                        raise Stopped()
                     current.pieces.append(self._piece(next_id, segment, False))
                     next_id += 1
                 current.next_seek = total_frames(samples)
@@ -211,6 +197,16 @@ class Transcriber:
             if words
             else None,
         )
+
+
+def check_language(language: str | None, *, multilingual: bool, model_name: str) -> None:
+    """ValueError unless the model can transcribe ``language`` (None: detect)."""
+    if language is None:
+        return
+    if language not in _LANGUAGE_CODES:
+        raise ValueError(f"unknown language {language!r}; use an ISO 639-1 code such as 'en'")
+    if not multilingual and language != "en":
+        raise ValueError(f"this model ({model_name}) transcribes English only")
 
 
 def frames_to_seconds(frames: int) -> float:

@@ -111,7 +111,6 @@ def start_tx(
             "RAG_SERVICE_URL": rag_url or stack["rag"].url,
             "TRANSCRIPTION_DATA_DIR": str(tmp_path_factory.mktemp("tx-data")),
             "TRANSCRIPTION_LEASE_TTL_MS": "2000",
-            "TRANSCRIPTION_FORCE_UNLOAD": "true",
             "TRANSCRIPTION_MAX_UPLOAD_MB": "1",
             "TRANSCRIPTION_MAX_DURATION_S": "100",
             "TRANSCRIPTION_INDEX_RETRY_MAX_S": "1",

@@ -257,6 +257,6 @@ def test_audio_longer_than_the_limit_is_413(tx: Tx, tmp_path: Path) -> None:
 
 def test_info_and_scopes(tx: Tx, mint: Any) -> None:
     info = tx.http.get("/v1/info").json()
-    assert info["model"] == "whisper-tiny.en" and info["chunk_length_s"] == 30 and info["moves_device"] is True
+    assert info["model"] == "whisper-tiny.en" and info["chunk_length_s"] == 30 and info["workers"] == 2
     chat_only = {"Authorization": f"Bearer {mint('chat')}"}
     assert httpx.get(f"{tx.url}/v1/jobs", headers=chat_only).status_code == 403

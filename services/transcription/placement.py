@@ -1,0 +1,265 @@
+"""Where transcription runs, and how it gives the GPU back: one object for jobs and
+interactive requests alike.
+
+A request runs on a worker process under a lease. When the coordinator asks for the
+card, or the lease is lost, the lease's listener pauses the worker at once (SIGSTOP,
+on the thread that heard it) and tells the request's loop, which hands the card over:
+
+- ``pause``: the usual case. The worker's memory stays where it is; release at once.
+- when the lease says the card cannot hold both (``free_memory``):
+  - ``checkpoint``: the CUDA driver copies the worker's device memory to the host
+    (shared.cuda_checkpoint), where the driver supports it;
+  - ``restart``: otherwise the worker is ended (and any other paused worker of this
+    service), and the request starts again on a new worker from the caller's
+    checkpoint once the card is back.
+
+Then it waits for the card, and resumes the worker (SIGCONT) exactly where it stopped.
+At the end of a request the lease is released, after moving the weights off the
+device (``unload``) whenever memory must be freed. The worker is also fenced on its
+own: it stops itself at the lease's local deadline (see worker.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from services.transcription.pool import WorkerPool
+from services.transcription.worker import Request, Worker, WorkerDied, WorkerFailed
+from shared import cuda_checkpoint
+from shared.gpu import Gpu, GpuUnavailable, Handover, HeldLease, LeaseEvent, Priority
+from shared.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+HOLDER = "transcription"
+MAX_DEATHS = 3
+"""A request whose worker dies this many times in a row without progress fails."""
+
+OnMessage = Callable[[str, Any], Awaitable[None]]
+OnState = Callable[[str], Awaitable[None]]
+
+
+class PlacementMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        self.yields = metrics.counter("transcription_yields_total", "Times a request gave the GPU back mid-file.")
+        self.yield_latency = metrics.histogram(
+            "transcription_yield_latency_seconds",
+            "From learning someone waits to releasing the lease.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.handovers = metrics.histogram(
+            "transcription_handover_seconds",
+            "What was done with the device when giving the GPU back, and how long it took.",
+            ("path",),
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.worker_deaths = metrics.counter("transcription_worker_deaths_total", "Workers that died mid-request.")
+
+
+class Placement:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        gpu: Gpu,
+        *,
+        vram_mb: int,
+        ttl_ms: int,
+        on_cuda: bool,
+        metrics: PlacementMetrics,
+    ) -> None:
+        self.pool = pool
+        self._gpu = gpu
+        self.vram_mb = vram_mb
+        self._ttl_ms = ttl_ms
+        self._metrics = metrics
+        self.checkpoints = on_cuda and cuda_checkpoint.available()
+        """Whether device memory is freed with the CUDA checkpoint API (else: restart)."""
+
+    async def acquire(self, priority: Priority, wait_s: float | None) -> HeldLease:
+        """The lease; ``wait_s`` None waits as long as it takes (jobs)."""
+        while True:
+            try:
+                return await self._gpu.acquire(
+                    HOLDER,
+                    priority,
+                    wait_s=300 if wait_s is None else wait_s,
+                    ttl_ms=self._ttl_ms,
+                    vram_mb=self.vram_mb,
+                )
+            except GpuUnavailable as exc:
+                if wait_s is not None:
+                    raise
+                log.info("still waiting for the GPU", extra={"reason": exc.reason})
+                await asyncio.sleep(min(5.0, exc.retry_after_s))
+
+    async def run(
+        self,
+        request_for: Callable[[], Request],
+        *,
+        priority: Priority,
+        wait_s: float | None,
+        on_message: OnMessage,
+        on_state: OnState | None = None,
+        lease: HeldLease | None = None,
+    ) -> Any:
+        """Run a request to its end and return what the worker's ``end`` carried.
+
+        ``request_for()`` gives the request to send: again after the worker was ended,
+        so it must start from the caller's checkpoint. ``on_message`` gets each
+        ``window`` or ``piece``; ``on_state`` gets ``paused`` and ``running``.
+        Cancelling the task ends the worker's request at once (the worker is replaced).
+        Raises GpuUnavailable (interactive: the card did not come back in time),
+        WorkerFailed, or WorkerDied.
+        """
+        lease = lease or await self.acquire(priority, wait_s)
+        worker: Worker | None = None
+        busy = False  # the worker has a request of ours
+        try:
+            if on_state is not None:
+                await on_state("running")
+            worker = await self.pool.take()
+            deaths = 0
+            send = True
+            while True:
+                if not worker.alive:  # ended while paused, to free memory for someone else
+                    worker = await self.pool.replace(worker)
+                    send = True
+                self._arm(worker, lease)
+                if send:
+                    await worker.send(request_for())
+                    busy, send = True, False
+                worker.resume()
+                while True:
+                    kind, body = await worker.receive()
+                    if kind in ("window", "piece"):
+                        deaths = 0
+                        await on_message(kind, body)
+                    elif kind == "handover" and body != lease.fence:
+                        continue  # a stale signal from an earlier lease
+                    else:
+                        break
+                if kind == "end":
+                    busy = False
+                    return body
+                if kind == "error":
+                    busy = False
+                    raise WorkerFailed(str(body))
+                if kind == "died":
+                    deaths += 1
+                    self._metrics.worker_deaths.inc()
+                    log.warning("a whisper worker died mid-request; replacing it", extra={"deaths": deaths})
+                    if deaths >= MAX_DEATHS:
+                        raise WorkerDied(f"the worker died {deaths} times in a row")
+                    busy = False
+                    worker = await self.pool.replace(worker)
+                    send = True
+                    if not lease.lost:
+                        continue
+                # kind == "handover" (or a death without a lease): give the card back, get it again.
+                if on_state is not None:
+                    await on_state("paused")
+                restart = await self._hand_over(worker, lease)
+                if restart:
+                    busy, send = False, True
+                lease = await self.acquire(priority, wait_s)
+                if on_state is not None:
+                    await on_state("running")
+                if restart:
+                    worker = await self.pool.replace(worker)
+                elif worker.checkpointed:
+                    worker.resume()
+                    await asyncio.to_thread(cuda_checkpoint.restore, worker.pid)
+                    worker.checkpointed = False
+        except BaseException:
+            if worker is not None and busy:
+                worker.kill()  # cancelled or failed mid-request: it cannot be interrupted otherwise
+            raise
+        finally:
+            if worker is not None:
+                self._disarm(worker)
+            await asyncio.shield(self._finish(worker, lease))
+
+    # -- the lease's signals ------------------------------------------------------------
+
+    def _arm(self, worker: Worker, lease: HeldLease) -> None:
+        worker.armed = lease
+        worker.set_deadline(lease.deadline)
+
+        def listener(event: LeaseEvent) -> None:
+            if worker.armed is not lease:
+                return
+            if event == "renewed":
+                worker.set_deadline(lease.deadline)
+                return
+            worker.pause()  # first: the cores (or the card) are free from this instant
+            worker.post(("handover", lease.fence))
+
+        lease.listen(listener)
+
+    @staticmethod
+    def _disarm(worker: Worker) -> None:
+        worker.armed = None
+
+    async def _hand_over(self, worker: Worker, lease: HeldLease) -> bool:
+        """The worker is paused. Free memory if asked, release. True: the worker was ended."""
+        self._disarm(worker)
+        started = time.monotonic()
+        path: Handover = "pause"
+        restart = False
+        if lease.free_memory and not lease.lost:
+            if self.checkpoints:
+                try:
+                    worker.resume()  # the driver's thread in the worker does part of the work
+                    await asyncio.to_thread(cuda_checkpoint.suspend, worker.pid)
+                    worker.pause()
+                    worker.checkpointed = True
+                    path = "checkpoint"
+                except cuda_checkpoint.CheckpointFailed as exc:
+                    log.warning("CUDA checkpoint failed; ending the worker instead", extra={"error": str(exc)})
+                    worker.pause()
+            if path != "checkpoint":
+                worker.kill()
+                restart = True
+                path = "restart"
+                self.pool.end_paused(keep=worker)
+                await self.pool.free_idle()
+        seconds = time.monotonic() - started
+        await lease.release(path, seconds * 1000)
+        self._metrics.handovers.labels(path).observe(seconds)
+        if lease.yield_seen_at is not None:
+            latency = time.monotonic() - lease.yield_seen_at
+            self._metrics.yields.inc()
+            self._metrics.yield_latency.observe(latency)
+            log.info(
+                "gave the GPU back",
+                extra={"fence": lease.fence, "path": path, "latency_ms": round(latency * 1000, 2)},
+            )
+        else:
+            log.warning("lease lost mid-request; paused", extra={"fence": lease.fence, "why": lease.lost_reason})
+        return restart
+
+    async def _finish(self, worker: Worker | None, lease: HeldLease) -> None:
+        """After the request: weights off the device if memory must be freed, release."""
+        started = time.monotonic()
+        path: Handover = "keep"
+        try:
+            if worker is not None and worker.alive and not lease.lost and lease.free_memory:
+                worker.resume()
+                await worker.call(Request("free_device"))
+                await self.pool.free_idle()
+                path = "unload"
+        except Exception:
+            log.exception("could not free the device after a request")
+        finally:
+            seconds = time.monotonic() - started
+            with contextlib.suppress(Exception):
+                await lease.release(path, seconds * 1000)
+            self._metrics.handovers.labels(path).observe(seconds)
+            if worker is not None:
+                worker.resume()
+                self.pool.give(worker)

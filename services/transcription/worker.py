@@ -1,0 +1,270 @@
+"""faster-whisper in a worker process that the service can pause at any instant.
+
+A thread cannot be stopped in the middle of a CTranslate2 call; a process can. The
+service owns its workers (started with ``spawn`` from the event-loop thread) and
+talks to each over a pipe: one request at a time, answered by a stream of messages.
+
+- **Pause**: SIGSTOP stops every thread of the worker at once; its memory stays, so
+  SIGCONT resumes exactly where it stopped and nothing decoded is lost.
+- **Fence**: the worker never runs a request past its lease. The service writes the
+  lease's local deadline (monotonic clock, the same in every process) into shared
+  memory at each renewal; a watchdog thread in the worker stops the worker itself
+  (SIGSTOP) as soon as that deadline passes while a request runs, even if the
+  service is stalled and cannot do it.
+- **Never orphaned**: the worker asks the kernel to SIGKILL it when its parent dies
+  (PR_SET_PDEATHSIG, which also kills a stopped process), and exits at once if the
+  parent is already gone. The service reaps what it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.sharedctypes import Synchronized
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FENCE_CHECK_S = 0.005
+"""How often a running worker compares the time with its lease deadline."""
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker loads; picklable, sent to the child."""
+
+    path: Path
+    device: str
+    compute_type: str
+    threads: int
+    beam_size: int
+    chunk_length_s: int
+    nice: int = 0
+
+
+@dataclass
+class Request:
+    """One unit of work. ``op``: ``windows`` (resumable job decoding), ``transcribe``
+    (interactive, with VAD), ``free_device`` or ``to_device``."""
+
+    op: str
+    samples: np.ndarray | None = None
+    options: dict[str, Any] | None = None
+
+
+class WorkerDied(Exception):
+    """The worker process ended while it had a request."""
+
+
+class WorkerFailed(Exception):
+    """The request raised inside the worker (the worker lives on)."""
+
+
+# -- the child --------------------------------------------------------------------
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+def _fence(deadline: Synchronized[float], busy: threading.Event) -> None:
+    """Stop this process when a request runs past its lease's deadline. The service
+    resumes it (SIGCONT) after writing a new deadline, once it holds a lease again."""
+    while True:
+        busy.wait()
+        if time.monotonic() >= deadline.value:
+            os.kill(os.getpid(), signal.SIGSTOP)
+            continue
+        time.sleep(FENCE_CHECK_S)
+
+
+def _child(conn: Connection, spec: WorkerSpec, deadline: Synchronized[float], parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the service's to handle
+    if spec.nice:
+        with contextlib.suppress(OSError):
+            os.nice(spec.nice)
+    import ctranslate2
+
+    from services.transcription.whisper import Transcriber
+
+    transcriber = Transcriber(
+        spec.path,
+        device=spec.device,
+        compute_type=spec.compute_type,
+        threads=spec.threads,
+        beam_size=spec.beam_size,
+        chunk_length_s=spec.chunk_length_s,
+    )
+    busy = threading.Event()
+    threading.Thread(target=_fence, args=(deadline, busy), name="fence", daemon=True).start()
+    conn.send(("ready", {"multilingual": transcriber.multilingual, "pid": os.getpid()}))
+    while True:
+        try:
+            request: Request = conn.recv()
+        except (EOFError, OSError):
+            return
+        busy.set()
+        try:
+            options = request.options or {}
+            samples = request.samples if request.samples is not None else np.zeros(0, dtype=np.float32)
+            if request.op == "windows":
+                for window in transcriber.windows(samples, **options):
+                    conn.send(("window", window))
+                conn.send(("end", None))
+            elif request.op == "transcribe":
+                # The temperature fallback samples: a fixed seed makes a rerun (after the
+                # worker was ended to free memory) give the same text as the first run.
+                ctranslate2.set_random_seed(0)
+                _, info = transcriber.transcribe(samples, on_piece=lambda piece: conn.send(("piece", piece)), **options)
+                conn.send(("end", info))
+            elif request.op == "free_device":
+                conn.send(("end", transcriber.free_device()))
+            elif request.op == "to_device":
+                conn.send(("end", transcriber.to_device()))
+            else:
+                conn.send(("error", f"unknown op {request.op!r}"))
+        except (BrokenPipeError, EOFError):
+            return
+        except Exception as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        finally:
+            busy.clear()
+
+
+# -- the parent's handle ------------------------------------------------------------
+
+
+def process_state(pid: int) -> str | None:
+    """The kernel's state letter for ``pid`` (R, S, T, Z...), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+class Worker:
+    """One worker process. Messages arrive through a reader thread into an asyncio
+    queue; ``pause``/``resume`` are safe from any thread."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self._context = multiprocessing.get_context("spawn")
+        self._deadline: Synchronized[float] = self._context.Value("d", 0.0, lock=False)
+        self._inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._state_lock = threading.Lock()
+        self.paused = False
+        self.checkpointed = False
+        """Its device memory is in host memory (CUDA checkpoint API) until restored."""
+        self.armed: object | None = None
+        """The lease whose signals may pause this worker now (placement.Placement)."""
+        self.info: dict[str, Any] = {}
+        parent, child = self._context.Pipe()
+        self._conn = parent
+        # Started on the calling thread, which must be the event loop's: the parent-death
+        # signal fires when the thread that started a child ends.
+        self.process = self._context.Process(
+            target=_child, args=(child, spec, self._deadline, os.getpid()), name="whisper-worker", daemon=True
+        )
+        self.process.start()
+        child.close()
+        self.pid: int = self.process.pid or 0
+        threading.Thread(target=self._read, name=f"whisper-worker-{self.pid}", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):  # the worker ended (its reaping is kill()'s)
+                self._put(("died", None))
+                return
+            self._put(message)
+
+    def _put(self, message: tuple[str, Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
+            self._loop.call_soon_threadsafe(self._inbox.put_nowait, message)
+
+    @property
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    async def ready(self) -> dict[str, Any]:
+        """Wait until the model is loaded (at once if it already was)."""
+        if not self.info:
+            kind, body = await self._inbox.get()
+            if kind != "ready":
+                raise WorkerDied(f"the worker did not start ({kind}: {body})")
+            self.info = body
+        return self.info
+
+    def post(self, message: tuple[str, Any]) -> None:
+        """Put a message of the service's own into this worker's inbox (any thread)."""
+        self._put(message)
+
+    # -- the fence and pausing --------------------------------------------------------
+
+    def set_deadline(self, monotonic_deadline: float) -> None:
+        self._deadline.value = monotonic_deadline
+
+    def pause(self) -> bool:
+        """SIGSTOP; True if this call paused it."""
+        with self._state_lock:
+            if self.paused or not self.alive:
+                return False
+            os.kill(self.pid, signal.SIGSTOP)
+            self.paused = True
+            return True
+
+    def resume(self) -> None:
+        """SIGCONT (also undoes a stop the worker's own fence made)."""
+        with self._state_lock:
+            self.paused = False
+            if self.alive:
+                os.kill(self.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL (it also ends a stopped process) and reap."""
+        with self._state_lock:
+            if self.process.is_alive():
+                os.kill(self.pid, signal.SIGKILL)
+            self.paused = False
+        self.process.join(timeout=10)
+        self._conn.close()
+
+    # -- requests ------------------------------------------------------------------
+
+    async def send(self, request: Request) -> None:
+        # A long recording is megabytes of samples: copy them into the pipe off the loop.
+        await asyncio.to_thread(self._conn.send, request)
+
+    async def receive(self) -> tuple[str, Any]:
+        return await self._inbox.get()
+
+    async def call(self, request: Request) -> tuple[str, Any]:
+        """Send a short request (free_device, to_device) and return its answer,
+        skipping the service's own signals."""
+        await self.ready()
+        await self.send(request)
+        while True:
+            kind, body = await self.receive()
+            if kind in ("end", "error", "died"):
+                return kind, body
