@@ -59,6 +59,9 @@ class PlacementMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
         self.worker_deaths = metrics.counter("transcription_worker_deaths_total", "Workers that died mid-request.")
+        self.on_device = metrics.gauge(
+            "transcription_workers_on_device", "Workers whose Whisper weights are on the device, as they reported."
+        )
 
 
 class Placement:
@@ -79,6 +82,7 @@ class Placement:
         self._metrics = metrics
         self.checkpoints = on_cuda and cuda_checkpoint.available()
         """Whether device memory is freed with the CUDA checkpoint API (else: restart)."""
+        metrics.on_device.set_function(lambda: sum(1 for w in pool.workers if w.alive and w.on_device))
 
     async def acquire(self, priority: Priority, wait_s: float | None) -> HeldLease:
         """The lease; ``wait_s`` None waits as long as it takes (jobs)."""

@@ -88,11 +88,13 @@ class Transcriber:
         return bool(self._model.model.model_is_loaded)
 
     def free_device(self) -> float:
-        """Move the weights off the device (kept in CPU memory); returns seconds."""
+        """Take the weights off the device; returns seconds. From a GPU they move to host
+        memory, to come back quickly; on the CPU, where that is a no-op, they are freed
+        (and read from disk again when next needed)."""
         with self._lock:
             started = time.monotonic()
             if self._model.model.model_is_loaded:
-                self._model.model.unload_model(to_cpu=True)
+                self._model.model.unload_model(to_cpu=self.device != "cpu")
             return time.monotonic() - started
 
     def to_device(self) -> float:

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 FENCE_CHECK_S = 0.005
 """How often a running worker compares the time with its lease deadline."""
 PR_SET_PDEATHSIG = 1
+DECODES = ("windows", "transcribe")
+"""The requests that use the device, and so run only before the lease's deadline."""
 
 
 @dataclass(frozen=True)
@@ -121,32 +123,39 @@ def _child(conn: Connection, spec: WorkerSpec, deadline: Synchronized[float], pa
             request: Request = conn.recv()
         except (EOFError, OSError):
             return
-        busy.set()
+        if request.op in DECODES:
+            busy.set()  # fenced: only decoding runs under a lease; freeing memory never waits for one
+        answer: tuple[str, Any]
         try:
             options = request.options or {}
             samples = request.samples if request.samples is not None else np.zeros(0, dtype=np.float32)
             if request.op == "windows":
                 for window in transcriber.windows(samples, **options):
                     conn.send(("window", window))
-                conn.send(("end", None))
+                answer = ("end", None)
             elif request.op == "transcribe":
                 # The temperature fallback samples: a fixed seed makes a rerun (after the
                 # worker was ended to free memory) give the same text as the first run.
                 ctranslate2.set_random_seed(0)
                 _, info = transcriber.transcribe(samples, on_piece=lambda piece: conn.send(("piece", piece)), **options)
-                conn.send(("end", info))
+                answer = ("end", info)
             elif request.op == "free_device":
-                conn.send(("end", transcriber.free_device()))
+                answer = ("end", transcriber.free_device())
             elif request.op == "to_device":
-                conn.send(("end", transcriber.to_device()))
+                answer = ("end", transcriber.to_device())
             else:
-                conn.send(("error", f"unknown op {request.op!r}"))
+                answer = ("error", f"unknown op {request.op!r}")
         except (BrokenPipeError, EOFError):
             return
         except Exception as exc:
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            answer = ("error", f"{type(exc).__name__}: {exc}")
         finally:
             busy.clear()
+        try:
+            conn.send(("device", transcriber.on_device))  # whether the weights are on it now
+            conn.send(answer)
+        except (BrokenPipeError, EOFError):
+            return
 
 
 # -- the parent's handle ------------------------------------------------------------
@@ -177,6 +186,8 @@ class Worker:
         """Its device memory is in host memory (CUDA checkpoint API) until restored."""
         self.armed: object | None = None
         """The lease whose signals may pause this worker now (placement.Placement)."""
+        self.on_device = True
+        """Whether its weights are on the device, as it last reported (they load at start)."""
         self.info: dict[str, Any] = {}
         parent, child = self._context.Pipe()
         self._conn = parent
@@ -257,7 +268,12 @@ class Worker:
         await asyncio.to_thread(self._conn.send, request)
 
     async def receive(self) -> tuple[str, Any]:
-        return await self._inbox.get()
+        """The next message; the worker's ``device`` reports are taken in here."""
+        while True:
+            kind, body = await self._inbox.get()
+            if kind != "device":
+                return kind, body
+            self.on_device = bool(body)
 
     async def call(self, request: Request) -> tuple[str, Any]:
         """Send a short request (free_device, to_device) and return its answer,

@@ -102,12 +102,16 @@ def start_tx(
     started: list[ServiceProcess] = []
 
     def start(
-        rag_url: str | None = None, port: int | None = None, key_prefix: str | None = None, **settings: object
+        rag_url: str | None = None,
+        port: int | None = None,
+        key_prefix: str | None = None,
+        coordinator_url: str | None = None,
+        **settings: object,
     ) -> Tx:
         env = {
             "TRANSCRIPTION_REDIS_URL": redis_server.url,
             "TRANSCRIPTION_KEY_PREFIX": key_prefix or f"tx-{secrets.token_hex(4)}:",
-            "GPU_COORDINATOR_URL": stack["coordinator"].url,
+            "GPU_COORDINATOR_URL": coordinator_url or stack["coordinator"].url,
             "RAG_SERVICE_URL": rag_url or stack["rag"].url,
             "TRANSCRIPTION_DATA_DIR": str(tmp_path_factory.mktemp("tx-data")),
             "TRANSCRIPTION_LEASE_TTL_MS": "2000",
