@@ -17,7 +17,7 @@ from services.llm.placement import GpuPolicy, PlacementMetrics
 from services.llm.settings import LLMSettings
 from shared.auth import ServiceTokens, TokenIssuer, TokenVerifier
 from shared.client import ServiceClient
-from shared.gpu import Gpu, GpuClient, NoCoordinator
+from shared.gpu import Gpu, GpuClient, NoCoordinator, vram_estimate_mb
 from shared.metrics import Metrics
 from shared.models import UnknownModel, resolve
 from shared.settings import ConfigError, load_settings
@@ -50,7 +50,8 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
         if settings.coordinate
         else NoCoordinator()
     )
-    policy = GpuPolicy(engine, gpu, settings, slot, PlacementMetrics(metrics))
+    vram_mb = settings.vram_mb if settings.vram_mb is not None else vram_estimate_mb(path.stat().st_size)
+    policy = GpuPolicy(engine, gpu, settings, slot, PlacementMetrics(metrics), vram_mb)
     memories = Memories(ServiceClient(settings.rag_url, tokens, retries=0), settings.rag_timeout_ms / 1000)
     chat = ChatService(engine, policy, memories, settings, ChatMetrics(metrics), model_id, slot)
     state = {"loaded": False}

@@ -2,9 +2,15 @@
 
 Per request (the caller holds the model slot): take an interactive lease unless one
 is still kept from an earlier request, load the GPU layers unless they are there,
-and after the answer either offload and release at once (someone waits, or the
-client went away with nobody queued here), or keep the card for the keep-alive,
-renewing, until it runs out or someone asks for it.
+and after the answer either release at once (someone waits, or the client went away
+with nobody queued here), or keep the card for the keep-alive, renewing, until it
+runs out or someone asks for it.
+
+The layers are offloaded (a reload with 0 GPU layers) only when the lease says the
+card cannot hold the next holder beside them (``free_memory``); otherwise they stay,
+and the next request needs no reload. The CUDA checkpoint API could replace that
+reload, but it acts on another process, and this model lives in the service's own;
+without a GPU to measure it against the reload, the reload path stays.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Literal
 from services.llm.engine import Engine, can_offload
 from services.llm.settings import LLMSettings
 from shared.errors import ServiceUnavailable
-from shared.gpu import Gpu, GpuUnavailable, HeldLease
+from shared.gpu import Gpu, GpuUnavailable, Handover, HeldLease
 from shared.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -52,8 +58,10 @@ class GpuPolicy:
         settings: LLMSettings,
         slot: asyncio.Lock,
         metrics: PlacementMetrics,
+        vram_mb: int = 0,
     ) -> None:
         self.engine = engine
+        self.vram_mb = vram_mb
         self._gpu = gpu
         self._settings = settings
         self._slot = slot
@@ -95,7 +103,11 @@ class GpuPolicy:
             started = time.monotonic()
             try:
                 self._lease = await self._gpu.acquire(
-                    HOLDER, "interactive", wait_s=self._settings.gpu_wait_ms / 1000, ttl_ms=self._settings.lease_ttl_ms
+                    HOLDER,
+                    "interactive",
+                    wait_s=self._settings.gpu_wait_ms / 1000,
+                    ttl_ms=self._settings.lease_ttl_ms,
+                    vram_mb=self.vram_mb,
                 )
             except GpuUnavailable as exc:
                 waited = time.monotonic() - started
@@ -150,14 +162,17 @@ class GpuPolicy:
 
     async def _offload_and_release(self, reason: str) -> None:
         lease, self._lease = self._lease, None
-        if self.moves_layers and self.engine.gpu_layers != 0:
+        handover: Handover = "keep"
+        seconds = 0.0
+        if lease is not None and lease.free_memory and self.moves_layers and self.engine.gpu_layers != 0:
             seconds = await asyncio.to_thread(self.engine.load, 0)
             self._metrics.offloads.observe(seconds)
+            handover = "offload"
             log.info("offloaded to the CPU", extra={"seconds": round(seconds, 3)})
         if lease is not None:
-            await lease.release()
+            await lease.release(handover, seconds * 1000)
             self._metrics.lease_held.set(0)
-            log.info("GPU lease released", extra={"fence": lease.fence, "why": reason})
+            log.info("GPU lease released", extra={"fence": lease.fence, "why": reason, "handover": handover})
 
     async def _drop_lost(self) -> None:
         lease, self._lease = self._lease, None
@@ -168,7 +183,7 @@ class GpuPolicy:
             )
             with contextlib.suppress(Exception):
                 await lease.release()
-        if self.moves_layers and self.engine.gpu_layers != 0:
+        if lease is not None and lease.free_memory and self.moves_layers and self.engine.gpu_layers != 0:
             seconds = await asyncio.to_thread(self.engine.load, 0)
             self._metrics.offloads.observe(seconds)
 

@@ -53,6 +53,10 @@ class LLMSettings(ServiceSettings):
     coordinate: bool = True
     """Take the GPU lease. False only for comparisons (benchmarks/stack.py): the LLM
     and transcription then fight over the card."""
+    vram_mb: int | None = Field(default=None, ge=0, le=1_048_576)
+    """Device memory this service declares in its leases (weights, KV cache, CUDA context).
+    Unset: estimated from the GGUF's size (shared.gpu.vram_estimate_mb), which leaves out
+    a long context's KV cache: set it on a card where memory is tight."""
     force_reload: bool = False
     """Reload the model to move layers even on a llama.cpp build that cannot offload (tests)."""
 

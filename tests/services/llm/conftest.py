@@ -82,9 +82,10 @@ StartLlm = Callable[..., Llm]
 def start_llm(gpu_stack: dict[str, ServiceProcess], log_dir: Path, mint: Mint) -> Iterator[StartLlm]:
     started: list[ServiceProcess] = []
 
-    def start(rag_url: str | None = None, **settings: object) -> Llm:
+    def start(rag_url: str | None = None, coordinator: ServiceProcess | None = None, **settings: object) -> Llm:
+        coordinator = coordinator or gpu_stack["coordinator"]
         env = {
-            "GPU_COORDINATOR_URL": gpu_stack["coordinator"].url,
+            "GPU_COORDINATOR_URL": coordinator.url,
             "RAG_SERVICE_URL": rag_url or gpu_stack["rag"].url,
             "GEMMA_CONTEXT_SIZE": "4096",
             "GEMMA_MAX_TOKENS": "4096",
@@ -94,7 +95,7 @@ def start_llm(gpu_stack: dict[str, ServiceProcess], log_dir: Path, mint: Mint) -
         env.update({f"GEMMA_{k.upper()}": str(v) for k, v in settings.items()})
         service = ServiceProcess("llm", env, log_dir).start()
         started.append(service)
-        return Llm(service, mint("chat", sub="tester"), gpu_stack["coordinator"], mint("admin", "gpu", sub="ops"))
+        return Llm(service, mint("chat", sub="tester"), coordinator, mint("admin", "gpu", sub="ops"))
 
     yield start
     for service in started:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +15,7 @@ import pytest
 
 from shared.gpu import GpuClient
 from tests.services.llm.conftest import Llm, StartLlm, closed_url
-from tests.support.servers import ServiceProcess, wait_until
+from tests.support.servers import RedisServer, ServiceProcess, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -204,6 +205,37 @@ async def test_a_batch_holder_is_asked_to_yield_and_the_request_waits_for_it(llm
         assert history[1]["end"] == "released"
     finally:
         await holder.aclose()
+
+
+@pytest.mark.parametrize(("card_mb", "handover", "layers_after"), [(None, "keep", 25), (100, "offload", 0)])
+async def test_layers_are_offloaded_only_when_memory_must_be_freed(
+    start_llm: StartLlm,
+    redis_server: RedisServer,
+    log_dir: Path,
+    card_mb: int | None,
+    handover: str,
+    layers_after: int,
+) -> None:
+    """On a card of unknown size (a CPU) the layers stay for the next request; on a card
+    declared too small for the LLM beside another holder they are offloaded first."""
+    env = {"COORDINATOR_REDIS_URL": redis_server.url, "COORDINATOR_KEY_PREFIX": f"card-{card_mb}:"}
+    if card_mb is not None:
+        env["COORDINATOR_GPU_MEMORY_MB"] = str(card_mb)
+    coordinator = ServiceProcess("coordinator", env, log_dir).start()
+    try:
+        llm = start_llm(coordinator=coordinator, keep_alive_s=60, force_reload="true")
+        assert llm.chat("Hi", max_tokens=3).status_code == 200
+        assert llm.gpu()["holder"] == "llm"  # kept alive
+        holder = GpuClient(coordinator.url, lambda: llm.admin)
+        lease = await holder.acquire("transcription", "batch", wait_s=30, vram_mb=500)
+        await lease.release()
+        await holder.aclose()
+        released = next(h for h in llm.history(5) if h["holder"] == "llm")
+        assert released["handover"] == handover
+        assert llm.http.get("/v1/info").json()["gpu_layers_loaded"] == layers_after
+        assert llm.metric("llm_offload_seconds_count") == (1 if handover == "offload" else 0)
+    finally:
+        coordinator.stop()
 
 
 def test_a_client_that_disconnects_stops_generation_and_frees_the_gpu(start_llm: StartLlm) -> None:
