@@ -116,7 +116,15 @@ def main() -> None:
     layers = args.layers
     token = dev_token()
     headers = {"Authorization": f"Bearer {token}"}
-    with tempfile.TemporaryDirectory() as tmp, coordinated(Path(tmp)) as (_, coordinator):
+    # A card declared too small for two holders: every hand-over must free memory, so the
+    # service offloads its layers each time (on a card with room it keeps them).
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        coordinated(Path(tmp), COORDINATOR_GPU_MEMORY_MB="1") as (
+            _,
+            coordinator,
+        ),
+    ):
         env = {
             "GPU_COORDINATOR_URL": coordinator.url,
             "RAG_SERVICE_URL": f"http://127.0.0.1:{free_port()}",

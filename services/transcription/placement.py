@@ -133,11 +133,14 @@ class Placement:
                 if not worker.alive:  # ended while paused, to free memory for someone else
                     worker = await self.pool.replace(worker)
                     send = True
-                self._arm(worker, lease)
                 if send:
+                    self._arm(worker, lease)
                     await worker.send(request_for())
                     busy, send = True, False
-                worker.resume()
+                else:
+                    worker.set_deadline(lease.deadline)
+                    worker.resume()  # where it stopped; if this lease is already asked for, arming pauses it again
+                    self._arm(worker, lease)
                 while True:
                     kind, body = await worker.receive()
                     if kind in ("window", "piece"):
@@ -200,8 +203,7 @@ class Placement:
             if event == "renewed":
                 worker.set_deadline(lease.deadline)
                 return
-            worker.pause()  # first: the cores (or the card) are free from this instant
-            worker.post(("handover", lease.fence))
+            worker.hand_over(lease.fence)  # the cores (or the card) are free from this instant
 
         lease.listen(listener)
 

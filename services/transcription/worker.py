@@ -182,6 +182,8 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         self._state_lock = threading.Lock()
         self.paused = False
+        self._sending = False
+        self._pending: int | None = None  # a hand-over asked for while a request was being sent
         self.checkpointed = False
         """Its device memory is in host memory (CUDA checkpoint API) until restored."""
         self.armed: object | None = None
@@ -245,6 +247,16 @@ class Worker:
             self.paused = True
             return True
 
+    def hand_over(self, fence: int) -> None:
+        """Pause now and tell the request's loop (``handover`` message). While a request
+        is being sent, wait for the send to end: a stopped worker cannot read its pipe."""
+        with self._state_lock:
+            if self._sending:
+                self._pending = fence
+                return
+        self.pause()
+        self.post(("handover", fence))
+
     def resume(self) -> None:
         """SIGCONT (also undoes a stop the worker's own fence made)."""
         with self._state_lock:
@@ -265,7 +277,16 @@ class Worker:
 
     async def send(self, request: Request) -> None:
         # A long recording is megabytes of samples: copy them into the pipe off the loop.
-        await asyncio.to_thread(self._conn.send, request)
+        with self._state_lock:
+            self._sending = True
+        try:
+            await asyncio.to_thread(self._conn.send, request)
+        finally:
+            with self._state_lock:
+                self._sending = False
+                pending, self._pending = self._pending, None
+            if pending is not None:
+                self.hand_over(pending)
 
     async def receive(self) -> tuple[str, Any]:
         """The next message; the worker's ``device`` reports are taken in here."""

@@ -90,3 +90,31 @@ async def test_a_starved_batch_holder_keeps_the_card_for_its_slice(
         assert asked["at"] - job["granted_at"] >= 1.5  # not before its slice ended (coordinator clock)
         assert (await api.release(job["lease_id"])).status_code == 204
         assert (await next_chat).status_code == 201
+
+
+async def test_grants_cut_short_by_chats_do_not_reset_a_batch_waiters_starvation(
+    start_coordinator: StartCoordinator, api_factory: ApiFactory, events_for: EventsFor
+) -> None:
+    """A job handed the card between chats for milliseconds at a time still starves
+    after max_batch_wait_ms in all, and then keeps the card for its slice."""
+    coordinator = start_coordinator(max_batch_wait_ms=300, batch_slice_ms=1000)
+    api = api_factory(coordinator)
+    async with events_for(coordinator) as events:
+        job = (await api.acquire("transcription", "batch")).json()
+        started = job["granted_at"]
+        held: list[float] = []
+        for _ in range(100):
+            chat_waits = asyncio.ensure_future(api.acquire("llm", wait_ms=30000))
+            asked = await events.wait_for(lambda e, f=job["fence"]: e["type"] == "yield_requested" and e["fence"] == f)
+            held.append(asked["at"] - job["granted_at"])
+            assert (await api.release(job["lease_id"])).status_code == 204
+            chat = (await chat_waits).json()
+            if held[-1] >= 1.0:  # the slice: a chat had to wait for it
+                break
+            job_waits = asyncio.ensure_future(api.acquire("transcription", "batch", wait_ms=30000))
+            await api.wait_queue(1)
+            assert (await api.release(chat["lease_id"])).status_code == 204
+            job = (await job_waits).json()
+        assert held[-1] >= 1.0, held
+        assert all(h < 0.5 for h in held[:-1])  # cut short every time before
+        assert job["granted_at"] - started >= 0.3  # not before it had waited max_batch_wait_ms in all
