@@ -105,7 +105,8 @@ async def test_grants_cut_short_by_chats_do_not_reset_a_batch_waiters_starvation
         held: list[float] = []
         for _ in range(100):
             chat_waits = asyncio.ensure_future(api.acquire("llm", wait_ms=30000))
-            asked = await events.wait_for(lambda e, f=job["fence"]: e["type"] == "yield_requested" and e["fence"] == f)
+            fence = job["fence"]
+            asked = await events.wait_for(lambda e: e["type"] == "yield_requested" and e["fence"] == fence)  # noqa: B023
             held.append(asked["at"] - job["granted_at"])
             assert (await api.release(job["lease_id"])).status_code == 204
             chat = (await chat_waits).json()
