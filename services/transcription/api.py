@@ -58,6 +58,7 @@ class Uploads:
 def build_router(
     placement: Placement,
     runner: JobRunner,
+    decoder: audio.Decoder,
     settings: TranscriptionSettings,
     model_id: str,
     auth: Auth,
@@ -75,7 +76,7 @@ def build_router(
     async def decoded(upload: UploadFile, name: str | None = None) -> tuple[Path, Any]:
         path = await asyncio.to_thread(uploads.keep, upload, name)
         try:
-            samples = await asyncio.to_thread(audio.load, path)
+            samples = await decoder.load(path)
         except audio.BadAudio as exc:
             path.unlink(missing_ok=True)
             raise BadRequest(

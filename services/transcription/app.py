@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from services.transcription import audio
 from services.transcription.api import build_router
 from services.transcription.jobs import JobMetrics, JobRunner, JobStore
 from services.transcription.placement import Placement, PlacementMetrics
@@ -68,7 +69,8 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
         on_cuda=settings.device != "cpu",
         metrics=PlacementMetrics(metrics),
     )
-    runner = JobRunner(JobStore(redis, settings.key_prefix), placement, rag, settings, JobMetrics(metrics))
+    decoder = audio.Decoder(settings.worker_nice)
+    runner = JobRunner(JobStore(redis, settings.key_prefix), placement, rag, settings, JobMetrics(metrics), decoder)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -79,6 +81,7 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
         finally:
             await runner.stop()
             await pool.close()
+            decoder.close()
             await gpu.aclose()
             await rag.aclose()
             await redis.aclose()
@@ -114,5 +117,5 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
         ready=ready,
         info=info,
     )
-    app.include_router(build_router(placement, runner, settings, model_id, auth, metrics))
+    app.include_router(build_router(placement, runner, decoder, settings, model_id, auth, metrics))
     return app

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import av
@@ -32,6 +36,26 @@ def load(path: Path) -> np.ndarray:
     if samples.size == 0:
         raise BadAudio("the file holds no audio samples")
     return samples
+
+
+def _lower_priority(nice: int) -> None:
+    # On Linux a thread's niceness is its own: this lowers only the decoding thread.
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+
+class Decoder:
+    """Decodes uploads on threads of lower CPU priority, so that a file being decoded
+    (outside any lease) does not slow a chat down on the same cores."""
+
+    def __init__(self, nice: int, threads: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(threads, "audio-decode", initializer=_lower_priority, initargs=(nice,))
+
+    async def load(self, path: Path) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, load, path)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def duration_s(samples: np.ndarray) -> float:

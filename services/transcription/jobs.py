@@ -164,8 +164,10 @@ class JobRunner:
         rag: ServiceClient,
         settings: TranscriptionSettings,
         metrics: JobMetrics,
+        decoder: audio.Decoder,
     ) -> None:
         self.store = store
+        self._decoder = decoder
         self.events = JobEvents()
         self._placement = placement
         self._rag = rag
@@ -276,7 +278,7 @@ class JobRunner:
     async def _run(self, job: Job) -> None:
         samples = self._decoded.pop(job.id, None)
         if samples is None:
-            samples = await asyncio.to_thread(audio.load, Path(job.path))
+            samples = await self._decoder.load(Path(job.path))
         total = total_frames(samples)
         started = time.monotonic()
 

@@ -234,7 +234,8 @@ class Placement:
                 path = "restart"
                 self.pool.end_paused(keep=worker)
                 await self.pool.free_idle()
-        seconds = time.monotonic() - started
+        # From the instant the worker was paused (when the yield was heard) to the release.
+        seconds = time.monotonic() - (lease.yield_seen_at or started)
         await lease.release(path, seconds * 1000)
         self._metrics.handovers.labels(path).observe(seconds)
         if lease.yield_seen_at is not None:

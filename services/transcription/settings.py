@@ -60,8 +60,8 @@ class TranscriptionSettings(ServiceSettings):
     """Worker processes, each with the model loaded: a second one lets an interactive
     request run while a job's worker is paused mid-window."""
     worker_nice: int = Field(default=10, ge=0, le=19)
-    """CPU niceness of the workers, so that the services' own threads (and, on the CPU,
-    the LLM) win the cores from a decode."""
+    """CPU niceness of the workers and of the threads that decode uploaded audio, so that
+    the services' own threads (and, on the CPU, the LLM) win the cores from them."""
 
     rag_url: str = Field(
         default="http://127.0.0.1:8004",
