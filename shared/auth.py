@@ -31,10 +31,14 @@ from jose.exceptions import ExpiredSignatureError, JWTClaimsError, JWTError
 
 from shared.settings import AuthSettings, ConfigError
 
-SCOPES = ("chat", "transcribe", "rag:read", "rag:write", "gpu", "admin")
+SCOPES = ("chat", "transcribe", "rag:read", "rag:write", "rag:share", "gpu", "admin")
 """Every scope a token may carry, space-separated in its ``scope`` claim."""
 
 SERVICE_SUBJECT_PREFIX = "service:"
+ON_BEHALF_OF = "X-Baton-On-Behalf-Of"
+"""The header a service sends with its own token to act for a user (that user's
+subject). Trusted only from service tokens."""
+MAX_SUBJECT = 256
 
 T = TypeVar("T")
 

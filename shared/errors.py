@@ -80,6 +80,14 @@ class Forbidden(APIError):
         )
 
 
+class NotAllowed(APIError):
+    """Authenticated, with the scope, but this caller may not do this (403)."""
+
+    status = 403
+    type = "permission_error"
+    default_code = "not_allowed"
+
+
 class NotFound(APIError):
     status = 404
     type = "not_found_error"

@@ -18,7 +18,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared import __version__
-from shared.auth import InvalidToken, Principal, TokenVerifier
+from shared.auth import MAX_SUBJECT, ON_BEHALF_OF, InvalidToken, Principal, TokenVerifier
 from shared.errors import (
     Forbidden,
     PayloadTooLarge,
@@ -69,6 +69,58 @@ class Auth:
             return principal
 
         return dependency
+
+    def caller(self, *scopes: str) -> Callable[[Request], Awaitable[Caller]]:
+        """A dependency like ``require`` that also works out whose data the request may
+        touch; the route reads it with ``caller(request)``."""
+        required = self.require(*scopes)
+
+        async def dependency(request: Request) -> Caller:
+            principal = await required(request)
+            request.state.principal = principal
+            request.state.caller = caller_of(principal, request.headers.get(ON_BEHALF_OF))
+            return request.state.caller
+
+        return dependency
+
+
+def caller(request: Request) -> Caller:
+    """The caller an ``Auth.caller`` dependency of this route worked out."""
+    found = getattr(request.state, "caller", None)
+    if not isinstance(found, Caller):
+        raise RuntimeError("this route has no Auth.caller dependency")
+    return found
+
+
+def principal(request: Request) -> Principal:
+    """The token's principal, for routes with an ``Auth.caller`` dependency."""
+    found = getattr(request.state, "principal", None)
+    if not isinstance(found, Principal):
+        raise RuntimeError("this route has no Auth.caller dependency")
+    return found
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Whose data a request may touch: the token's subject, or, for a service token
+    that sends ON_BEHALF_OF, the user it acts for. An ``admin`` token sees everyone's."""
+
+    subject: str
+    admin: bool
+    scopes: frozenset[str]
+    service: str | None = None
+    """The service acting for the user, if any."""
+
+    def owns(self, owner: str | None) -> bool:
+        return self.admin or (owner is not None and owner == self.subject)
+
+
+def caller_of(principal: Principal, on_behalf_of: str | None) -> Caller:
+    if principal.is_service and on_behalf_of:
+        if len(on_behalf_of) > MAX_SUBJECT or not on_behalf_of.isprintable():
+            raise Unauthorized(f"the {ON_BEHALF_OF} header must be a printable subject", error="invalid_request")
+        return Caller(on_behalf_of, False, principal.scopes, principal.subject)
+    return Caller(principal.subject, "admin" in principal.scopes, principal.scopes)
 
 
 async def until_disconnected(request: Request) -> None:

@@ -6,7 +6,7 @@ import base64
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from services.rag.schemas import (
@@ -19,49 +19,55 @@ from services.rag.schemas import (
     SegmentsIn,
 )
 from services.rag.store import InputTooLong, MemoryStore, NotFound
-from shared.errors import BadRequest
+from shared.errors import BadRequest, Forbidden
 from shared.errors import NotFound as NotFoundError
 from shared.web import Auth
+from shared.web import caller as caller_of
 
 EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
 def build_router(store: MemoryStore, auth: Auth, max_items: int) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["rag"])
-    writer = [Depends(auth.require("rag:write"))]
-    reader = [Depends(auth.require("rag:read"))]
+    writer = [Depends(auth.caller("rag:write"))]
+    reader = [Depends(auth.caller("rag:read"))]
 
     def check_size(count: int, what: str) -> None:
         if count > max_items:
             raise BadRequest(f"at most {max_items} {what} per request (RAG_MAX_DOCUMENTS)", code="too_many")
 
     @router.post("/documents", dependencies=writer)
-    async def add_documents(body: DocumentsIn) -> DocumentsOut:
+    async def add_documents(body: DocumentsIn, request: Request) -> DocumentsOut:
+        caller = caller_of(request)
         check_size(len(body.documents), "documents")
-        stored = await run_in_threadpool(store.add_documents, body.documents, body.collection)
+        if any(d.shared for d in body.documents) and not (caller.admin or "rag:share" in caller.scopes):
+            raise Forbidden(("rag:share",))
+        stored = await run_in_threadpool(store.add_documents, body.documents, body.collection, caller.subject)
         return DocumentsOut(ids=stored.ids, chunks=stored.chunks)
 
     @router.post("/segments", dependencies=writer)
-    async def add_segments(body: SegmentsIn) -> DocumentsOut:
+    async def add_segments(body: SegmentsIn, request: Request) -> DocumentsOut:
         check_size(len(body.segments), "segments")
-        stored = await run_in_threadpool(store.add_segments, body)
+        stored = await run_in_threadpool(store.add_segments, body, caller_of(request).subject)
         return DocumentsOut(ids=stored.ids, chunks=stored.chunks)
 
     @router.post("/query", dependencies=reader)
-    async def query(body: QueryIn) -> QueryOut:
-        return QueryOut(results=await run_in_threadpool(store.query, body))
+    async def query(body: QueryIn, request: Request) -> QueryOut:
+        return QueryOut(results=await run_in_threadpool(store.query, body, caller_of(request)))
 
     @router.delete("/documents/{memory_id}", status_code=204, dependencies=writer)
-    async def delete(memory_id: str, collection: Annotated[CollectionName | None, Query()] = None) -> Response:
+    async def delete(
+        memory_id: str, request: Request, collection: Annotated[CollectionName | None, Query()] = None
+    ) -> Response:
         try:
-            await run_in_threadpool(store.delete, memory_id, collection)
+            await run_in_threadpool(store.delete, memory_id, collection, caller_of(request))
         except NotFound:
             raise NotFoundError(f"no document, transcript or segment {memory_id!r}") from None
         return Response(status_code=204)
 
     @router.get("/stats", dependencies=reader)
-    async def stats() -> dict[str, object]:
-        counts = await run_in_threadpool(store.stats)
+    async def stats(request: Request) -> dict[str, object]:
+        counts = await run_in_threadpool(store.stats, caller_of(request))
         return {"collections": counts, "total": sum(counts.values())}
 
     @router.post("/embeddings", dependencies=reader)

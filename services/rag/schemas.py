@@ -10,7 +10,9 @@ CollectionName = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9][a-zA-Z0
 MemoryId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")]
 Scalar = str | int | float | bool
 
-RESERVED_METADATA = frozenset({"doc_id", "chunk", "chunks", "kind", "created_at", "doc_hash", "job_id", "start", "end"})
+RESERVED_METADATA = frozenset(
+    {"doc_id", "chunk", "chunks", "kind", "created_at", "doc_hash", "job_id", "start", "end", "owner", "shared"}
+)
 
 
 class Strict(BaseModel):
@@ -22,6 +24,7 @@ class DocumentIn(Strict):
     text: Text
     metadata: dict[str, Scalar] = Field(default_factory=dict)
     created_at: datetime | None = Field(default=None, description="When it was written (default: now); for recency.")
+    shared: bool = Field(default=False, description="Visible to every user (needs scope rag:share).")
 
     @field_validator("metadata")
     @classmethod

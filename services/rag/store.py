@@ -1,5 +1,11 @@
 """Memories in Chroma: documents (chunked) and transcript segments, queried with recency.
 
+Every memory has an owner (the subject it was written for) and may be shared with
+everyone. Ids are the owner's: the same id written by two users is two documents
+(Chroma's ids carry a tag of the owner). Queries, listings and deletes see the
+caller's own memories and shared ones; an admin sees all, memories from before
+ownership included (they have no owner, so only admins see them).
+
 Chroma runs embedded on disk, or as a server; embeddings come from the bundled
 MiniLM ONNX files through Chroma's own ``ONNXMiniLM_L6_V2`` function, so nothing
 is fetched at run time. Every call here blocks; the API runs them in threads.
@@ -28,6 +34,7 @@ from services.rag.chunking import chunk
 from services.rag.schemas import DocumentIn, QueryIn, Result, Scalar, SegmentsIn
 from services.rag.settings import RAGSettings
 from shared.models import resolve
+from shared.web import Caller
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +117,29 @@ def _content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
+def _key(owner: str, local_id: str) -> str:
+    """Chroma's id for ``local_id`` of ``owner``."""
+    return f"{hashlib.sha256(owner.encode('utf-8')).hexdigest()[:16]}/{local_id}"
+
+
+def _local(key: str) -> str:
+    return key.split("/", 1)[-1]
+
+
+def _visible(caller: Caller) -> dict[str, Any] | None:
+    """The where clause of what ``caller`` may see (None: everything)."""
+    if caller.admin:
+        return None
+    return {"$or": [{"owner": caller.subject}, {"shared": True}]}
+
+
+def _all_of(*clauses: dict[str, Any] | None) -> dict[str, Any] | None:
+    present = [c for c in clauses if c]
+    if not present:
+        return None
+    return present[0] if len(present) == 1 else {"$and": present}
+
+
 @dataclass
 class Stored:
     ids: list[str]
@@ -156,11 +186,9 @@ class MemoryStore:
 
     # -- writes --------------------------------------------------------------------
 
-    def add_documents(self, documents: Sequence[DocumentIn], collection: str | None) -> Stored:
-        """Chunk and store; the same id (or, without an id, the same text) adds nothing.
-
-        A known id with different text replaces that document's chunks.
-        """
+    def add_documents(self, documents: Sequence[DocumentIn], collection: str | None, owner: str) -> Stored:
+        """Chunk and store as ``owner``'s; the same id (or, without an id, the same text)
+        adds nothing. A known id with different text replaces that document's chunks."""
         s = self._settings
         target = self.collection(collection)
         now = time.time()
@@ -179,10 +207,12 @@ class MemoryStore:
                 "doc_hash": digest,
                 "created_at": created,
                 "chunks": len(pieces),
+                "owner": owner,
+                "shared": doc.shared,
             }
             plans.append((doc_id, digest, pieces, base))
         with self._write_lock:
-            known = self._known_hashes(target, [doc_id for doc_id, *_ in plans])
+            known = self._known_hashes(target, owner, [doc_id for doc_id, *_ in plans])
             chunk_ids: list[str] = []
             texts: list[str] = []
             metadatas: list[dict[str, Scalar]] = []
@@ -195,15 +225,15 @@ class MemoryStore:
                 if doc_id in known:
                     replace.append(doc_id)
                 for index, piece in enumerate(pieces):
-                    chunk_ids.append(f"{doc_id}#{index}")
+                    chunk_ids.append(_key(owner, f"{doc_id}#{index}"))
                     texts.append(piece)
                     metadatas.append({**base, "chunk": index})
             for doc_id in replace:
-                target.delete(where={"doc_id": doc_id})
+                target.delete(where={"$and": [{"doc_id": doc_id}, {"owner": owner}]})
             self._add(target, chunk_ids, texts, metadatas)
         return Stored(ids, len(chunk_ids))
 
-    def add_segments(self, batch: SegmentsIn) -> Stored:
+    def add_segments(self, batch: SegmentsIn, owner: str) -> Stored:
         target = self.collection(batch.collection)
         recorded = batch.recorded_at.timestamp()
         ids, texts, metadatas = [], [], []
@@ -217,17 +247,19 @@ class MemoryStore:
                 "end": segment.end,
                 "created_at": recorded + segment.start,
                 "doc_hash": _content_hash(segment.text),
+                "owner": owner,
+                "shared": False,
             }
             if segment.speaker:
                 meta["speaker"] = segment.speaker
-            ids.append(f"{batch.job_id}@{segment.start:.3f}")
+            ids.append(_key(owner, f"{batch.job_id}@{segment.start:.3f}"))
             texts.append(segment.text)
             metadatas.append(meta)
         with self._write_lock:
             existing = set(target.get(ids=ids, include=[])["ids"])
             fresh = [i for i, segment_id in enumerate(ids) if segment_id not in existing]
             self._add(target, [ids[i] for i in fresh], [texts[i] for i in fresh], [metadatas[i] for i in fresh])
-        return Stored(ids, len(fresh))
+        return Stored([_local(i) for i in ids], len(fresh))
 
     def _add(self, target: Collection, ids: list[str], texts: list[str], metadatas: list[dict[str, Scalar]]) -> None:
         step = self._client.get_max_batch_size()
@@ -236,22 +268,24 @@ class MemoryStore:
             target.add(ids=ids[start:end], documents=texts[start:end], metadatas=metadatas[start:end])  # type: ignore[arg-type]
 
     @staticmethod
-    def _known_hashes(target: Collection, doc_ids: list[str]) -> dict[str, str]:
-        """doc_id -> content hash, for documents already stored (looked up by their first chunk)."""
-        found = target.get(ids=[f"{doc_id}#0" for doc_id in doc_ids], include=["metadatas"])
+    def _known_hashes(target: Collection, owner: str, doc_ids: list[str]) -> dict[str, str]:
+        """doc_id -> content hash, for ``owner``'s documents already stored (by their first chunk)."""
+        found = target.get(ids=[_key(owner, f"{doc_id}#0") for doc_id in doc_ids], include=["metadatas"])
         return {
             str(meta["doc_id"]): str(meta["doc_hash"])
             for meta in (found["metadatas"] or [])
             if meta and "doc_id" in meta
         }
 
-    def delete(self, memory_id: str, collection: str | None) -> int:
-        """A document (all its chunks), a transcript (all segments of that job), or one segment."""
+    def delete(self, memory_id: str, collection: str | None, caller: Caller) -> int:
+        """A document (all its chunks), a transcript (all segments of that job), or one
+        segment: the caller's own (an admin's: anyone's); another's is not found."""
         target = self.collection(collection)
+        mine = None if caller.admin else {"owner": caller.subject}
         with self._write_lock:
             ids = (
-                target.get(where={"doc_id": memory_id}, include=[])["ids"]
-                or target.get(ids=[memory_id], include=[])["ids"]
+                target.get(where=_all_of({"doc_id": memory_id}, mine), include=[])["ids"]
+                or target.get(ids=[_key(caller.subject, memory_id)], include=[])["ids"]
             )
             if not ids:
                 raise NotFound(memory_id)
@@ -260,7 +294,7 @@ class MemoryStore:
 
     # -- reads -----------------------------------------------------------------------
 
-    def query(self, request: QueryIn) -> list[Result]:
+    def query(self, request: QueryIn, caller: Caller) -> list[Result]:
         target = self.collection(request.collection)
         bias = self._settings.recency_bias if request.recency_bias is None else request.recency_bias
         # With recency in play, rank a wider set of candidates than asked for.
@@ -269,7 +303,7 @@ class MemoryStore:
         found = target.query(
             query_texts=[request.query],
             n_results=wanted,
-            where=self._where(request),
+            where=_all_of(self._where(request), _visible(caller)),
             include=["documents", "metadatas", "distances"],
         )
         now = time.time()
@@ -286,9 +320,11 @@ class MemoryStore:
             age = max(0.0, now - float(meta.get("created_at", now)))  # type: ignore[arg-type]
             recency = 0.5 ** (age / half_life_s)
             score = (1.0 - bias) * similarity + bias * recency
+            if not caller.admin:
+                meta = {k: v for k, v in meta.items() if k != "owner"}  # a shared one's owner is not theirs to see
             results.append(
                 Result(
-                    id=memory_id,
+                    id=_local(memory_id),
                     text=text or "",
                     score=round(score, 6),
                     similarity=round(similarity, 6),
@@ -315,8 +351,15 @@ class MemoryStore:
             return None
         return clauses[0] if len(clauses) == 1 else {"$and": clauses}
 
-    def stats(self) -> dict[str, int]:
-        return {collection.name: collection.count() for collection in self._client.list_collections()}
+    def stats(self, caller: Caller) -> dict[str, int]:
+        """Memories per collection: all of them for an admin, else the caller's own and shared ones."""
+        where = _visible(caller)
+        if where is None:
+            return {collection.name: collection.count() for collection in self._client.list_collections()}
+        return {
+            collection.name: len(collection.get(where=where, include=[])["ids"])
+            for collection in self._client.list_collections()
+        }
 
     def embed(self, texts: Sequence[str]) -> tuple[list[np.ndarray], int]:
         counts = self.embedder.token_counts(texts)
