@@ -12,21 +12,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from services.transcription import audio
 from services.transcription.formats import FORMATS, srt, text_of, verbose, vtt
-from services.transcription.jobs import FINAL, JobRunner
+from services.transcription.jobs import FINAL, Job, JobRunner
 from services.transcription.placement import Placement
 from services.transcription.settings import TranscriptionSettings
 from services.transcription.whisper import Piece, check_language
-from services.transcription.worker import Request
+from services.transcription.worker import Work
 from shared.errors import BadRequest, NotFound, PayloadTooLarge, ServiceUnavailable
 from shared.gpu import GpuUnavailable, HeldLease
 from shared.metrics import Metrics
 from shared.sse import DONE, ClosingStream, frame
-from shared.web import Auth
+from shared.web import Auth, Caller
+from shared.web import caller as caller_of
 
 ALIASES = ("whisper-1",)
 """Model names accepted besides the served one (OpenAI clients send whisper-1)."""
@@ -66,6 +67,15 @@ def build_router(
 ) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["transcription"])
     user = [Depends(auth.require("transcribe"))]
+    owner = [Depends(auth.caller("transcribe"))]
+
+    async def owned(job_id: str, caller: Caller) -> Job:
+        """The caller's job; another user's is not found (404, never 403)."""
+        job = await runner.store.get(job_id)
+        if job is None or not caller.owns(job.owner):
+            raise NotFound(f"no job {job_id!r}")
+        return job
+
     uploads = Uploads(settings.data_dir / "uploads", int(settings.max_upload_mb * 1_048_576))
     speed = metrics.histogram(
         "transcription_interactive_speed_ratio",
@@ -125,7 +135,7 @@ def build_router(
         path, samples = await decoded(file)
         path.unlink(missing_ok=True)
         words = "word" in granularities
-        request = Request(
+        work = Work(
             "transcribe",
             samples,
             {"language": language, "prompt": prompt, "temperature": temperature, "words": words},
@@ -136,7 +146,7 @@ def build_router(
         except GpuUnavailable as exc:
             raise _not_granted(exc) from None
         if stream:
-            return _stream(placement, lease, request, wait_s)
+            return _stream(placement, lease, work, wait_s)
         started = time.monotonic()
         pieces: list[Piece] = []
 
@@ -146,15 +156,16 @@ def build_router(
 
         try:
             info = await placement.run(
-                lambda: request, priority="interactive", wait_s=wait_s, on_message=keep, lease=lease
+                lambda: work, priority="interactive", wait_s=wait_s, on_message=keep, lease=lease
             )
         except GpuUnavailable as exc:
             raise _not_granted(exc) from None
         speed.observe(audio.duration_s(samples) / max(1e-6, time.monotonic() - started))
         return _render(pieces, info, response_format, words)
 
-    @router.post("/jobs", status_code=202, dependencies=user)
+    @router.post("/jobs", status_code=202, dependencies=owner)
     async def create_job(
+        request: Request,
         file: Annotated[UploadFile, File()],
         language: Annotated[str | None, Form()] = None,
         prompt: Annotated[str | None, Form()] = None,
@@ -167,34 +178,39 @@ def build_router(
         kept = job_folder / path.name
         shutil.move(path, kept)
         job = await runner.submit(
-            kept, file.filename or kept.name, audio.duration_s(samples), language, prompt, recorded_at, samples
+            caller_of(request).subject,
+            kept,
+            file.filename or kept.name,
+            audio.duration_s(samples),
+            language,
+            prompt,
+            recorded_at,
+            samples,
         )
         return {"job_id": job.id, "state": job.state, "duration": job.duration}
 
-    @router.get("/jobs", dependencies=user)
-    async def list_jobs(limit: Annotated[int, Query(ge=1, le=200)] = 20) -> dict[str, Any]:
-        jobs = (await runner.store.all())[-limit:]
+    @router.get("/jobs", dependencies=owner)
+    async def list_jobs(request: Request, limit: Annotated[int, Query(ge=1, le=200)] = 20) -> dict[str, Any]:
+        caller = caller_of(request)
+        jobs = [job for job in await runner.store.all() if caller.owns(job.owner)][-limit:]
         summaries = [{k: v for k, v in job.public().items() if k not in ("segments", "text")} for job in reversed(jobs)]
         return {"jobs": summaries}
 
-    @router.get("/jobs/{job_id}", dependencies=user)
-    async def get_job(job_id: str) -> dict[str, Any]:
-        job = await runner.store.get(job_id)
-        if job is None:
-            raise NotFound(f"no job {job_id!r}")
-        return job.public()
+    @router.get("/jobs/{job_id}", dependencies=owner)
+    async def get_job(job_id: str, request: Request) -> dict[str, Any]:
+        return (await owned(job_id, caller_of(request))).public()
 
-    @router.delete("/jobs/{job_id}", dependencies=user)
-    async def cancel_job(job_id: str) -> dict[str, Any]:
+    @router.delete("/jobs/{job_id}", dependencies=owner)
+    async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
+        await owned(job_id, caller_of(request))
         job = await runner.cancel(job_id)
         if job is None:
             raise NotFound(f"no job {job_id!r}")
         return {"job_id": job.id, "state": job.state if job.state in FINAL else "cancelling"}
 
-    @router.get("/jobs/{job_id}/events", dependencies=user, response_model=None)
-    async def job_events(job_id: str) -> Response:
-        if await runner.store.get(job_id) is None:
-            raise NotFound(f"no job {job_id!r}")
+    @router.get("/jobs/{job_id}/events", dependencies=owner, response_model=None)
+    async def job_events(job_id: str, request: Request) -> Response:
+        await owned(job_id, caller_of(request))
 
         async def frames() -> AsyncIterator[str]:
             async with runner.events.subscribe(job_id) as queue:
@@ -235,7 +251,7 @@ def _render(pieces: list[Piece], info: dict[str, Any], response_format: str, wor
     return JSONResponse({"text": text_of(pieces)})
 
 
-def _stream(placement: Placement, lease: HeldLease, request: Request, wait_s: float) -> Response:
+def _stream(placement: Placement, lease: HeldLease, work: Work, wait_s: float) -> Response:
     """Segments as they are decoded (OpenAI's transcript.text.delta events), then the whole text."""
     pieces: asyncio.Queue[Piece | None] = asyncio.Queue()
     seen: list[Piece] = []
@@ -245,15 +261,13 @@ def _stream(placement: Placement, lease: HeldLease, request: Request, wait_s: fl
             seen.append(piece)
             pieces.put_nowait(piece)
 
-    async def work() -> None:
+    async def run() -> None:
         try:
-            await placement.run(
-                lambda: request, priority="interactive", wait_s=wait_s, on_message=hand_over, lease=lease
-            )
+            await placement.run(lambda: work, priority="interactive", wait_s=wait_s, on_message=hand_over, lease=lease)
         finally:
             pieces.put_nowait(None)
 
-    task = asyncio.create_task(work())
+    task = asyncio.create_task(run())
 
     async def frames() -> AsyncIterator[str]:
         sent = 0

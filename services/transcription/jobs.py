@@ -26,10 +26,11 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 
 from services.transcription import audio
-from services.transcription.placement import Placement
+from services.transcription.placement import HOLDER, Placement
 from services.transcription.settings import TranscriptionSettings
 from services.transcription.whisper import Window, total_frames
-from services.transcription.worker import Request
+from services.transcription.worker import Work
+from shared.auth import ON_BEHALF_OF
 from shared.client import ServiceClient, ServiceUnreachable
 from shared.metrics import Metrics
 
@@ -67,6 +68,8 @@ class Job:
     indexed: bool = False
     error: str | None = None
     yields: int = 0
+    owner: str | None = None
+    """The subject that submitted it; None for jobs from before ownership (admins only)."""
 
     @property
     def text(self) -> str:
@@ -86,6 +89,7 @@ class Job:
             "indexed": self.indexed,
             "error": self.error,
             "yields": self.yields,
+            "owner": self.owner,
         }
 
 
@@ -211,6 +215,7 @@ class JobRunner:
 
     async def submit(
         self,
+        owner: str,
         path: Path,
         filename: str,
         duration: float,
@@ -229,6 +234,7 @@ class JobRunner:
             created_at=time.time(),
             language=language,
             prompt=prompt,
+            owner=owner,
         )
         await self.store.save(job)
         if samples is not None and self._running is None and self._queue.empty():
@@ -282,10 +288,10 @@ class JobRunner:
         total = total_frames(samples)
         started = time.monotonic()
 
-        def request() -> Request:
+        def request() -> Work:
             """From the checkpoint: where the last stored window ends."""
             options = {"seek": job.seek, "first_id": len(job.segments), "language": job.language, "prompt": job.prompt}
-            return Request("windows", samples, options)
+            return Work("windows", samples, options)
 
         async def on_window(_: str, window: Window) -> None:
             pieces = [p.public() for p in window.pieces]
@@ -335,7 +341,10 @@ class JobRunner:
         }
         while body["segments"]:
             try:
-                response = await self._rag.request("POST", "/v1/segments", json=body, idempotent=True)
+                # Stored as the job owner's memories: the service acts for them.
+                response = await self._rag.request(
+                    "POST", "/v1/segments", json=body, idempotent=True, headers={ON_BEHALF_OF: job.owner or HOLDER}
+                )
                 if response.status_code == 200:
                     break
                 log.warning("RAG refused the transcript", extra={"job_id": job.id, "status": response.status_code})

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from services.transcription.pool import WorkerPool
-from services.transcription.worker import Request, Worker, WorkerDied, WorkerFailed
+from services.transcription.worker import Work, Worker, WorkerDied, WorkerFailed
 from shared import cuda_checkpoint
 from shared.gpu import Gpu, GpuUnavailable, Handover, HeldLease, LeaseEvent, Priority
 from shared.metrics import Metrics
@@ -103,7 +103,7 @@ class Placement:
 
     async def run(
         self,
-        request_for: Callable[[], Request],
+        request_for: Callable[[], Work],
         *,
         priority: Priority,
         wait_s: float | None,
@@ -257,7 +257,7 @@ class Placement:
         try:
             if worker is not None and worker.alive and not lease.lost and lease.free_memory:
                 worker.resume()
-                await worker.call(Request("free_device"))
+                await worker.call(Work("free_device"))
                 await self.pool.free_idle()
                 path = "unload"
         except Exception:

@@ -58,7 +58,7 @@ class WorkerSpec:
 
 
 @dataclass
-class Request:
+class Work:
     """One unit of work. ``op``: ``windows`` (resumable job decoding), ``transcribe``
     (interactive, with VAD), ``free_device`` or ``to_device``."""
 
@@ -120,7 +120,7 @@ def _child(conn: Connection, spec: WorkerSpec, deadline: Synchronized[float], pa
     conn.send(("ready", {"multilingual": transcriber.multilingual, "pid": os.getpid()}))
     while True:
         try:
-            request: Request = conn.recv()
+            request: Work = conn.recv()
         except (EOFError, OSError):
             return
         if request.op in DECODES:
@@ -275,7 +275,7 @@ class Worker:
 
     # -- requests ------------------------------------------------------------------
 
-    async def send(self, request: Request) -> None:
+    async def send(self, request: Work) -> None:
         # A long recording is megabytes of samples: copy them into the pipe off the loop.
         with self._state_lock:
             self._sending = True
@@ -296,7 +296,7 @@ class Worker:
                 return kind, body
             self.on_device = bool(body)
 
-    async def call(self, request: Request) -> tuple[str, Any]:
+    async def call(self, request: Work) -> tuple[str, Any]:
         """Send a short request (free_device, to_device) and return its answer,
         skipping the service's own signals."""
         await self.ready()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from baton.demo.speech.make_speech import write_ogg
+from shared.gpu import GpuClient
 from tests.conftest import Mint
 from tests.support.servers import RedisServer, ServiceProcess
 
@@ -43,8 +44,11 @@ def silence(path: Path, seconds: float) -> Path:
 
 
 class Tx:
-    def __init__(self, service: ServiceProcess, token: str, admin: str, coordinator: ServiceProcess) -> None:
+    def __init__(
+        self, service: ServiceProcess, token: str, admin: str, coordinator: ServiceProcess, mint: Mint
+    ) -> None:
         self.service = service
+        self.mint = mint
         self.http = httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {token}"}, timeout=300)
         self.gpu_http = httpx.Client(base_url=coordinator.url, headers={"Authorization": f"Bearer {admin}"}, timeout=30)
         self.token = token
@@ -72,6 +76,11 @@ class Tx:
 
     def history(self, limit: int = 50) -> list[dict[str, Any]]:
         return list(self.gpu_http.get("/v1/history", params={"limit": limit}).json())
+
+    def holder(self, name: str) -> GpuClient:
+        """A lease client of service ``name`` (only services hold the GPU)."""
+        token = self.mint("gpu", sub=f"service:{name}")
+        return GpuClient(self.coordinator.url, lambda: token)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +131,9 @@ def start_tx(
         env.update({f"TRANSCRIPTION_{k.upper()}": str(v) for k, v in settings.items()})
         service = ServiceProcess("transcription", env, log_dir, port=port).start()
         started.append(service)
-        return Tx(service, mint("transcribe", sub="tester"), mint("admin", "gpu", sub="ops"), stack["coordinator"])
+        return Tx(
+            service, mint("transcribe", sub="tester"), mint("admin", "gpu", sub="ops"), stack["coordinator"], mint
+        )
 
     yield start
     for service in started:

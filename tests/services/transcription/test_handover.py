@@ -21,7 +21,6 @@ import pytest
 from baton.demo.speech.make_speech import write_ogg
 from services.transcription import audio
 from services.transcription.worker import process_state
-from shared.gpu import GpuClient
 from tests.conftest import Mint
 from tests.services.transcription.conftest import MEETING, StartTx, Tx
 from tests.services.transcription.test_transcription import wait_for_job
@@ -98,7 +97,7 @@ def reference(start_tx: StartTx) -> Iterator[dict[str, Any]]:
 
 async def take_gpu(tx: Tx, vram_mb: int = 0) -> Any:
     """An interactive lease, as a chat would take it."""
-    asker = GpuClient(tx.coordinator.url, lambda: tx.admin)
+    asker = tx.holder("llm")
     lease = await asker.acquire("llm", "interactive", wait_s=60, vram_mb=vram_mb)
     return asker, lease
 

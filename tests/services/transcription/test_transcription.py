@@ -13,7 +13,6 @@ import httpx
 import openai
 import pytest
 
-from shared.gpu import GpuClient
 from tests.services.transcription.conftest import MEETING, REFERENCES, SPEECH, StartTx, Tx, edits, silence
 from tests.support.servers import ServiceProcess, free_port, wait_until
 
@@ -113,7 +112,7 @@ def test_a_preempted_job_gives_exactly_the_unpreempted_transcript(tx: Tx) -> Non
     reference = wait_for_job(tx, tx.submit(MEETING))
 
     async def preempt_twice(job_id: str) -> list[int]:
-        asker = GpuClient(tx.coordinator.url, lambda: tx.admin)
+        asker = tx.holder("llm")
         fences = []
         async with httpx.AsyncClient(
             base_url=tx.url, headers={"Authorization": f"Bearer {tx.token}"}, timeout=120
@@ -190,8 +189,8 @@ def test_rag_down_then_back_indexes_the_transcript(start_tx: StartTx, log_dir: P
 
 
 async def test_cancel_a_job(tx: Tx) -> None:
-    holder = GpuClient(tx.coordinator.url, lambda: tx.admin)
-    lease = await holder.acquire("holder", "interactive", wait_s=30, ttl_ms=30000)  # the job cannot start
+    holder = tx.holder("llm")
+    lease = await holder.acquire("llm", "interactive", wait_s=30, ttl_ms=30000)  # the job cannot start
     try:
         async with httpx.AsyncClient(base_url=tx.url, headers={"Authorization": f"Bearer {tx.token}"}) as http:
             with MEETING.open("rb") as handle:
