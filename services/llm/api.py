@@ -16,6 +16,7 @@ from services.llm.engine import Params
 from services.llm.schemas import ChatCompletionRequest, RagOptions, SeedChatRequest, SeedChatResponse, Usage
 from shared.sse import DONE, ClosingStream, frame
 from shared.web import Auth, until_disconnected
+from shared.web import caller as caller_of
 
 CLIENT_GONE = 499
 
@@ -43,6 +44,13 @@ async def _collect(session: Session, request: Request) -> str:
 def build_router(chat: ChatService, auth: Auth) -> APIRouter:
     router = APIRouter(tags=["chat"])
     user = [Depends(auth.require("chat"))]
+    chatter = [Depends(auth.caller("chat"))]
+
+    def as_caller(job: Job, request: Request) -> Job:
+        caller = caller_of(request)
+        job.subject = caller.subject
+        job.reveal = caller.admin or "rag:read" in caller.scopes
+        return job
 
     async def opened(job: Job, request: Request) -> Session | Response:
         try:
@@ -66,7 +74,7 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": chat.model_id, "object": "model", "created": 0, "owned_by": "baton"}]}
 
-    @router.post("/v1/chat/completions", dependencies=user, response_model=None)
+    @router.post("/v1/chat/completions", dependencies=chatter, response_model=None)
     async def completions(body: ChatCompletionRequest, request: Request) -> Response | dict[str, Any]:
         chat.check_model(body.model)
         job = Job(
@@ -74,7 +82,7 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
             params=_params(body, chat.max_tokens(body.max_completion_tokens or body.max_tokens)),
             rag=body.rag,
         )
-        session = await opened(job, request)
+        session = await opened(as_caller(job, request), request)
         if isinstance(session, Response):
             return session
         completion_id = f"chatcmpl-{secrets.token_hex(12)}"
@@ -104,9 +112,9 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
             "baton": _extras(done),
         }
 
-    @router.post("/chat", dependencies=user, response_model=SeedChatResponse)
+    @router.post("/chat", dependencies=chatter, response_model=SeedChatResponse)
     async def seed_chat(body: SeedChatRequest, request: Request) -> Response | SeedChatResponse:
-        session = await opened(_seed_job(chat, body), request)
+        session = await opened(as_caller(_seed_job(chat, body), request), request)
         if isinstance(session, Response):
             return session
         whole = await answer_whole(session, request)
@@ -123,9 +131,9 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
             inference_time=done.inference_time,
         )
 
-    @router.post("/chat/stream", dependencies=user, response_model=None)
+    @router.post("/chat/stream", dependencies=chatter, response_model=None)
     async def seed_chat_stream(body: SeedChatRequest, request: Request) -> Response:
-        session = await opened(_seed_job(chat, body), request)
+        session = await opened(as_caller(_seed_job(chat, body), request), request)
         if isinstance(session, Response):
             return session
 

@@ -57,6 +57,10 @@ class Job:
     params: Params
     rag: RagOptions | None = None
     context: list[str] = field(default_factory=list)
+    subject: str = ""
+    """Whose memories the answer may use (the caller's own and shared ones)."""
+    reveal: bool = True
+    """Whether ``sources`` may show the memories' text and metadata (scope rag:read)."""
 
 
 @dataclass
@@ -135,7 +139,11 @@ class Session:
                     finish_reason=item.reason,
                     prompt_tokens=item.prompt_tokens,
                     completion_tokens=item.completion_tokens,
-                    sources=[p.public() for p in self._fitted.passages if not p.id.startswith("context-")],
+                    sources=[
+                        p.public() if self._job.reveal else p.summary()
+                        for p in self._fitted.passages
+                        if not p.id.startswith("context-")
+                    ],
                     rag_context_used=self._rag_used,
                     gpu_wait_time=round(self.placement.gpu_wait_s, 4),
                     inference_time=round(ended - started, 4),
@@ -242,7 +250,9 @@ class ChatService:
             return [], []
         rag = job.rag
         filters = rag.filter.model_dump(mode="json", exclude_none=True) if rag.filter else None
-        found = await self.memories.search(query, rag.top_k or self.settings.rag_top_k, filters, rag.recency_bias)
+        found = await self.memories.search(
+            query, rag.top_k or self.settings.rag_top_k, filters, rag.recency_bias, job.subject
+        )
         self.metrics.rag.labels("ok" if found.warning is None else "unavailable").inc()
         return found.passages, [found.warning] if found.warning else []
 

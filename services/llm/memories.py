@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from shared.auth import ON_BEHALF_OF
 from shared.client import ServiceClient, ServiceUnreachable
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,10 @@ class Passage:
     def public(self) -> dict[str, Any]:
         return {"id": self.id, "score": self.score, "text": self.text, "metadata": self.metadata}
 
+    def summary(self) -> dict[str, Any]:
+        """For callers without scope rag:read: which memory, never what it says."""
+        return {"id": self.id, "score": self.score, "title": self.label()}
+
 
 def _clock(seconds: Any) -> str:
     total = int(float(seconds))
@@ -51,7 +56,10 @@ class Memories:
         self._client = client
         self._timeout_s = timeout_s
 
-    async def search(self, query: str, top_k: int, filter: dict[str, Any] | None, recency_bias: float | None) -> Lookup:
+    async def search(
+        self, query: str, top_k: int, filter: dict[str, Any] | None, recency_bias: float | None, subject: str
+    ) -> Lookup:
+        """``subject``'s own memories and shared ones: the RAG service is asked for that user."""
         body: dict[str, Any] = {"query": query, "top_k": top_k}
         if filter:
             body["filter"] = filter
@@ -59,7 +67,9 @@ class Memories:
             body["recency_bias"] = recency_bias
         try:
             async with asyncio.timeout(self._timeout_s):
-                response = await self._client.request("POST", "/v1/query", json=body, idempotent=True)
+                response = await self._client.request(
+                    "POST", "/v1/query", json=body, idempotent=True, headers={ON_BEHALF_OF: subject}
+                )
         except (TimeoutError, ServiceUnreachable) as exc:
             log.warning("RAG unavailable; answering without memories", extra={"error": type(exc).__name__})
             return Lookup([], "memories unavailable (the RAG service did not answer in time); answered without them")

@@ -10,13 +10,17 @@ from typing import Any
 import httpx
 import pytest
 
+from shared.gpu import GpuClient
 from tests.conftest import Mint
 from tests.support.servers import RedisServer, ServiceProcess, free_port
 
 
 class Llm:
-    def __init__(self, service: ServiceProcess, token: str, coordinator: ServiceProcess, admin: str) -> None:
+    def __init__(
+        self, service: ServiceProcess, token: str, coordinator: ServiceProcess, admin: str, mint: Mint
+    ) -> None:
         self.service = service
+        self.mint = mint
         self.coordinator = coordinator
         self.http = httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {token}"}, timeout=300)
         self.gpu_http = httpx.Client(base_url=coordinator.url, headers={"Authorization": f"Bearer {admin}"}, timeout=30)
@@ -37,6 +41,11 @@ class Llm:
 
     def history(self, limit: int = 100) -> list[dict[str, Any]]:
         return list(self.gpu_http.get("/v1/history", params={"limit": limit}).json())
+
+    def holder(self, name: str, url: str | None = None) -> GpuClient:
+        """A lease client of service ``name`` (only services hold the GPU)."""
+        token = self.mint("gpu", sub=f"service:{name}")
+        return GpuClient(url or self.coordinator.url, lambda: token)
 
     def gpu(self) -> dict[str, Any]:
         return dict(self.gpu_http.get("/v1/gpu").json())
@@ -95,7 +104,7 @@ def start_llm(gpu_stack: dict[str, ServiceProcess], log_dir: Path, mint: Mint) -
         env.update({f"GEMMA_{k.upper()}": str(v) for k, v in settings.items()})
         service = ServiceProcess("llm", env, log_dir).start()
         started.append(service)
-        return Llm(service, mint("chat", sub="tester"), coordinator, mint("admin", "gpu", sub="ops"))
+        return Llm(service, mint("chat", "rag:read", sub="tester"), coordinator, mint("admin", "gpu", sub="ops"), mint)
 
     yield start
     for service in started:

@@ -13,7 +13,6 @@ import httpx
 import openai
 import pytest
 
-from shared.gpu import GpuClient
 from tests.services.llm.conftest import Llm, StartLlm, closed_url
 from tests.support.servers import RedisServer, ServiceProcess, wait_until
 
@@ -178,7 +177,7 @@ def test_cold_request_is_one_grant_and_reloads_layers(start_llm: StartLlm) -> No
 
 
 async def test_a_batch_holder_is_asked_to_yield_and_the_request_waits_for_it(llm: Llm) -> None:
-    holder = GpuClient(llm.coordinator.url, lambda: llm.admin)
+    holder = llm.holder("transcription")
     lease = await holder.acquire("transcription", "batch", wait_s=30)  # the LLM's keep-alive hands it over
     try:
         async with httpx.AsyncClient(
@@ -226,7 +225,7 @@ async def test_layers_are_offloaded_only_when_memory_must_be_freed(
         llm = start_llm(coordinator=coordinator, keep_alive_s=60, force_reload="true")
         assert llm.chat("Hi", max_tokens=3).status_code == 200
         assert llm.gpu()["holder"] == "llm"  # kept alive
-        holder = GpuClient(coordinator.url, lambda: llm.admin)
+        holder = llm.holder("transcription")
         lease = await holder.acquire("transcription", "batch", wait_s=30, vram_mb=500)
         await lease.release()
         await holder.aclose()
@@ -260,8 +259,8 @@ def test_a_client_that_disconnects_stops_generation_and_frees_the_gpu(start_llm:
 
 def test_lease_lost_mid_stream_ends_with_an_error_then_done(llm: Llm) -> None:
     async def preempt() -> None:
-        other = GpuClient(llm.coordinator.url, lambda: llm.admin)
-        lease = await other.acquire("intruder", "interactive", wait_s=30)
+        other = llm.holder("transcription")
+        lease = await other.acquire("transcription", "interactive", wait_s=30)
         await lease.release()
         await other.aclose()
 
@@ -291,7 +290,7 @@ def test_gpu_busy_falls_back_to_cpu_or_fails(start_llm: StartLlm, llm: Llm) -> N
     strict = start_llm(gpu_wait_ms=300, keep_alive_s=0, gpu_fallback="fail")
 
     async def hold_and_ask() -> tuple[httpx.Response, httpx.Response]:
-        holder = GpuClient(llm.coordinator.url, lambda: llm.admin)
+        holder = llm.holder("transcription")
         lease = await holder.acquire("transcription", "batch", wait_s=30, ttl_ms=20000)
         try:
             return await asyncio.to_thread(patient.chat, "Hi", max_tokens=3), await asyncio.to_thread(
@@ -382,3 +381,37 @@ def test_gemma_270m_runs_with_the_gemma_template(start_llm: StartLlm) -> None:
     data = response.json()
     assert data["usage"]["completion_tokens"] > 0
     assert data["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_chat_sources_are_the_callers_own_and_their_text_needs_rag_read(
+    llm: Llm, gpu_stack: dict[str, ServiceProcess], mint: Any
+) -> None:
+    writer = httpx.Client(
+        base_url=gpu_stack["rag"].url, headers={"Authorization": f"Bearer {mint('rag:write', sub='alice')}"}
+    )
+    fact = "The door code of the Harbor office is 4711."
+    assert writer.post("/v1/documents", json={"documents": [{"id": "harbor", "text": fact}]}).status_code == 200
+    body = {
+        "model": llm.model,
+        "messages": [{"role": "user", "content": "What is the door code of the Harbor office?"}],
+        "max_tokens": 5,
+        "rag": {"top_k": 3},
+    }
+
+    def ask(*scopes: str, sub: str, **rag: Any) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {mint(*scopes, sub=sub)}"}
+        response = httpx.post(
+            f"{llm.url}/v1/chat/completions", json={**body, "rag": {"top_k": 3, **rag}}, headers=headers, timeout=120
+        )
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    alice = ask("chat", "rag:read", sub="alice")
+    assert [s["id"] for s in alice["sources"]] == ["harbor#0"] and "4711" in alice["sources"][0]["text"]
+    chat_only = ask("chat", sub="alice")
+    assert [s["id"] for s in chat_only["sources"]] == ["harbor#0"]
+    assert set(chat_only["sources"][0]) == {"id", "score", "title"} and "4711" not in json.dumps(chat_only)
+    bob = ask("chat", "rag:read", sub="bob")
+    assert bob["sources"] == [] and "4711" not in json.dumps(bob)
+    aimed = ask("chat", "rag:read", sub="bob", filter={"source": "harbor"})
+    assert aimed["sources"] == []
