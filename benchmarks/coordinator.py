@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import redis
 
-from benchmarks.support import coordinated, dev_token, ratio, save, summary_ms, table
+from benchmarks.support import coordinated, dev_token, ratio, save, service_token, summary_ms, table
 from shared.gpu import GpuClient
 
 LOCK_NAME = "bench:lock"
@@ -37,12 +37,12 @@ LOCK_NAME = "bench:lock"
 # -- ours -------------------------------------------------------------------------------
 
 
-def ours_round_trips(url: str, token: str, n: int) -> list[float]:
+def ours_round_trips(url: str, n: int) -> list[float]:
     samples = []
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as http:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {service_token('llm')}"}) as http:
         for _ in range(n):
             start = time.monotonic()
-            grant = http.post("/v1/leases", json={"holder": "bench", "priority": "interactive", "ttl_ms": 15000})
+            grant = http.post("/v1/leases", json={"holder": "llm", "priority": "interactive", "ttl_ms": 15000})
             http.delete(f"/v1/leases/{grant.json()['lease_id']}")
             samples.append(time.monotonic() - start)
     return samples
@@ -74,6 +74,7 @@ class _Role:
 
 def ours_handoff_role(conn: Any, url: str, token: str) -> None:
     """acquire (blocking until granted) -> reply the grant time; release -> reply the release start."""
+    token = service_token(f"p{os.getpid()}")  # each process a service of its own
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
         lease_id = ""
         while True:
@@ -154,7 +155,8 @@ def yield_holder_role(conn: Any, url: str, token: str) -> None:
     """Holds a batch lease; replies the monotonic time at which it saw the yield request."""
 
     async def run() -> None:
-        gpu = GpuClient(url, lambda: token)
+        holder = service_token("transcription")
+        gpu = GpuClient(url, lambda: holder)
         await gpu.wait_subscribed()
         while conn.recv()[0] == "hold":
             lease = await gpu.acquire("transcription", "batch", wait_s=30)
@@ -168,6 +170,7 @@ def yield_holder_role(conn: Any, url: str, token: str) -> None:
 
 
 def yield_asker_role(conn: Any, url: str, token: str) -> None:
+    token = service_token("llm")
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
         while conn.recv()[0] == "ask":
             sent = time.monotonic()
@@ -194,7 +197,8 @@ def ours_yield_signals(url: str, token: str, n: int) -> list[float]:
 def ours_contender(url: str, token: str, seconds: float, start_at: float, out: Any) -> None:
     async def run() -> int:
         count = 0
-        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
+        holder = service_token(f"c{os.getpid()}")
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {holder}"}, timeout=60) as http:
             while time.monotonic() < start_at:
                 await asyncio.sleep(0.001)
             end = start_at + seconds
@@ -271,7 +275,7 @@ def main() -> None:
     token = dev_token()
     with tempfile.TemporaryDirectory() as tmp, coordinated(Path(tmp)) as (server, coordinator):
         print(f"redis {server.url}, coordinator {coordinator.url}; {os.cpu_count()} cores", file=sys.stderr)
-        ours_rt = ours_round_trips(coordinator.url, token, args.iterations)
+        ours_rt = ours_round_trips(coordinator.url, args.iterations)
         lock_rt = lock_round_trips(server.url, args.iterations)
         ours_ho = ours_handoffs(coordinator.url, token, args.handoffs)
         lock_ho = lock_handoffs(server.url, args.handoffs)

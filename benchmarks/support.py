@@ -79,6 +79,18 @@ def dev_token() -> str:
     return TokenIssuer(AuthSettings(secret=SecretStr(secret))).mint("bench", SCOPES, 3600)
 
 
+def service_token(name: str) -> str:
+    """A token of service ``name``, from the secret ``dev_token`` exported: only services
+    hold the GPU, each under its own name."""
+    from pydantic import SecretStr
+
+    from shared.auth import TokenIssuer
+    from shared.settings import AuthSettings
+
+    issuer = TokenIssuer(AuthSettings(secret=SecretStr(os.environ["JWT_SECRET"])))
+    return issuer.mint(f"service:{name}", ("gpu",), 3600)
+
+
 @contextmanager
 def coordinated(work: Path, **settings: str) -> Iterator[tuple[RedisServer, ServiceProcess]]:
     """A real Redis and a coordinator process on it, stopped on exit."""

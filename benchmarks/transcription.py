@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 from faster_whisper import WhisperModel
 
-from benchmarks.support import MEETING, coordinated, dev_token, long_meeting, percentile, save, table
+from benchmarks.support import MEETING, coordinated, dev_token, long_meeting, percentile, save, service_token, table
 from services.transcription import audio
 from shared.models import PRESETS
 from tests.support.servers import ServiceProcess, free_port, running
@@ -77,8 +77,10 @@ def yield_latencies(http: httpx.Client, gpu: httpx.Client, path: Path, preemptio
         time.sleep(rng.random() * 1.5)  # a random phase within the decoding
         if http.get(f"/v1/jobs/{job_id}").json()["state"] != "running":
             continue
-        grant = gpu.post("/v1/leases", json={"holder": "bench", "priority": "interactive", "wait_ms": 60000}).json()
-        gpu.delete(f"/v1/leases/{grant['lease_id']}")
+        as_llm = {"Authorization": f"Bearer {service_token('llm')}"}
+        body = {"holder": "llm", "priority": "interactive", "wait_ms": 60000}
+        grant = gpu.post("/v1/leases", json=body, headers=as_llm).json()
+        gpu.delete(f"/v1/leases/{grant['lease_id']}", headers=as_llm)
         history = gpu.get("/v1/history", params={"limit": 3}).json()
         mine = next(h for h in history if h["fence"] == grant["fence"])
         yielded = next(h for h in history if h["fence"] == grant["fence"] - 1)

@@ -21,8 +21,10 @@ from services.coordinator.leases import (
 )
 from services.coordinator.schemas import GpuStatus, Handover, HistoryEntry, LeaseGrant, LeaseRequest, Renewal
 from services.coordinator.settings import CoordinatorSettings
-from shared.errors import BadRequest, Gone, ServiceUnavailable, TooManyRequests
+from shared.auth import SERVICE_SUBJECT_PREFIX, Principal
+from shared.errors import BadRequest, Gone, NotAllowed, ServiceUnavailable, TooManyRequests
 from shared.web import Auth, until_disconnected
+from shared.web import principal as principal_of
 
 MAX_LEASE_ID = 128
 
@@ -33,11 +35,29 @@ def _unavailable(exc: StoreUnavailable) -> ServiceUnavailable:
 
 def build_router(manager: LeaseManager, settings: CoordinatorSettings, auth: Auth) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["gpu"])
-    holder_scope = [Depends(auth.require("gpu"))]
     reader_scope = [Depends(auth.require("gpu", "admin"))]
+    holder_scope = [Depends(auth.caller("gpu"))]
+
+    def service_name(principal: Principal) -> str:
+        """Only services hold the GPU; users with scope gpu may watch it."""
+        if not principal.is_service:
+            raise NotAllowed(
+                "only a service token (sub service:<name>) may hold the GPU; scope gpu lets users watch it",
+                code="not_a_service",
+            )
+        return principal.subject.removeprefix(SERVICE_SUBJECT_PREFIX)
 
     @router.post("/leases", status_code=201, dependencies=holder_scope, response_model=LeaseGrant)
     async def acquire(body: LeaseRequest, request: Request) -> Response:
+        name = service_name(principal_of(request))
+        if body.holder != name:
+            raise NotAllowed(f"this token holds the GPU as {name!r} only", param="holder", code="holder_mismatch")
+        if body.priority == "interactive" and settings.priorities.get(name, settings.other_services) == "batch":
+            raise NotAllowed(
+                f"{name!r} may ask for batch priority only (COORDINATOR_PRIORITIES)",
+                param="priority",
+                code="priority_not_allowed",
+            )
         ttl_ms = body.ttl_ms or settings.default_ttl_ms
         if ttl_ms > settings.max_ttl_ms:
             raise BadRequest(f"ttl_ms must be at most {settings.max_ttl_ms}", param="ttl_ms")
@@ -70,7 +90,8 @@ def build_router(manager: LeaseManager, settings: CoordinatorSettings, auth: Aut
         return lease_id
 
     @router.post("/leases/{lease_id}/renew", dependencies=holder_scope)
-    async def renew(lease_id: str) -> Renewal:
+    async def renew(lease_id: str, request: Request) -> Renewal:
+        service_name(principal_of(request))
         try:
             renewal = await manager.renew(_lease_id(lease_id))
         except LeaseGone as exc:
@@ -82,12 +103,14 @@ def build_router(manager: LeaseManager, settings: CoordinatorSettings, auth: Aut
     @router.delete("/leases/{lease_id}", status_code=204, dependencies=holder_scope)
     async def release(
         lease_id: str,
+        request: Request,
         handover: Annotated[
             Handover | None,
             Query(description="What the holder did with the device before releasing; kept in the history."),
         ] = None,
         handover_ms: Annotated[float, Query(ge=0, le=3_600_000, description="How long that took.")] = 0.0,
     ) -> Response:
+        service_name(principal_of(request))
         try:
             await manager.release(_lease_id(lease_id), handover or "", handover_ms if handover else 0.0)
         except LeaseGone as exc:

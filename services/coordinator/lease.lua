@@ -292,25 +292,18 @@ local function advance()
         redis.call('HSET', K_LEASE, 'yield_requested', 1, 'free_memory', free)
         emit('yield_requested', l.fence, l.holder, l.priority, {free_memory = free == 1})
       end
-      -- Waiters of the holder's priority or higher (a starving batch waiter counts
-      -- as higher) start the grace period; lower ones only ask.
-      local b = redis.call('ZRANGE', K_QB, 0, 0)[1]
-      local bw = b and waiter_get(b)
-      local preempting = interactive > 0 or l.priority == 'batch' or starving(bw)
-      if preempting then
-        if l.revoke_at == 0 then
-          l.revoke_at = now + grace
-          redis.call('HSET', K_LEASE, 'revoke_at', string.format('%d', l.revoke_at))
-        end
-        if now >= l.revoke_at then
-          l.revoked = 1
-          redis.call('HSET', K_LEASE, 'revoked', 1)
-          emit('revoked', l.fence, l.holder, l.priority)
-        else
-          soon(l.revoke_at)
-        end
-      elseif bw then
-        soon(bw.requested_at + max_batch_wait)
+      -- Whoever waits, whatever their priority, starts the grace period: a holder
+      -- that keeps the card past it is revoked (its lease then runs out at its TTL).
+      if l.revoke_at == 0 then
+        l.revoke_at = now + grace
+        redis.call('HSET', K_LEASE, 'revoke_at', string.format('%d', l.revoke_at))
+      end
+      if now >= l.revoke_at then
+        l.revoked = 1
+        redis.call('HSET', K_LEASE, 'revoked', 1)
+        emit('revoked', l.fence, l.holder, l.priority)
+      else
+        soon(l.revoke_at)
       end
     elseif l.revoked == 0 and l.yield_requested == 1 then
       -- Everyone who waited has gone: the holder may keep the card.

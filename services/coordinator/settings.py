@@ -1,9 +1,17 @@
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import AuthSettings, ServiceSettings
+
+Priority = Literal["interactive", "batch"]
+
+
+def _service_priorities() -> dict[str, Priority]:
+    return {"llm": "interactive", "transcription": "interactive"}
 
 
 class CoordinatorSettings(ServiceSettings):
@@ -38,6 +46,11 @@ class CoordinatorSettings(ServiceSettings):
     gpu_memory_mb: int | None = Field(default=None, ge=0, le=1_048_576)
     """The card's memory in MB. Unset: read from NVML at start (0 where there is none,
     as on a CPU: then no holder ever has to free its memory to hand the card over)."""
+    priorities: dict[str, Priority] = Field(default_factory=_service_priorities)
+    """The highest priority each service may ask for (JSON). Only service tokens
+    (``sub`` = ``service:<name>``) hold the GPU, as ``holder`` = ``<name>``."""
+    other_services: Priority = "batch"
+    """The highest priority of a service not named in ``priorities``."""
     batch_slice_ms: int = Field(default=5000, ge=0, le=600000)
     """A batch holder granted because it starved keeps the card this long before it is
     asked to yield."""

@@ -44,14 +44,14 @@ def say(**fields: object) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def client(url: str, ttl_ms: int) -> GpuClient:
+def client(url: str, ttl_ms: int, holder: str) -> GpuClient:
     issuer = TokenIssuer(load_settings(AuthSettings))
-    token = issuer.mint("service:test-worker", SCOPES, 3600)
+    token = issuer.mint(f"service:{holder}", SCOPES, 3600)  # only services hold, under their own name
     return GpuClient(url, lambda: token, default_ttl_ms=ttl_ms)
 
 
 async def cycles(args: argparse.Namespace) -> None:
-    gpu = client(args.url, args.ttl_ms)
+    gpu = client(args.url, args.ttl_ms, args.holder)
     rng = random.Random(args.holder)
     with open(args.out, "w") as out:
         for _ in range(args.cycles):
@@ -66,7 +66,7 @@ async def cycles(args: argparse.Namespace) -> None:
 
 
 async def hold(args: argparse.Namespace) -> None:
-    gpu = client(args.url, args.ttl_ms)
+    gpu = client(args.url, args.ttl_ms, args.holder)
     store = redis.Redis.from_url(args.redis) if args.redis else None
     write = store.register_script(FENCED_WRITE) if store else None
     lease = await gpu.acquire(args.holder, args.priority, wait_s=60)

@@ -24,7 +24,12 @@ def start_coordinator(redis_server: RedisServer, key_prefix: str, log_dir: Path)
     started: list[ServiceProcess] = []
 
     def start(redis_url: str | None = None, port: int | None = None, **settings: object) -> ServiceProcess:
-        env = {"COORDINATOR_REDIS_URL": redis_url or redis_server.url, "COORDINATOR_KEY_PREFIX": key_prefix}
+        env = {
+            "COORDINATOR_REDIS_URL": redis_url or redis_server.url,
+            "COORDINATOR_KEY_PREFIX": key_prefix,
+            # Tests name holders freely (a, b, w1...): let any service ask for interactive.
+            "COORDINATOR_OTHER_SERVICES": "interactive",
+        }
         env.update({f"COORDINATOR_{name.upper()}": str(value) for name, value in settings.items()})
         service = ServiceProcess("coordinator", env, log_dir, port=port).start()
         started.append(service)
@@ -41,17 +46,21 @@ def gpu_token(mint: Mint) -> str:
 
 
 class Api:
-    """The coordinator's HTTP API, one call per method (async)."""
+    """The coordinator's HTTP API, one call per method (async). Each holder acquires
+    with a token of its own service (only services hold, under their own name)."""
 
-    def __init__(self, url: str, token: str) -> None:
+    def __init__(self, url: str, token: str, mint: Mint) -> None:
         self.url = url
+        self.mint = mint
         self.http = httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
 
     async def acquire(
         self, holder: str, priority: str = "interactive", wait_ms: int = 0, **extra: object
     ) -> httpx.Response:
         return await self.http.post(
-            "/v1/leases", json={"holder": holder, "priority": priority, "wait_ms": wait_ms, **extra}
+            "/v1/leases",
+            json={"holder": holder, "priority": priority, "wait_ms": wait_ms, **extra},
+            headers={"Authorization": f"Bearer {self.mint('gpu', sub=f'service:{holder}')}"},
         )
 
     async def renew(self, lease_id: str) -> httpx.Response:
@@ -84,11 +93,11 @@ class Api:
 
 
 @pytest.fixture
-async def api_factory(gpu_token: str) -> AsyncIterator[Callable[[ServiceProcess], Api]]:
+async def api_factory(gpu_token: str, mint: Mint) -> AsyncIterator[Callable[[ServiceProcess], Api]]:
     made: list[Api] = []
 
     def make(coordinator: ServiceProcess) -> Api:
-        api = Api(coordinator.url, gpu_token)
+        api = Api(coordinator.url, gpu_token, mint)
         made.append(api)
         return api
 
@@ -98,11 +107,13 @@ async def api_factory(gpu_token: str) -> AsyncIterator[Callable[[ServiceProcess]
 
 
 @pytest.fixture
-async def gpu_factory(gpu_token: str) -> AsyncIterator[Callable[..., GpuClient]]:
+async def gpu_factory(mint: Mint) -> AsyncIterator[Callable[..., GpuClient]]:
     made: list[GpuClient] = []
 
-    def make(coordinator: ServiceProcess, **options: Any) -> GpuClient:
-        client = GpuClient(coordinator.url, lambda: gpu_token, **options)
+    def make(coordinator: ServiceProcess, holder: str, **options: Any) -> GpuClient:
+        """The client of service ``holder``: it acquires as ``holder`` only."""
+        token = mint("gpu", sub=f"service:{holder}")
+        client = GpuClient(coordinator.url, lambda: token, **options)
         made.append(client)
         return client
 

@@ -204,3 +204,33 @@ async def test_scopes(start_coordinator: StartCoordinator, mint: Mint) -> None:
         assert (await http.get("/v1/history", headers=admin)).status_code == 200
         assert (await http.get("/v1/gpu", headers=chat)).status_code == 403
         assert (await http.post("/v1/leases", json=body)).status_code == 401
+
+
+async def test_only_services_hold_the_gpu_under_their_own_name(start_coordinator: StartCoordinator, mint: Mint) -> None:
+    coordinator = start_coordinator(other_services="batch")
+
+    def as_(token: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=coordinator.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+    async with (
+        as_(mint("gpu", sub="alice")) as user,
+        as_(mint("gpu", "admin", sub="ops")) as admin,
+        as_(mint("gpu", sub="service:llm")) as llm,
+        as_(mint("gpu", sub="service:scraper")) as scraper,
+    ):
+        for who in (user, admin):  # users watch; they never hold, whatever they claim to be
+            refused = await who.post("/v1/leases", json={"holder": "transcription", "priority": "interactive"})
+            assert refused.status_code == 403 and refused.json()["error"]["code"] == "not_a_service"
+            assert (await who.get("/v1/gpu")).status_code == 200
+            assert (await who.get("/v1/history")).status_code == 200
+        posing = await llm.post("/v1/leases", json={"holder": "transcription", "priority": "batch"})
+        assert posing.status_code == 403 and posing.json()["error"]["code"] == "holder_mismatch"
+        too_high = await scraper.post("/v1/leases", json={"holder": "scraper", "priority": "interactive"})
+        assert too_high.status_code == 403 and too_high.json()["error"]["code"] == "priority_not_allowed"
+        batch = await scraper.post("/v1/leases", json={"holder": "scraper", "priority": "batch"})
+        assert batch.status_code == 201
+        assert (await scraper.delete(f"/v1/leases/{batch.json()['lease_id']}")).status_code == 204
+        grant = (await llm.post("/v1/leases", json={"holder": "llm", "priority": "interactive"})).json()
+        assert (await user.post(f"/v1/leases/{grant['lease_id']}/renew")).status_code == 403
+        assert (await user.delete(f"/v1/leases/{grant['lease_id']}")).status_code == 403
+        assert (await llm.delete(f"/v1/leases/{grant['lease_id']}")).status_code == 204

@@ -121,27 +121,29 @@ async def test_a_holder_that_ignores_the_yield_is_revoked_and_the_waiter_waits_f
     assert history[1]["ended_at"] >= last_expiry - 0.002
 
 
-async def test_a_batch_waiter_only_asks_an_interactive_holder(
+async def test_a_holder_that_ignores_a_batch_waiter_is_revoked_too(
     start_coordinator: StartCoordinator, api_factory: ApiFactory
 ) -> None:
-    """Lower priority waiters set yield_requested but start no grace period."""
+    """Any waiter starts the grace period: an interactive holder cannot keep a job
+    queued by ignoring its yield requests."""
     api = api_factory(start_coordinator(yield_grace_ms=200, max_batch_wait_ms=60000))
-    held = (await api.acquire("llm", "interactive", ttl_ms=3000)).json()
+    held = (await api.acquire("llm", "interactive", ttl_ms=2000)).json()
     waiter = await enqueue(api, "transcription", "batch", 1)
-    for _ in range(10):  # about 0.5 s, well past the grace period
-        renewed = await api.renew(held["lease_id"])
-        assert renewed.status_code == 200
-        assert renewed.json()["yield_requested"] is True
-        await asyncio.sleep(0.05)
-    await api.release(held["lease_id"])
-    assert (await waiter).json()["holder"] == "transcription"
+    async with asyncio.timeout(10):
+        while (renewed := await api.renew(held["lease_id"])).status_code == 200:
+            assert renewed.json()["yield_requested"] is True
+            await asyncio.sleep(0.05)
+    assert renewed.status_code == 410 and renewed.json()["error"]["code"] == "revoked"
+    grant = (await waiter).json()
+    assert grant["holder"] == "transcription"
+    assert (await api.history(2))[1]["end"] == "revoked"
 
 
 async def test_the_client_sees_the_yield_and_hands_over(
     start_coordinator: StartCoordinator, gpu_factory: Callable[..., GpuClient]
 ) -> None:
     coordinator = start_coordinator()
-    holder, asker = gpu_factory(coordinator), gpu_factory(coordinator)
+    holder, asker = gpu_factory(coordinator, "transcription"), gpu_factory(coordinator, "llm")
     lease = await holder.acquire("transcription", "batch", wait_s=5)
     assert not lease.yield_requested
     asking = asyncio.create_task(asker.acquire("llm", "interactive", wait_s=10))
