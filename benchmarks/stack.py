@@ -9,8 +9,9 @@ One run, SmolLM2 and tiny.en on the CPU, RAG off, one coordinator:
   transcription worker is paused (SIGSTOP) and resumed after the answer;
 - bypassed: the same with both services told to take no lease: they fight over the
   two cores;
-- storm: three clients chat in a loop while a job runs; the job must still finish
-  (COORDINATOR_MAX_BATCH_WAIT_MS and COORDINATOR_BATCH_SLICE_MS are set below).
+- storm: three clients chat in a loop while a job runs; the job must still finish.
+  It runs on its own coordinator with a short COORDINATOR_MAX_BATCH_WAIT_MS and
+  COORDINATOR_BATCH_SLICE_MS (set below); the phases before use the defaults.
 Time to first token (request sent -> first content piece), the yield latency (the
 chat's request reaches the coordinator -> the transcription lease is released, from
 the coordinator's history), whether each transcript equals its unpreempted run, and
@@ -20,12 +21,14 @@ the cost of the pauses to transcription (wall time / unpreempted wall time).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +184,36 @@ def storm(llm_url: str, tx: httpx.Client, headers: dict[str, str], path: Path, m
     return {"job_wall_s": round(job.runs[0]["wall_s"], 1), "chats": asked[0], "segments": job.runs[0]["segments"]}
 
 
+@contextlib.contextmanager
+def services(
+    work: Path, redis_url: str, coordinator_url: str, name: str, coordinate: bool
+) -> Iterator[tuple[ServiceProcess, httpx.Client, httpx.Client]]:
+    """The LLM and transcription on one coordinator; (llm, chat client, transcription client)."""
+    headers = {"Authorization": f"Bearer {dev_token()}"}
+    env = {
+        "GPU_COORDINATOR_URL": coordinator_url,
+        "RAG_SERVICE_URL": f"http://127.0.0.1:{free_port()}",
+        "REDIS_URL": redis_url,
+        "GEMMA_CONTEXT_SIZE": "2048",
+        "GEMMA_LOG_LEVEL": "warning",
+        "TRANSCRIPTION_LOG_LEVEL": "warning",
+        "TRANSCRIPTION_MAX_UPLOAD_MB": "100",
+        "GEMMA_COORDINATE": str(coordinate).lower(),
+        "TRANSCRIPTION_COORDINATE": str(coordinate).lower(),
+        "TRANSCRIPTION_DATA_DIR": str(work / name),
+        "TRANSCRIPTION_KEY_PREFIX": f"{name}:",
+    }
+    llm = ServiceProcess("llm", env, work)
+    tx = ServiceProcess("transcription", env, work)
+    with (
+        running(llm, tx),
+        httpx.Client(base_url=llm.url, headers=headers, timeout=300) as chat,
+        httpx.Client(base_url=tx.url, headers=headers, timeout=600) as jobs,
+    ):
+        ask(chat, "Warm up.", 4)
+        yield llm, chat, jobs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--job-chats", type=int, default=20)
@@ -190,63 +223,46 @@ def main() -> None:
 
     headers = {"Authorization": f"Bearer {dev_token()}"}
     results: dict[str, Any] = {}
-    settings = {
-        "COORDINATOR_MAX_BATCH_WAIT_MS": str(MAX_BATCH_WAIT_MS),
-        "COORDINATOR_BATCH_SLICE_MS": str(BATCH_SLICE_MS),
-    }
-    with tempfile.TemporaryDirectory() as tmp, coordinated(Path(tmp), **settings) as (redis, coordinator):
+    with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         job_path, job_s = long_meeting(work, 2)
         upload_path, upload_s = long_meeting(work, 4)
         results["audio_s"] = {"job": round(job_s, 1), "upload": round(upload_s, 1)}
-        base = {
-            "GPU_COORDINATOR_URL": coordinator.url,
-            "RAG_SERVICE_URL": f"http://127.0.0.1:{free_port()}",
-            "REDIS_URL": redis.url,
-            "GEMMA_CONTEXT_SIZE": "2048",
-            "GEMMA_LOG_LEVEL": "warning",
-            "TRANSCRIPTION_LOG_LEVEL": "warning",
-            "TRANSCRIPTION_MAX_UPLOAD_MB": "100",
-        }
-        for mode, coordinate in (("coordinated", "true"), ("bypassed", "false")):
-            env = {
-                **base,
-                "GEMMA_COORDINATE": coordinate,
-                "TRANSCRIPTION_COORDINATE": coordinate,
-                "TRANSCRIPTION_DATA_DIR": str(work / mode),
-                "TRANSCRIPTION_KEY_PREFIX": f"{mode}:",
-            }
-            llm = ServiceProcess("llm", env, work)
-            tx = ServiceProcess("transcription", env, work)
-            with (
-                running(llm, tx),
-                httpx.Client(base_url=llm.url, headers=headers, timeout=300) as chat,
-                httpx.Client(base_url=tx.url, headers=headers, timeout=600) as jobs,
-            ):
-                ask(chat, "Warm up.", 4)
-                if mode == "coordinated":
-                    results["idle"] = chats(chat, None, args.job_chats, args.max_tokens)
-                    for kind, path in (("job", job_path), ("upload", upload_path)):
-                        alone = Background(jobs, path, kind)
-                        alone.start()
-                        alone.finish()
-                        results[f"unpreempted_{kind}"] = alone.runs[0]
-                results[mode] = {
-                    "job": chats(chat, Background(jobs, job_path, "job"), args.job_chats, args.max_tokens),
-                    "upload": chats(chat, Background(jobs, upload_path, "upload"), args.upload_chats, args.max_tokens),
-                }
-                if mode == "coordinated":
-                    results["storm"] = storm(llm.url, jobs, headers, job_path, args.max_tokens)
-                    with httpx.Client(base_url=coordinator.url, headers=headers) as gpu:
-                        history = gpu.get("/v1/history", params={"limit": 1000}).json()
-                    results["yield_ms"] = {
-                        kind: yields(history, results["coordinated"][kind]["samples"]) for kind in ("job", "upload")
+        # The hand-over, on the coordinator's default settings.
+        with coordinated(work / "handover") as (redis, coordinator):
+            for mode in ("coordinated", "bypassed"):
+                with services(work, redis.url, coordinator.url, mode, mode == "coordinated") as (_, chat, jobs):
+                    if mode == "coordinated":
+                        results["idle"] = chats(chat, None, args.job_chats, args.max_tokens)
+                        for kind, path in (("job", job_path), ("upload", upload_path)):
+                            alone = Background(jobs, path, kind)
+                            alone.start()
+                            alone.finish()
+                            results[f"unpreempted_{kind}"] = alone.runs[0]
+                    results[mode] = {
+                        "job": chats(chat, Background(jobs, job_path, "job"), args.job_chats, args.max_tokens),
+                        "upload": chats(
+                            chat, Background(jobs, upload_path, "upload"), args.upload_chats, args.max_tokens
+                        ),
                     }
-                    results["handovers"] = sorted(
-                        h["handover_ms"]
-                        for h in history
-                        if h["holder"] == "transcription" and h.get("handover") == "pause"
-                    )
+            with httpx.Client(base_url=coordinator.url, headers=headers) as gpu:
+                history = gpu.get("/v1/history", params={"limit": 1000}).json()
+            results["yield_ms"] = {
+                kind: yields(history, results["coordinated"][kind]["samples"]) for kind in ("job", "upload")
+            }
+            results["handovers"] = sorted(
+                h["handover_ms"] for h in history if h["holder"] == "transcription" and h.get("handover") == "pause"
+            )
+        # Anti-starvation, with a short batch wait and slice so that it shows in minutes.
+        starving = {
+            "COORDINATOR_MAX_BATCH_WAIT_MS": str(MAX_BATCH_WAIT_MS),
+            "COORDINATOR_BATCH_SLICE_MS": str(BATCH_SLICE_MS),
+        }
+        with (
+            coordinated(work / "storm", **starving) as (redis, coordinator),
+            services(work, redis.url, coordinator.url, "storm", True) as (llm, _, jobs),
+        ):
+            results["storm"] = storm(llm.url, jobs, headers, job_path, args.max_tokens)
     report(results)
 
 

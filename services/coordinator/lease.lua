@@ -97,7 +97,7 @@ local function lease_get()
   for i = 1, #flat, 2 do l[flat[i]] = flat[i + 1] end
   for _, k in ipairs({'fence', 'ttl_ms', 'requested_at', 'granted_at', 'expires_at',
                       'yield_requested', 'revoke_at', 'revoked', 'vram_mb', 'free_memory',
-                      'slice_until', 'starve_from'}) do
+                      'slice_until', 'waited'}) do
     l[k] = tonumber(l[k] or '0')
   end
   return l
@@ -158,10 +158,10 @@ local function end_lease(l, event, handover, handover_ms)
   redis.call('LPUSH', K_HISTORY, cjson.encode(record))
   redis.call('LTRIM', K_HISTORY, 0, history_size - 1)
   if l.priority == 'batch' then
-    local field = 'starve_from:' .. l.holder
+    local field = 'waited:' .. l.holder
     local preempted = redis.call('ZCARD', K_QI) > 0
     if preempted and now - l.granted_at < meta_number('batch_slice_ms') then
-      redis.call('HSET', K_META, field, string.format('%d', l.starve_from))
+      redis.call('HSET', K_META, field, string.format('%d', l.waited))
     else
       redis.call('HDEL', K_META, field)
     end
@@ -180,11 +180,16 @@ local function drop_waiter(id, w, reason)
   emit('left_queue', nil, w.holder, w.priority, {reason = reason})
 end
 
--- A batch waiter starves once it has waited max_batch_wait since it last had the card
--- for a whole slice: grants cut short by interactive waiters do not reset that clock
--- (starve_from), or a stream of chats could hand it the card for milliseconds forever.
+-- How long a batch waiter has waited in all since it last had the card for a whole
+-- slice: grants cut short by interactive waiters carry their waiting over (waited_before),
+-- or a stream of chats could hand it the card for milliseconds forever. Only time spent
+-- waiting counts: a job that holds the card most of the time between chats is not starving.
+local function waited(w)
+  return (w.waited_before or 0) + now - w.requested_at
+end
+
 local function starving(w)
-  return w ~= nil and now - (w.starve_from or w.requested_at) >= max_batch_wait
+  return w ~= nil and w.priority == 'batch' and waited(w) >= max_batch_wait
 end
 
 -- The waiter that goes next: a starving batch waiter, else the first interactive,
@@ -219,14 +224,14 @@ local function grant(id, w)
              ttl_ms = w.ttl_ms, requested_at = w.requested_at, granted_at = now,
              expires_at = now + w.ttl_ms, yield_requested = 0, revoke_at = 0, revoked = 0,
              waiter = id, vram_mb = vram, free_memory = must_free(w.holder, vram),
-             slice_until = slice_until, starve_from = w.starve_from or w.requested_at}
+             slice_until = slice_until, waited = waited(w)}
   redis.call('HSET', K_LEASE,
     'lease_id', l.lease_id, 'fence', string.format('%d', fence), 'holder', l.holder,
     'priority', l.priority, 'ttl_ms', l.ttl_ms, 'requested_at', string.format('%d', l.requested_at),
     'granted_at', string.format('%d', now), 'expires_at', string.format('%d', l.expires_at),
     'yield_requested', 0, 'revoke_at', 0, 'revoked', 0, 'waiter', id,
     'vram_mb', string.format('%d', vram), 'free_memory', l.free_memory,
-    'slice_until', string.format('%d', slice_until), 'starve_from', string.format('%d', l.starve_from))
+    'slice_until', string.format('%d', slice_until), 'waited', string.format('%d', l.waited))
   redis.call('ZREM', queue_of(w.priority), id)
   -- The record stays (marked granted) while the lease lives, so that a caller whose
   -- connection broke can ask again with the same waiter id and get this grant.
@@ -362,7 +367,7 @@ if op == 'enqueue' then
     w = {holder = ARGV[10], priority = ARGV[11], ttl_ms = tonumber(ARGV[12]), requested_at = now,
          hb_until = now + tonumber(ARGV[13]), lease_id = ARGV[14], vram_mb = tonumber(ARGV[15]) or 0}
     if w.priority == 'batch' then
-      w.starve_from = tonumber(redis.call('HGET', K_META, 'starve_from:' .. w.holder) or tostring(now))
+      w.waited_before = tonumber(redis.call('HGET', K_META, 'waited:' .. w.holder) or '0')
     end
     redis.call('HSET', K_META, 'vram:' .. w.holder, string.format('%d', w.vram_mb))
     local seq = redis.call('INCR', K_SEQ)

@@ -36,9 +36,10 @@ class CoordinatorSettings(ServiceSettings):
     max_queue: int = Field(default=64, ge=1, le=10000)
     """Waiters beyond this many get 429."""
     max_batch_wait_ms: int = Field(default=60000, ge=0)
-    """A batch waiter that has waited this long goes next, before interactive ones."""
+    """A batch waiter that has waited this long in all (since it last held a whole slice)
+    goes next, before interactive ones."""
     yield_grace_ms: int = Field(default=30000, ge=0)
-    """A holder asked to yield by a waiter of its priority or higher is revoked after this."""
+    """A holder asked to yield (whoever waits) that has not released is revoked after this."""
     waiter_heartbeat_ms: int = Field(default=5000, ge=500, le=60000)
     """A queued waiter whose coordinator stopped refreshing it is dropped after this."""
     history_size: int = Field(default=1000, ge=10, le=100000)

@@ -4,6 +4,8 @@ free its memory to hand the card over; hand-over reports; the batch slice."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 from collections.abc import Callable
 
 from tests.services.coordinator.conftest import Api, Events, StartCoordinator
@@ -95,15 +97,15 @@ async def test_a_starved_batch_holder_keeps_the_card_for_its_slice(
 async def test_grants_cut_short_by_chats_do_not_reset_a_batch_waiters_starvation(
     start_coordinator: StartCoordinator, api_factory: ApiFactory, events_for: EventsFor
 ) -> None:
-    """A job handed the card between chats for milliseconds at a time still starves
-    after max_batch_wait_ms in all, and then keeps the card for its slice."""
+    """A job handed the card between chats for moments at a time still starves once it
+    has waited max_batch_wait_ms in all, and then keeps the card for its slice."""
     coordinator = start_coordinator(max_batch_wait_ms=300, batch_slice_ms=1000)
     api = api_factory(coordinator)
     async with events_for(coordinator) as events:
         job = (await api.acquire("transcription", "batch")).json()
         started = job["granted_at"]
         held: list[float] = []
-        for _ in range(100):
+        for _ in range(2000):  # each round the job waits a few ms for the chat
             chat_waits = asyncio.ensure_future(api.acquire("llm", wait_ms=30000))
             fence = job["fence"]
             asked = await events.wait_for(lambda e: e["type"] == "yield_requested" and e["fence"] == fence)  # noqa: B023
@@ -119,3 +121,53 @@ async def test_grants_cut_short_by_chats_do_not_reset_a_batch_waiters_starvation
         assert held[-1] >= 1.0, held
         assert all(h < 0.5 for h in held[:-1])  # cut short every time before
         assert job["granted_at"] - started >= 0.3  # not before it had waited max_batch_wait_ms in all
+
+
+async def test_three_looping_chats_cannot_hold_a_job_below_its_slice(
+    start_coordinator: StartCoordinator, api_factory: ApiFactory, events_for: EventsFor
+) -> None:
+    """Three clients chat without pause while a job needs WORK_S of card time. The job
+    waits at most MAX_WAIT_S in all before it starves, then holds the card for SLICE_S;
+    each round costs at most MAX_WAIT_S + SLICE_S + the chats ahead of it (3 x CHAT_S).
+    The bound stated and checked: ceil(WORK_S / SLICE_S) rounds, plus 5 s of slack for a
+    busy machine: 3 x (0.5 + 1.0 + 0.3) + 5 = 10.4 s."""
+    max_wait_s, slice_s, chat_s, work_s = 0.5, 1.0, 0.1, 3.0
+    bound_s = math.ceil(work_s / slice_s) * (max_wait_s + slice_s + 3 * chat_s) + 5
+    coordinator = start_coordinator(max_batch_wait_ms=int(max_wait_s * 1000), batch_slice_ms=int(slice_s * 1000))
+    api = api_factory(coordinator)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    answered = [0, 0, 0]
+
+    async def chat(client: int) -> None:
+        while not stop.is_set():
+            lease = (await api.acquire(f"chat{client}", wait_ms=60000)).json()
+            await asyncio.sleep(chat_s)  # the answer being generated
+            assert (await api.release(lease["lease_id"])).status_code == 204
+            answered[client] += 1
+
+    async def job(events: Events) -> list[float]:
+        held: list[float] = []
+        while sum(held) < work_s:
+            lease = (await api.acquire("transcription", "batch", wait_ms=60000)).json()
+            granted, fence = loop.time(), lease["fence"]
+            with contextlib.suppress(TimeoutError):  # decodes until asked to yield, or until done
+                await events.wait_for(
+                    lambda e: e["type"] == "yield_requested" and e["fence"] == fence,  # noqa: B023
+                    timeout_s=work_s - sum(held),
+                )
+            held.append(loop.time() - granted)
+            assert (await api.release(lease["lease_id"])).status_code == 204
+        return held
+
+    async with events_for(coordinator) as events:
+        chats = [asyncio.ensure_future(chat(i)) for i in range(3)]
+        await api.wait_queue(2)  # the chats are looping: one holds, two wait
+        started = loop.time()
+        held = await asyncio.wait_for(job(events), timeout=bound_s)
+        took = loop.time() - started
+        stop.set()
+        await asyncio.gather(*chats)
+    assert took <= bound_s and sum(held) >= work_s
+    assert [h for h in held if h >= slice_s * 0.9], held  # it got whole slices, not moments only
+    assert all(n > 0 for n in answered), answered  # and the chats were answered meanwhile
