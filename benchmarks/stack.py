@@ -186,10 +186,10 @@ def storm(llm_url: str, tx: httpx.Client, headers: dict[str, str], path: Path, m
 
 @contextlib.contextmanager
 def services(
-    work: Path, redis_url: str, coordinator_url: str, name: str, coordinate: bool
+    work: Path, redis_url: str, coordinator_url: str, name: str, coordinate: bool, headers: dict[str, str]
 ) -> Iterator[tuple[ServiceProcess, httpx.Client, httpx.Client]]:
-    """The LLM and transcription on one coordinator; (llm, chat client, transcription client)."""
-    headers = {"Authorization": f"Bearer {dev_token()}"}
+    """The LLM and transcription on one coordinator; (llm, chat client, transcription client).
+    Every process shares the secret of the run's one ``dev_token()``."""
     env = {
         "GPU_COORDINATOR_URL": coordinator_url,
         "RAG_SERVICE_URL": f"http://127.0.0.1:{free_port()}",
@@ -231,7 +231,11 @@ def main() -> None:
         # The hand-over, on the coordinator's default settings.
         with coordinated(work / "handover") as (redis, coordinator):
             for mode in ("coordinated", "bypassed"):
-                with services(work, redis.url, coordinator.url, mode, mode == "coordinated") as (_, chat, jobs):
+                with services(work, redis.url, coordinator.url, mode, mode == "coordinated", headers) as (
+                    _,
+                    chat,
+                    jobs,
+                ):
                     if mode == "coordinated":
                         results["idle"] = chats(chat, None, args.job_chats, args.max_tokens)
                         for kind, path in (("job", job_path), ("upload", upload_path)):
@@ -260,7 +264,7 @@ def main() -> None:
         }
         with (
             coordinated(work / "storm", **starving) as (redis, coordinator),
-            services(work, redis.url, coordinator.url, "storm", True) as (llm, _, jobs),
+            services(work, redis.url, coordinator.url, "storm", True, headers) as (llm, _, jobs),
         ):
             results["storm"] = storm(llm.url, jobs, headers, job_path, args.max_tokens)
     report(results)
