@@ -293,6 +293,7 @@ class Stack:
         env.update(
             JWT_SECRET_FILE=str(secret_file.resolve()),
             REDIS_URL=self.redis_url,
+            BATON_REDIS_URL=self.redis_url,  # per-user limits and the audit log, shared by all
             GPU_COORDINATOR_URL=self.url("coordinator"),
             RAG_SERVICE_URL=self.url("rag"),
             PYTHONUNBUFFERED="1",

@@ -111,8 +111,10 @@ class TooManyRequests(APIError):
     type = "rate_limit_error"
     default_code = "queue_full"
 
-    def __init__(self, message: str, *, retry_after_s: float, code: str | None = None) -> None:
-        super().__init__(message, code=code, headers={"Retry-After": _seconds(retry_after_s)})
+    def __init__(self, message: str, *, retry_after_s: float | None, code: str | None = None) -> None:
+        """``retry_after_s`` None: waiting will not help (a quota), so no Retry-After."""
+        headers = {"Retry-After": _seconds(retry_after_s)} if retry_after_s is not None else None
+        super().__init__(message, code=code, headers=headers)
 
 
 class ServiceUnavailable(APIError):
@@ -172,7 +174,8 @@ def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        request.state.error_code = cast(APIError, exc).code
         return error_response(cast(APIError, exc))
 
     async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:

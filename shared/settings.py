@@ -160,6 +160,40 @@ class AuthSettings(BatonSettings):
             raise ConfigError("JWT_ONLY=false needs JWT_API_KEYS_FILE (lines of 'subject scopes key').")
 
 
+class LimitSettings(BatonSettings):
+    """Per-subject limits and the audit stream, shared by every service (``BATON_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="BATON_")
+
+    redis_url: str | None = None
+    """Redis holding the limits and the audit stream of every service. Unset: no limits,
+    and the audit events stay in the logs and in each process's memory."""
+    key_prefix: str = Field(default="baton:", min_length=1, max_length=64)
+    """Prefix of every Redis key, so tests and stacks can share one Redis."""
+    limit_rpm: int = Field(default=600, ge=0)
+    """Requests per minute per subject, all services together (0: no limit)."""
+    limit_streams: int = Field(default=4, ge=0)
+    """Streams (streamed answers, streamed transcriptions, event streams) open at once
+    per subject (0: no limit)."""
+    limit_jobs: int = Field(default=8, ge=0)
+    """Transcription jobs queued or running per subject (0: no limit)."""
+    limit_stored_mb: float = Field(default=256.0, ge=0)
+    """Text stored in RAG per subject, documents and transcripts (0: no limit)."""
+    audit_max_events: int = Field(default=100_000, ge=100, le=10_000_000)
+    """The audit stream keeps about this many of the newest events."""
+
+    def public(self) -> dict[str, Any]:
+        """The limits a user may know."""
+        if self.redis_url is None:
+            return {}
+        return {
+            "requests_per_minute": self.limit_rpm or None,
+            "streams": self.limit_streams or None,
+            "queued_jobs": self.limit_jobs or None,
+            "stored_mb": self.limit_stored_mb or None,
+        }
+
+
 class ServiceSettings(BatonSettings):
     """What every service has: where it listens and how it logs."""
 
@@ -171,6 +205,8 @@ class ServiceSettings(BatonSettings):
     """Log level of the service's JSON logs."""
     max_body_mb: float = Field(default=1.0, gt=0, le=1024)
     """Requests with a larger body are refused with 413."""
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    """Per-subject limits and the audit stream (``BATON_*``), the same for every service."""
 
 
 S = TypeVar("S", bound=BatonSettings)

@@ -18,8 +18,10 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared import __version__
-from shared.auth import MAX_SUBJECT, ON_BEHALF_OF, InvalidToken, Principal, TokenVerifier
+from shared.audit import KINDS, Audit
+from shared.auth import MAX_SUBJECT, ON_BEHALF_OF, SERVICE_SUBJECT_PREFIX, InvalidToken, Principal, TokenVerifier
 from shared.errors import (
+    BadRequest,
     Forbidden,
     PayloadTooLarge,
     ServiceUnavailable,
@@ -28,6 +30,7 @@ from shared.errors import (
     install_error_handlers,
     internal_message,
 )
+from shared.limits import Limiter, StreamSlot
 from shared.logs import request_id_var
 from shared.metrics import Metrics
 
@@ -38,22 +41,29 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class Auth:
-    """Builds FastAPI dependencies that authenticate and check scopes."""
+    """Builds FastAPI dependencies that authenticate, check scopes, and count each
+    user's requests against their rate limit (``limiter``)."""
 
-    def __init__(self, verifier: TokenVerifier) -> None:
+    def __init__(self, verifier: TokenVerifier, limiter: Limiter | None = None) -> None:
         self.verifier = verifier
+        self.limiter = limiter
 
     def authenticate(self, request: Request) -> Principal:
         header = request.headers.get("authorization")
         if header is None:
+            request.state.auth_refused = "missing"
             raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'", error="")
         scheme, _, credential = header.partition(" ")
         if scheme.lower() != "bearer" or not credential.strip():
+            request.state.auth_refused = "not a bearer token"
             raise Unauthorized("the Authorization header must be 'Bearer <token>'", error="invalid_request")
         try:
-            return self.verifier.verify(credential.strip())
+            principal = self.verifier.verify(credential.strip())
         except InvalidToken as exc:
+            request.state.auth_refused = str(exc)
             raise Unauthorized(f"invalid bearer token: {exc}") from None
+        request.state.principal = principal
+        return principal
 
     def require(self, *scopes: str) -> Callable[[Request], Awaitable[Principal]]:
         """A dependency: a valid token holding any one of ``scopes`` (none: any valid token).
@@ -66,9 +76,18 @@ class Auth:
             principal = self.authenticate(request)
             if scopes and not principal.has_any(scopes):
                 raise Forbidden(scopes)
+            if self.limiter is not None and not principal.is_service:
+                await self.limiter.request(principal.subject)
             return principal
 
         return dependency
+
+    async def stream_slot(self, request: Request) -> StreamSlot:
+        """One of the user's stream slots for this request's stream (429 when none is
+        free); close it when the stream ends. Services are not limited."""
+        if self.limiter is None:
+            return StreamSlot(None, None, None)
+        return await self.limiter.open_stream(user_of(request))
 
     def caller(self, *scopes: str) -> Callable[[Request], Awaitable[Caller]]:
         """A dependency like ``require`` that also works out whose data the request may
@@ -77,7 +96,6 @@ class Auth:
 
         async def dependency(request: Request) -> Caller:
             principal = await required(request)
-            request.state.principal = principal
             request.state.caller = caller_of(principal, request.headers.get(ON_BEHALF_OF))
             return request.state.caller
 
@@ -93,11 +111,28 @@ def caller(request: Request) -> Caller:
 
 
 def principal(request: Request) -> Principal:
-    """The token's principal, for routes with an ``Auth.caller`` dependency."""
+    """The token's principal, for routes with an ``Auth`` dependency."""
     found = getattr(request.state, "principal", None)
     if not isinstance(found, Principal):
-        raise RuntimeError("this route has no Auth.caller dependency")
+        raise RuntimeError("this route has no Auth dependency")
     return found
+
+
+def user_of(request: Request) -> str | None:
+    """The user a request counts against (limits): the caller's subject; None for a
+    service acting for nobody."""
+    who = getattr(request.state, "caller", None)
+    if isinstance(who, Caller):
+        return None if who.service is not None or _plain_service(who) else who.subject
+    found = getattr(request.state, "principal", None)
+    return found.subject if isinstance(found, Principal) and not found.is_service else None
+
+
+def audit_note(request: Request, kind: str, **fields: Any) -> None:
+    """An audit event the request's end writes, with who, from where and what path."""
+    notes: list[tuple[str, dict[str, Any]]] = getattr(request.state, "audit_notes", None) or []
+    notes.append((kind, fields))
+    request.state.audit_notes = notes
 
 
 @dataclass(frozen=True)
@@ -150,10 +185,11 @@ class RequestContextMiddleware:
     through untouched.
     """
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, audit: Audit | None = None) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.audit = audit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -206,7 +242,38 @@ class RequestContextMiddleware:
                     "duration_ms": round(elapsed * 1000, 2),
                 },
             )
+            if self.audit is not None:
+                await self._audit(scope, state["status"])
             request_id_var.reset(token)
+
+    async def _audit(self, scope: Scope, status: int) -> None:
+        """The request's audit events: refused tokens, 403s, 429s, deletes, and what the
+        route noted (``audit_note``)."""
+        assert self.audit is not None
+        kept: dict[str, Any] = scope.get("state") or {}
+        principal = kept.get("principal")
+        who = kept.get("caller") or principal
+        context = {
+            "subject": getattr(who, "subject", None),
+            "service": getattr(who, "service", None),
+            "source": (scope.get("client") or ("?",))[0],
+            "method": scope.get("method"),
+            "path": scope.get("path"),
+            "status": status,
+            "code": kept.get("error_code"),
+            "request_id": request_id_var.get(),
+        }
+        events: list[tuple[str, dict[str, Any]]] = list(kept.get("audit_notes") or [])
+        if status == 401:
+            events.append(("token_refused", {"reason": kept.get("auth_refused", "unknown")}))
+        elif status == 403:
+            events.append(("forbidden", {}))
+        elif status == 429:
+            events.append(("rate_limited", {}))
+        elif scope.get("method") == "DELETE" and 200 <= status < 300 and not _plain_service(who):
+            events.append(("deleted", {}))  # a lease's release is not the deletion of data
+        for kind, fields in events:
+            await self.audit.write(kind, **(context | fields))
 
     def _limited(self, receive: Receive) -> Receive:
         limit = self.max_body_bytes
@@ -222,6 +289,13 @@ class RequestContextMiddleware:
             return message
 
         return limited_receive
+
+
+def _plain_service(who: object) -> bool:
+    """A service acting for nobody."""
+    if isinstance(who, Caller):
+        return who.service is None and who.subject.startswith(SERVICE_SUBJECT_PREFIX)
+    return isinstance(who, Principal) and who.is_service
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -260,11 +334,15 @@ def create_service_app(
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
     ready: ReadyCheck = always_ready,
     info: Callable[[], dict[str, Any]] | None = None,
+    public_info: Callable[[], dict[str, Any]] | None = None,
+    audit: Audit | None = None,
 ) -> FastAPI:
     """The FastAPI app every service starts from.
 
-    ``/health`` and ``/ready`` are open; ``/metrics`` and ``/openapi.json`` need scope
-    ``admin``; ``/v1/info`` needs any valid token.
+    ``/health`` and ``/ready`` are open. ``/v1/info`` needs any valid token: the
+    service, its version, its model and its public limits (``public_info``); an
+    ``admin`` token also gets the operator's details (``info``: paths, devices,
+    tuning). ``/metrics``, ``/openapi.json`` and ``/v1/audit`` need scope ``admin``.
     """
     app = FastAPI(
         title=f"baton {name}",
@@ -275,7 +353,8 @@ def create_service_app(
         openapi_url=None,
     )
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=max_body_bytes, audit=audit)
+    admin = [Depends(auth.require("admin"))]
 
     router = APIRouter()
 
@@ -293,18 +372,28 @@ def create_service_app(
         body["error"]["detail"] = state.detail
         return JSONResponse(body, status_code=503, headers=error.headers)
 
-    @router.get("/metrics", tags=["ops"], dependencies=[Depends(auth.require("admin"))])
+    @router.get("/metrics", tags=["ops"], dependencies=admin)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @router.get("/openapi.json", tags=["ops"], dependencies=[Depends(auth.require())])
+    @router.get("/openapi.json", tags=["ops"], dependencies=admin)
     async def openapi() -> dict[str, Any]:
         return app.openapi()
 
     @router.get("/v1/info", tags=["ops"], dependencies=[Depends(auth.require())])
-    async def service_info() -> dict[str, Any]:
-        base: dict[str, Any] = {"service": name, "version": __version__}
-        return base | (info() if info else {})
+    async def service_info(request: Request) -> dict[str, Any]:
+        shown: dict[str, Any] = {"service": name, "version": __version__} | (public_info() if public_info else {})
+        if "admin" in principal(request).scopes and info is not None:
+            shown |= info()
+        return shown
+
+    @router.get("/v1/audit", tags=["ops"], dependencies=admin)
+    async def audit_events(limit: int = 100, kind: str | None = None) -> dict[str, Any]:
+        if not 1 <= limit <= 1000:
+            raise BadRequest("limit must be between 1 and 1000", param="limit", code="invalid_value")
+        if kind is not None and kind not in KINDS:
+            raise BadRequest(f"kind must be one of {', '.join(KINDS)}", param="kind", code="invalid_value")
+        return {"events": await audit.read(limit, kind) if audit is not None else []}
 
     app.include_router(router)
     return app

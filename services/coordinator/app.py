@@ -16,6 +16,7 @@ from services.coordinator.events import EventBus
 from services.coordinator.leases import CoordinatorMetrics, LeaseManager
 from services.coordinator.settings import CoordinatorSettings
 from shared.auth import TokenVerifier
+from shared.guards import Guards
 from shared.metrics import Metrics
 from shared.settings import load_settings
 from shared.web import Auth, Readiness, create_service_app
@@ -31,12 +32,20 @@ def redact_url(url: str) -> str:
 
 def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     settings = settings or load_settings(CoordinatorSettings)
-    auth = Auth(TokenVerifier(settings.auth))
+    guards = Guards.build("coordinator", settings.limits)
+    auth = Auth(TokenVerifier(settings.auth), guards.limiter)
     metrics = Metrics("coordinator")
     timeout = settings.redis_timeout_ms / 1000.0
     redis = Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
     bus = EventBus()
-    manager = LeaseManager(redis, settings, bus, CoordinatorMetrics(metrics), card_memory_mb(settings.gpu_memory_mb))
+    manager = LeaseManager(
+        redis,
+        settings,
+        bus,
+        CoordinatorMetrics(metrics),
+        card_memory_mb(settings.gpu_memory_mb),
+        guards.audit,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -47,10 +56,14 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
             bus.close()
             await manager.stop()
             await redis.aclose()
+            await guards.aclose()
 
     async def ready() -> Readiness:
         ok = manager.epoch is not None and await manager.ping()
         return Readiness(ok, {"redis": "ok" if ok else "unreachable"})
+
+    def public_info() -> dict[str, Any]:
+        return {"limits": settings.limits.public()}
 
     def info() -> dict[str, Any]:
         return {
@@ -73,6 +86,8 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
         lifespan=lifespan,
         ready=ready,
         info=info,
+        public_info=public_info,
+        audit=guards.audit,
     )
     app.include_router(build_router(manager, settings, auth))
     return app

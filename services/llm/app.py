@@ -18,6 +18,7 @@ from services.llm.settings import LLMSettings
 from shared.auth import ServiceTokens, TokenIssuer, TokenVerifier
 from shared.client import ServiceClient
 from shared.gpu import Gpu, GpuClient, NoCoordinator, vram_estimate_mb
+from shared.guards import Guards
 from shared.metrics import Metrics
 from shared.models import UnknownModel, resolve
 from shared.settings import ConfigError, load_settings
@@ -28,7 +29,8 @@ SERVICE_SCOPES = ("gpu", "rag:read")
 
 def create_app(settings: LLMSettings | None = None) -> FastAPI:
     settings = settings or load_settings(LLMSettings)
-    auth = Auth(TokenVerifier(settings.auth))
+    guards = Guards.build("llm", settings.limits)
+    auth = Auth(TokenVerifier(settings.auth), guards.limiter)
     tokens = ServiceTokens(TokenIssuer(settings.auth), "llm", SERVICE_SCOPES, settings.auth.service_token_ttl_s)
     try:
         path, preset = resolve(settings.model_path, "llm")
@@ -67,13 +69,20 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
             await gpu.aclose()
             await memories.aclose()
             await asyncio.to_thread(engine.close)
+            await guards.aclose()
 
     async def ready() -> Readiness:
         return Readiness(state["loaded"], {"model": model_id})
 
-    def info() -> dict[str, Any]:
+    def public_info() -> dict[str, Any]:
         return {
             "model": model_id,
+            "context_size": engine.n_ctx,
+            "limits": {"max_tokens": settings.max_tokens, "max_queue": settings.max_queue} | settings.limits.public(),
+        }
+
+    def info() -> dict[str, Any]:
+        return {
             "model_path": str(path),
             "chat_format": engine.chat_format,
             "context_size": engine.n_ctx,
@@ -92,6 +101,8 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
         lifespan=lifespan,
         ready=ready,
         info=info,
+        public_info=public_info,
+        audit=guards.audit,
     )
     app.include_router(build_router(chat, auth))
     return app

@@ -13,6 +13,7 @@ from services.rag.api import EMBEDDING_MODEL, build_router
 from services.rag.settings import RAGSettings
 from services.rag.store import MemoryStore
 from shared.auth import TokenVerifier
+from shared.guards import Guards
 from shared.metrics import Metrics
 from shared.models import UnknownModel
 from shared.settings import ConfigError, load_settings
@@ -21,7 +22,8 @@ from shared.web import Auth, Readiness, create_service_app
 
 def create_app(settings: RAGSettings | None = None, store: MemoryStore | None = None) -> FastAPI:
     settings = settings or load_settings(RAGSettings)
-    auth = Auth(TokenVerifier(settings.auth))
+    guards = Guards.build("rag", settings.limits)
+    auth = Auth(TokenVerifier(settings.auth), guards.limiter)
     if store is None:
         try:
             store = MemoryStore.open(settings)
@@ -34,15 +36,23 @@ def create_app(settings: RAGSettings | None = None, store: MemoryStore | None = 
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(memories.warm_up)
         warm["done"] = True
-        yield
+        try:
+            yield
+        finally:
+            await guards.aclose()
 
     async def ready() -> Readiness:
         ok = warm["done"] and await run_in_threadpool(memories.heartbeat)
         return Readiness(ok, {"chroma": "ok" if ok else "unreachable"})
 
-    def info() -> dict[str, Any]:
+    def public_info() -> dict[str, Any]:
         return {
             "model": EMBEDDING_MODEL,
+            "limits": {"max_documents": settings.max_documents} | settings.limits.public(),
+        }
+
+    def info() -> dict[str, Any]:
+        return {
             "device": "cpu",
             "chroma": settings.chroma_url or f"embedded at {settings.chroma_path}",
             "collection": settings.collection,
@@ -60,6 +70,8 @@ def create_app(settings: RAGSettings | None = None, store: MemoryStore | None = 
         lifespan=lifespan,
         ready=ready,
         info=info,
+        public_info=public_info,
+        audit=guards.audit,
     )
     app.include_router(build_router(memories, auth, settings.max_documents))
     return app

@@ -20,6 +20,7 @@ from services.transcription.worker import WorkerSpec
 from shared.auth import ServiceTokens, TokenIssuer, TokenVerifier
 from shared.client import ServiceClient
 from shared.gpu import Gpu, GpuClient, NoCoordinator, vram_estimate_mb
+from shared.guards import Guards
 from shared.metrics import Metrics
 from shared.models import UnknownModel, resolve
 from shared.settings import ConfigError, load_settings
@@ -32,7 +33,8 @@ UPLOAD_OVERHEAD_MB = 1.0
 
 def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
     settings = settings or load_settings(TranscriptionSettings)
-    auth = Auth(TokenVerifier(settings.auth))
+    guards = Guards.build("transcription", settings.limits)
+    auth = Auth(TokenVerifier(settings.auth), guards.limiter)
     tokens = ServiceTokens(
         TokenIssuer(settings.auth), "transcription", SERVICE_SCOPES, settings.auth.service_token_ttl_s
     )
@@ -70,7 +72,9 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
         metrics=PlacementMetrics(metrics),
     )
     decoder = audio.Decoder(settings.worker_nice)
-    runner = JobRunner(JobStore(redis, settings.key_prefix), placement, rag, settings, JobMetrics(metrics), decoder)
+    runner = JobRunner(
+        JobStore(redis, settings.key_prefix), placement, rag, settings, JobMetrics(metrics), decoder, guards.limiter
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -85,6 +89,7 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
             await gpu.aclose()
             await rag.aclose()
             await redis.aclose()
+            await guards.aclose()
 
     async def ready() -> Readiness:
         try:
@@ -93,9 +98,15 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
             ok = False
         return Readiness(ok, {"redis": "ok" if ok else "unreachable", "model": model_id})
 
-    def info() -> dict[str, Any]:
+    def public_info() -> dict[str, Any]:
         return {
             "model": model_id,
+            "limits": {"max_upload_mb": settings.max_upload_mb, "max_duration_s": settings.max_duration_s}
+            | settings.limits.public(),
+        }
+
+    def info() -> dict[str, Any]:
+        return {
             "model_path": str(path),
             "device": settings.device,
             "compute_type": settings.compute_type,
@@ -104,8 +115,6 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
             "workers": settings.workers,
             "vram_mb": vram_mb,
             "frees_memory_with": "checkpoint" if placement.checkpoints else "restart",
-            "max_upload_mb": settings.max_upload_mb,
-            "max_duration_s": settings.max_duration_s,
         }
 
     app = create_service_app(
@@ -116,6 +125,8 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
         lifespan=lifespan,
         ready=ready,
         info=info,
+        public_info=public_info,
+        audit=guards.audit,
     )
     app.include_router(build_router(placement, runner, decoder, settings, model_id, auth, metrics))
     return app

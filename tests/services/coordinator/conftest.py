@@ -23,7 +23,12 @@ StartCoordinator = Callable[..., ServiceProcess]
 def start_coordinator(redis_server: RedisServer, key_prefix: str, log_dir: Path) -> Iterator[StartCoordinator]:
     started: list[ServiceProcess] = []
 
-    def start(redis_url: str | None = None, port: int | None = None, **settings: object) -> ServiceProcess:
+    def start(
+        redis_url: str | None = None,
+        port: int | None = None,
+        env_extra: dict[str, str] | None = None,
+        **settings: object,
+    ) -> ServiceProcess:
         env = {
             "COORDINATOR_REDIS_URL": redis_url or redis_server.url,
             "COORDINATOR_KEY_PREFIX": key_prefix,
@@ -31,6 +36,7 @@ def start_coordinator(redis_server: RedisServer, key_prefix: str, log_dir: Path)
             "COORDINATOR_OTHER_SERVICES": "interactive",
         }
         env.update({f"COORDINATOR_{name.upper()}": str(value) for name, value in settings.items()})
+        env.update(env_extra or {})
         service = ServiceProcess("coordinator", env, log_dir, port=port).start()
         started.append(service)
         return service

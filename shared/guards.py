@@ -1,0 +1,37 @@
+"""The per-subject limits and the audit log of one service, on the Redis every
+service shares (``BATON_REDIS_URL``), built once per app and closed with it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from shared.audit import Audit
+from shared.limits import Limiter
+from shared.settings import LimitSettings
+
+
+@dataclass
+class Guards:
+    limiter: Limiter
+    audit: Audit
+    redis: Redis | None
+
+    @classmethod
+    def build(cls, service: str, settings: LimitSettings) -> Guards:
+        redis = (
+            Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+            if settings.redis_url
+            else None
+        )
+        return cls(
+            Limiter(settings, redis),
+            Audit(service, redis, settings.key_prefix, settings.audit_max_events),
+            redis,
+        )
+
+    async def aclose(self) -> None:
+        await self.limiter.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
