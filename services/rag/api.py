@@ -18,10 +18,11 @@ from services.rag.schemas import (
     QueryOut,
     SegmentsIn,
 )
-from services.rag.store import InputTooLong, MemoryStore, NotFound
+from services.rag.store import InputTooLong, MemoryStore, NotFound, Stored
+from shared.auth import SERVICE_SUBJECT_PREFIX
 from shared.errors import BadRequest, Forbidden
 from shared.errors import NotFound as NotFoundError
-from shared.web import Auth
+from shared.web import Auth, audit_note
 from shared.web import caller as caller_of
 
 EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -36,33 +37,58 @@ def build_router(store: MemoryStore, auth: Auth, max_items: int) -> APIRouter:
         if count > max_items:
             raise BadRequest(f"at most {max_items} {what} per request (RAG_MAX_DOCUMENTS)", code="too_many")
 
+    async def check_quota(owner: str, texts: list[str]) -> None:
+        """Before embedding: would this take the owner past their stored-text quota?"""
+        if auth.limiter is not None and not owner.startswith(SERVICE_SUBJECT_PREFIX):
+            await auth.limiter.check_storage(owner, sum(len(t.encode("utf-8")) for t in texts))
+
+    async def count(stored: Stored) -> None:
+        if auth.limiter is not None:
+            for owner, delta in stored.bytes_by_owner.items():
+                if owner:
+                    await auth.limiter.stored(owner, delta)
+
     @router.post("/documents", dependencies=writer)
     async def add_documents(body: DocumentsIn, request: Request) -> DocumentsOut:
         caller = caller_of(request)
         check_size(len(body.documents), "documents")
         if any(d.shared for d in body.documents) and not (caller.admin or "rag:share" in caller.scopes):
             raise Forbidden(("rag:share",))
+        await check_quota(caller.subject, [d.text for d in body.documents])
         stored = await run_in_threadpool(store.add_documents, body.documents, body.collection, caller.subject)
+        await count(stored)
         return DocumentsOut(ids=stored.ids, chunks=stored.chunks)
 
     @router.post("/segments", dependencies=writer)
     async def add_segments(body: SegmentsIn, request: Request) -> DocumentsOut:
         check_size(len(body.segments), "segments")
-        stored = await run_in_threadpool(store.add_segments, body, caller_of(request).subject)
+        owner = caller_of(request).subject
+        await check_quota(owner, [s.text for s in body.segments])
+        stored = await run_in_threadpool(store.add_segments, body, owner)
+        await count(stored)
         return DocumentsOut(ids=stored.ids, chunks=stored.chunks)
 
     @router.post("/query", dependencies=reader)
     async def query(body: QueryIn, request: Request) -> QueryOut:
-        return QueryOut(results=await run_in_threadpool(store.query, body, caller_of(request)))
+        caller = caller_of(request)
+        results = await run_in_threadpool(store.query, body, caller)
+        if caller.admin:
+            others = sorted(
+                {str(r.metadata.get("owner")) for r in results if r.metadata.get("owner") != caller.subject}
+            )
+            if others:
+                audit_note(request, "admin_read", owners=others, results=len(results))
+        return QueryOut(results=results)
 
     @router.delete("/documents/{memory_id}", status_code=204, dependencies=writer)
     async def delete(
         memory_id: str, request: Request, collection: Annotated[CollectionName | None, Query()] = None
     ) -> Response:
         try:
-            await run_in_threadpool(store.delete, memory_id, collection, caller_of(request))
+            stored = await run_in_threadpool(store.delete, memory_id, collection, caller_of(request))
         except NotFound:
             raise NotFoundError(f"no document, transcript or segment {memory_id!r}") from None
+        await count(stored)
         return Response(status_code=204)
 
     @router.get("/stats", dependencies=reader)

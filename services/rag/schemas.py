@@ -11,7 +11,20 @@ MemoryId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@
 Scalar = str | int | float | bool
 
 RESERVED_METADATA = frozenset(
-    {"doc_id", "chunk", "chunks", "kind", "created_at", "doc_hash", "job_id", "start", "end", "owner", "shared"}
+    {
+        "doc_id",
+        "chunk",
+        "chunks",
+        "kind",
+        "created_at",
+        "doc_hash",
+        "job_id",
+        "start",
+        "end",
+        "owner",
+        "shared",
+        "doc_bytes",
+    }
 )
 
 

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -144,6 +144,28 @@ def _all_of(*clauses: dict[str, Any] | None) -> dict[str, Any] | None:
 class Stored:
     ids: list[str]
     chunks: int
+    bytes_by_owner: dict[str, int] = field(default_factory=dict)
+    """Text bytes added (+) or removed (-) per owner, for their storage quota."""
+
+
+def _size(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def _bytes_by_owner(metadatas: Sequence[Any] | None) -> dict[str, int]:
+    """Text bytes per owner of the chunks and segments found: a document counts its
+    text once (its chunks overlap), a segment its own."""
+    sizes: dict[str, int] = {}
+    seen: set[tuple[str, str]] = set()
+    for meta in metadatas or []:
+        meta = meta or {}
+        owner = str(meta.get("owner", ""))
+        if meta.get("kind") == "document":
+            if (owner, str(meta.get("doc_id"))) in seen:
+                continue
+            seen.add((owner, str(meta.get("doc_id"))))
+        sizes[owner] = sizes.get(owner, 0) + int(meta.get("doc_bytes", 0) or 0)
+    return sizes
 
 
 class MemoryStore:
@@ -207,6 +229,7 @@ class MemoryStore:
                 "doc_hash": digest,
                 "created_at": created,
                 "chunks": len(pieces),
+                "doc_bytes": _size(doc.text),
                 "owner": owner,
                 "shared": doc.shared,
             }
@@ -228,10 +251,14 @@ class MemoryStore:
                     chunk_ids.append(_key(owner, f"{doc_id}#{index}"))
                     texts.append(piece)
                     metadatas.append({**base, "chunk": index})
+            removed = 0
             for doc_id in replace:
-                target.delete(where={"$and": [{"doc_id": doc_id}, {"owner": owner}]})
+                old = target.get(where={"$and": [{"doc_id": doc_id}, {"owner": owner}]}, include=["metadatas"])
+                removed += _bytes_by_owner(old["metadatas"]).get(owner, 0)
+                target.delete(ids=old["ids"])
             self._add(target, chunk_ids, texts, metadatas)
-        return Stored(ids, len(chunk_ids))
+        added = sum(int(m["doc_bytes"]) for m in metadatas if m["chunk"] == 0)
+        return Stored(ids, len(chunk_ids), {owner: added - removed})
 
     def add_segments(self, batch: SegmentsIn, owner: str) -> Stored:
         target = self.collection(batch.collection)
@@ -247,6 +274,7 @@ class MemoryStore:
                 "end": segment.end,
                 "created_at": recorded + segment.start,
                 "doc_hash": _content_hash(segment.text),
+                "doc_bytes": _size(segment.text),
                 "owner": owner,
                 "shared": False,
             }
@@ -259,7 +287,7 @@ class MemoryStore:
             existing = set(target.get(ids=ids, include=[])["ids"])
             fresh = [i for i, segment_id in enumerate(ids) if segment_id not in existing]
             self._add(target, [ids[i] for i in fresh], [texts[i] for i in fresh], [metadatas[i] for i in fresh])
-        return Stored([_local(i) for i in ids], len(fresh))
+        return Stored([_local(i) for i in ids], len(fresh), {owner: sum(_size(texts[i]) for i in fresh)})
 
     def _add(self, target: Collection, ids: list[str], texts: list[str], metadatas: list[dict[str, Scalar]]) -> None:
         step = self._client.get_max_batch_size()
@@ -277,20 +305,20 @@ class MemoryStore:
             if meta and "doc_id" in meta
         }
 
-    def delete(self, memory_id: str, collection: str | None, caller: Caller) -> int:
+    def delete(self, memory_id: str, collection: str | None, caller: Caller) -> Stored:
         """A document (all its chunks), a transcript (all segments of that job), or one
         segment: the caller's own (an admin's: anyone's); another's is not found."""
         target = self.collection(collection)
         mine = None if caller.admin else {"owner": caller.subject}
         with self._write_lock:
-            ids = (
-                target.get(where=_all_of({"doc_id": memory_id}, mine), include=[])["ids"]
-                or target.get(ids=[_key(caller.subject, memory_id)], include=[])["ids"]
-            )
-            if not ids:
+            found = target.get(where=_all_of({"doc_id": memory_id}, mine), include=["metadatas"])
+            if not found["ids"]:
+                found = target.get(ids=[_key(caller.subject, memory_id)], include=["metadatas"])
+            if not found["ids"]:
                 raise NotFound(memory_id)
-            target.delete(ids=ids)
-        return len(ids)
+            target.delete(ids=found["ids"])
+        removed = _bytes_by_owner(found["metadatas"])
+        return Stored([memory_id], len(found["ids"]), {owner: -size for owner, size in removed.items()})
 
     # -- reads -----------------------------------------------------------------------
 

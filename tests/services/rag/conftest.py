@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import Mint
-from tests.support.servers import ChromaServer, ServiceProcess
+from tests.support.servers import ChromaServer, RedisServer, ServiceProcess
 
 
 @dataclass
@@ -31,12 +31,18 @@ class Rag:
 
 @pytest.fixture(scope="module", params=["embedded", "server"])
 def rag(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, log_dir: Path, mint: Mint
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    log_dir: Path,
+    mint: Mint,
+    redis_server: RedisServer,
 ) -> Iterator[Rag]:
     workdir = tmp_path_factory.mktemp(f"rag-{request.param}")
     chroma = ChromaServer(workdir / "chroma-server").start() if request.param == "server" else None
     env = {"RAG_CHROMA_URL": chroma.url} if chroma else {"RAG_CHROMA_PATH": str(workdir / "chroma")}
     env["RAG_MAX_BODY_MB"] = "1"
+    # Limits and the audit log on a real Redis, as the launcher and compose run it.
+    env |= {"BATON_REDIS_URL": redis_server.url, "BATON_KEY_PREFIX": f"rag-{secrets.token_hex(4)}:"}
     service = ServiceProcess("rag", env, log_dir).start()
     token = mint("rag:read", "rag:write", sub="service:test")
     with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {token}"}, timeout=120) as http:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -10,6 +13,7 @@ import pytest
 from shared.auth import ON_BEHALF_OF
 from tests.conftest import Mint
 from tests.services.rag.conftest import Rag
+from tests.support.servers import RedisServer, ServiceProcess
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +74,13 @@ def test_another_users_document_is_never_seen_overwritten_or_deleted(people: dic
     assert "owner" not in alice.query("door code Harbor office")[0]["metadata"]
     assert admin.count() == 1
 
+    # The audit log has Bob's delete and the admin's read of Alice's memories.
+    assert alice.http.get("/v1/audit").status_code == 403
+    deleted = admin.http.get("/v1/audit", params={"kind": "deleted"}).json()["events"]
+    assert any(e["subject"] == "bob" and e["path"] == "/v1/documents/harbor" for e in deleted)
+    read = admin.http.get("/v1/audit", params={"kind": "admin_read"}).json()["events"]
+    assert read[0]["subject"] == "ops" and read[0]["owners"] == ["alice"] and read[0]["path"] == "/v1/query"
+
 
 def test_shared_documents_need_their_scope_and_are_seen_by_all(people: dict[str, User]) -> None:
     alice, bob, carol = people["alice"], people["bob"], people["carol"]
@@ -109,3 +120,40 @@ def test_a_service_acts_for_a_user_but_a_user_cannot_pose_as_another(
     assert people["alice"].query("salary review", filter={"job_id": "job-1"})
     assert people["bob"].query("salary review", filter={"job_id": "job-1"}) == []
     assert people["bob"].delete("job-1") == 404
+
+
+@pytest.fixture(scope="module")
+def small_quota(tmp_path_factory: pytest.TempPathFactory, log_dir: Path, redis_server: RedisServer) -> Iterator[str]:
+    """A RAG service whose users may store 2,000 bytes of text each."""
+    env = {
+        "RAG_CHROMA_PATH": str(tmp_path_factory.mktemp("rag-quota") / "chroma"),
+        "BATON_REDIS_URL": redis_server.url,
+        "BATON_KEY_PREFIX": f"quota-{secrets.token_hex(4)}:",
+        "BATON_LIMIT_STORED_MB": str(2000 / 1_048_576),
+    }
+    service = ServiceProcess("rag", env, log_dir).start()
+    yield service.url
+    service.stop()
+
+
+def test_stored_text_is_counted_per_user_against_their_quota(small_quota: str, mint: Mint) -> None:
+    def user(sub: str) -> httpx.Client:
+        token = mint("rag:read", "rag:write", sub=sub)
+        return httpx.Client(base_url=small_quota, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+
+    def ingest(http: httpx.Client, doc_id: str, size: int) -> httpx.Response:
+        return http.post("/v1/documents", json={"documents": [{"id": doc_id, "text": "word " * (size // 5)}]})
+
+    with user("alice") as alice, user("bob") as bob:
+        assert ingest(alice, "a", 1500).status_code == 200
+        over = ingest(alice, "b", 1000)
+        assert over.status_code == 429
+        assert over.json()["error"]["code"] == "storage_quota_exceeded"
+        assert "retry-after" not in over.headers  # waiting does not help: deleting does
+        assert ingest(bob, "a", 1500).status_code == 200  # a quota per user
+        assert ingest(alice, "a", 500).status_code == 200  # replaced: 1,500 bytes become 500
+        assert ingest(alice, "b", 1000).status_code == 200
+        assert ingest(alice, "c", 1000).status_code == 429
+        assert alice.delete("/v1/documents/a").status_code == 204
+        assert alice.delete("/v1/documents/b").status_code == 204
+        assert ingest(alice, "c", 1900).status_code == 200  # deletes gave the room back
