@@ -24,9 +24,10 @@ from services.transcription.whisper import Piece, check_language
 from services.transcription.worker import Work
 from shared.errors import BadRequest, NotFound, PayloadTooLarge, ServiceUnavailable
 from shared.gpu import GpuUnavailable, HeldLease
+from shared.limits import StreamSlot
 from shared.metrics import Metrics
 from shared.sse import DONE, ClosingStream, frame
-from shared.web import Auth, Caller
+from shared.web import Auth, audit_note
 from shared.web import caller as caller_of
 
 ALIASES = ("whisper-1",)
@@ -69,11 +70,15 @@ def build_router(
     user = [Depends(auth.require("transcribe"))]
     owner = [Depends(auth.caller("transcribe"))]
 
-    async def owned(job_id: str, caller: Caller) -> Job:
-        """The caller's job; another user's is not found (404, never 403)."""
+    async def owned(job_id: str, request: Request) -> Job:
+        """The caller's job; another user's is not found (404, never 403). An admin's
+        read of another's job goes to the audit log."""
+        caller = caller_of(request)
         job = await runner.store.get(job_id)
         if job is None or not caller.owns(job.owner):
             raise NotFound(f"no job {job_id!r}")
+        if job.owner != caller.subject:
+            audit_note(request, "admin_read", owners=[job.owner], job_id=job_id)
         return job
 
     uploads = Uploads(settings.data_dir / "uploads", int(settings.max_upload_mb * 1_048_576))
@@ -111,6 +116,7 @@ def build_router(
 
     @router.post("/audio/transcriptions", dependencies=user, response_model=None)
     async def transcriptions(
+        request: Request,
         file: Annotated[UploadFile, File()],
         model: Annotated[str, Form()],
         language: Annotated[str | None, Form()] = None,
@@ -132,7 +138,13 @@ def build_router(
         if unknown:
             raise BadRequest("timestamp_granularities[] takes word and segment", param="timestamp_granularities[]")
         language = valid_language(language)
-        path, samples = await decoded(file)
+        slot = await auth.stream_slot(request) if stream else None
+        try:
+            path, samples = await decoded(file)
+        except BaseException:
+            if slot is not None:
+                await slot.close()
+            raise
         path.unlink(missing_ok=True)
         words = "word" in granularities
         work = Work(
@@ -144,9 +156,11 @@ def build_router(
         try:
             lease = await placement.acquire("interactive", wait_s)
         except GpuUnavailable as exc:
+            if slot is not None:
+                await slot.close()
             raise _not_granted(exc) from None
-        if stream:
-            return _stream(placement, lease, work, wait_s)
+        if slot is not None:
+            return _stream(placement, lease, work, wait_s, slot)
         started = time.monotonic()
         pieces: list[Piece] = []
 
@@ -174,35 +188,45 @@ def build_router(
         language = valid_language(language)
         job_folder = settings.data_dir / "jobs"
         job_folder.mkdir(parents=True, exist_ok=True)
-        path, samples = await decoded(file)
-        kept = job_folder / path.name
-        shutil.move(path, kept)
-        job = await runner.submit(
-            caller_of(request).subject,
-            kept,
-            file.filename or kept.name,
-            audio.duration_s(samples),
-            language,
-            prompt,
-            recorded_at,
-            samples,
-        )
+        owner, job_id = caller_of(request).subject, runner.new_id()
+        await runner.reserve(owner, job_id)  # before decoding: a user at their limit costs nothing
+        try:
+            path, samples = await decoded(file)
+            kept = job_folder / path.name
+            shutil.move(path, kept)
+            job = await runner.submit(
+                job_id,
+                owner,
+                kept,
+                file.filename or kept.name,
+                audio.duration_s(samples),
+                language,
+                prompt,
+                recorded_at,
+                samples,
+            )
+        except BaseException:
+            await runner.unreserve(owner, job_id)
+            raise
         return {"job_id": job.id, "state": job.state, "duration": job.duration}
 
     @router.get("/jobs", dependencies=owner)
     async def list_jobs(request: Request, limit: Annotated[int, Query(ge=1, le=200)] = 20) -> dict[str, Any]:
         caller = caller_of(request)
         jobs = [job for job in await runner.store.all() if caller.owns(job.owner)][-limit:]
+        others = sorted({str(job.owner) for job in jobs if job.owner != caller.subject})
+        if others:
+            audit_note(request, "admin_read", owners=others)
         summaries = [{k: v for k, v in job.public().items() if k not in ("segments", "text")} for job in reversed(jobs)]
         return {"jobs": summaries}
 
     @router.get("/jobs/{job_id}", dependencies=owner)
     async def get_job(job_id: str, request: Request) -> dict[str, Any]:
-        return (await owned(job_id, caller_of(request))).public()
+        return (await owned(job_id, request)).public()
 
     @router.delete("/jobs/{job_id}", dependencies=owner)
     async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
-        await owned(job_id, caller_of(request))
+        await owned(job_id, request)
         job = await runner.cancel(job_id)
         if job is None:
             raise NotFound(f"no job {job_id!r}")
@@ -210,7 +234,8 @@ def build_router(
 
     @router.get("/jobs/{job_id}/events", dependencies=owner, response_model=None)
     async def job_events(job_id: str, request: Request) -> Response:
-        await owned(job_id, caller_of(request))
+        await owned(job_id, request)
+        slot = await auth.stream_slot(request)
 
         async def frames() -> AsyncIterator[str]:
             async with runner.events.subscribe(job_id) as queue:
@@ -225,10 +250,10 @@ def build_router(
                     state = str(event.get("state", state))
             yield DONE
 
-        async def nothing(_: bool) -> None:
-            return None
+        async def give_back(_: bool) -> None:
+            await slot.close()
 
-        return ClosingStream(frames(), nothing)
+        return ClosingStream(frames(), give_back)
 
     return router
 
@@ -251,7 +276,7 @@ def _render(pieces: list[Piece], info: dict[str, Any], response_format: str, wor
     return JSONResponse({"text": text_of(pieces)})
 
 
-def _stream(placement: Placement, lease: HeldLease, work: Work, wait_s: float) -> Response:
+def _stream(placement: Placement, lease: HeldLease, work: Work, wait_s: float, slot: StreamSlot) -> Response:
     """Segments as they are decoded (OpenAI's transcript.text.delta events), then the whole text."""
     pieces: asyncio.Queue[Piece | None] = asyncio.Queue()
     seen: list[Piece] = []
@@ -286,5 +311,6 @@ def _stream(placement: Placement, lease: HeldLease, work: Work, wait_s: float) -
             task.cancel()  # the client left: the worker's request ends, the lease is released
         with contextlib.suppress(BaseException):
             await task
+        await slot.close()
 
     return ClosingStream(frames(), close)

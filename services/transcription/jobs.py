@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 from redis.asyncio import Redis
 
 from services.transcription import audio
@@ -32,6 +33,7 @@ from services.transcription.whisper import Window, total_frames
 from services.transcription.worker import Work
 from shared.auth import ON_BEHALF_OF
 from shared.client import ServiceClient, ServiceUnreachable
+from shared.limits import Limiter
 from shared.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ class Job:
     yields: int = 0
     owner: str | None = None
     """The subject that submitted it; None for jobs from before ownership (admins only)."""
+    index_error: str | None = None
+    """Why RAG refused the transcript for good (the owner's storage quota), if it did."""
 
     @property
     def text(self) -> str:
@@ -88,6 +92,7 @@ class Job:
             "text": self.text,
             "indexed": self.indexed,
             "error": self.error,
+            "index_error": self.index_error,
             "yields": self.yields,
             "owner": self.owner,
         }
@@ -132,6 +137,22 @@ class JobStore:
         return [j for j in jobs if j is not None]
 
 
+def _for_good(response: httpx.Response) -> bool:
+    """A refusal that retrying will not change: a 4xx other than a rate limit."""
+    if response.status_code in (401, 403, 408, 409, 425):  # the services' configuration, or a race
+        return False
+    if response.status_code == 429:
+        return "retry-after" not in response.headers  # a quota, not a rate
+    return 400 <= response.status_code < 500
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])[:500]
+    except (ValueError, KeyError, TypeError):
+        return f"RAG answered {response.status_code}"
+
+
 def _remove(path: str) -> None:
     Path(path).unlink(missing_ok=True)
 
@@ -169,8 +190,10 @@ class JobRunner:
         settings: TranscriptionSettings,
         metrics: JobMetrics,
         decoder: audio.Decoder,
+        limiter: Limiter | None = None,
     ) -> None:
         self.store = store
+        self._limiter = limiter
         self._decoder = decoder
         self.events = JobEvents()
         self._placement = placement
@@ -213,8 +236,23 @@ class JobRunner:
 
     # -- API --------------------------------------------------------------------------
 
+    @staticmethod
+    def new_id() -> str:
+        return f"job-{secrets.token_hex(8)}"
+
+    async def reserve(self, owner: str, job_id: str) -> None:
+        """Count ``job_id`` against its owner's queued jobs (429 when they have too many);
+        the count ends with the job, or with ``unreserve`` if it is never submitted."""
+        if self._limiter is not None:
+            await self._limiter.take_job(owner, job_id)
+
+    async def unreserve(self, owner: str, job_id: str) -> None:
+        if self._limiter is not None:
+            await self._limiter.end_job(owner, job_id)
+
     async def submit(
         self,
+        job_id: str,
         owner: str,
         path: Path,
         filename: str,
@@ -226,7 +264,7 @@ class JobRunner:
     ) -> Job:
         """Queue a job; ``samples``, if given, spare the worker decoding the file again."""
         job = Job(
-            id=f"job-{secrets.token_hex(8)}",
+            id=job_id,
             filename=filename,
             path=str(path),
             duration=round(duration, 3),
@@ -274,7 +312,8 @@ class JobRunner:
                     self._finished(job)
                 elif (exc := self._current.exception()) is not None:
                     log.error("job failed", extra={"job_id": job_id}, exc_info=exc)
-                    job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
+                    # The cause is in the log; the user gets no internal detail (paths, addresses).
+                    job.state, job.error = "failed", "the transcription failed; the service log has the cause"
                     await self.store.save(job)
                     self._finished(job)
             finally:
@@ -319,6 +358,8 @@ class JobRunner:
 
     def _finished(self, job: Job) -> None:
         self._metrics.jobs.labels(job.state).inc()
+        if job.owner is not None:
+            self._spawn(self.unreserve(job.owner, job.id))
         if job.state in ("failed", "cancelled"):
             _remove(job.path)
         log.info("job ended", extra={"job_id": job.id, "state": job.state, "segments": len(job.segments)})
@@ -348,6 +389,11 @@ class JobRunner:
                 if response.status_code == 200:
                     break
                 log.warning("RAG refused the transcript", extra={"job_id": job.id, "status": response.status_code})
+                if _for_good(response):
+                    job.index_error = _message(response)
+                    await self.store.save(job)
+                    self.events.publish(job.id, {"type": "indexed", "indexed": False, "error": job.index_error})
+                    return
             except ServiceUnreachable:
                 log.info("RAG unreachable; will retry indexing", extra={"job_id": job.id, "in_s": delay})
             self._metrics.index.labels("failed").inc()

@@ -59,6 +59,10 @@ class Tx:
     def url(self) -> str:
         return self.service.url
 
+    def info(self) -> dict[str, Any]:
+        """/v1/info as an admin sees it (a user sees the model and the limits only)."""
+        return dict(self.http.get("/v1/info", headers={"Authorization": f"Bearer {self.admin}"}).json())
+
     def transcribe(self, path: Path, **form: Any) -> httpx.Response:
         with path.open("rb") as handle:
             return self.http.post(
@@ -115,6 +119,7 @@ def start_tx(
         port: int | None = None,
         key_prefix: str | None = None,
         coordinator_url: str | None = None,
+        env_extra: dict[str, str] | None = None,
         **settings: object,
     ) -> Tx:
         env = {
@@ -129,6 +134,7 @@ def start_tx(
             "TRANSCRIPTION_INDEX_RETRY_MAX_S": "1",
         }
         env.update({f"TRANSCRIPTION_{k.upper()}": str(v) for k, v in settings.items()})
+        env.update(env_extra or {})
         service = ServiceProcess("transcription", env, log_dir, port=port).start()
         started.append(service)
         return Tx(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import secrets
+
 import httpx
 import pytest
 
 from tests.conftest import Mint
-from tests.services.transcription.conftest import SPEECH, Tx
+from tests.services.transcription.conftest import MEETING, SPEECH, StartTx, Tx
 from tests.services.transcription.test_transcription import wait_for_job
-from tests.support.servers import ServiceProcess, wait_until
+from tests.support.servers import RedisServer, ServiceProcess, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -51,3 +53,31 @@ def test_another_users_job_is_not_found_anywhere(tx: Tx, mint: Mint, stack: dict
     )
     as_bob = httpx.post(f"{rag}/v1/query", json=ask, headers={"Authorization": f"Bearer {mint('rag:read', sub='bob')}"})
     assert as_alice.json()["results"] and as_bob.json()["results"] == []
+
+
+def test_queued_jobs_are_limited_per_user(start_tx: StartTx, mint: Mint, redis_server: RedisServer) -> None:
+    limited = start_tx(
+        env_extra={
+            "BATON_REDIS_URL": redis_server.url,
+            "BATON_KEY_PREFIX": f"jobs-{secrets.token_hex(4)}:",
+            "BATON_LIMIT_JOBS": "1",
+        }
+    )
+    alice = client(limited, mint("transcribe", sub="alice"))
+    bob = client(limited, mint("transcribe", sub="bob"))
+
+    def submit(http: httpx.Client) -> httpx.Response:
+        with MEETING.open("rb") as handle:
+            return http.post("/v1/jobs", files={"file": ("meeting.ogg", handle)})
+
+    first = submit(alice)
+    assert first.status_code == 202
+    refused = submit(alice)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "too_many_jobs" and int(refused.headers["Retry-After"]) >= 1
+    assert submit(bob).status_code == 202  # a limit per user
+    assert alice.delete(f"/v1/jobs/{first.json()['job_id']}").status_code == 200
+    # Once her job has ended, its place is free again.
+    job_url = f"/v1/jobs/{first.json()['job_id']}"
+    wait_until(lambda: alice.get(job_url).json()["state"] == "cancelled", 30, "the job is cancelled")
+    wait_until(lambda: submit(alice).status_code == 202, 30, "a new job is accepted")

@@ -255,7 +255,9 @@ def test_audio_longer_than_the_limit_is_413(tx: Tx, tmp_path: Path) -> None:
 
 
 def test_info_and_scopes(tx: Tx, mint: Any) -> None:
-    info = tx.http.get("/v1/info").json()
+    shown = tx.http.get("/v1/info").json()
+    assert set(shown) == {"service", "version", "model", "limits"} and shown["model"] == "whisper-tiny.en"
+    info = tx.info()
     assert info["model"] == "whisper-tiny.en" and info["chunk_length_s"] == 30 and info["workers"] == 2
     chat_only = {"Authorization": f"Bearer {mint('chat')}"}
     assert httpx.get(f"{tx.url}/v1/jobs", headers=chat_only).status_code == 403
