@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from services.llm.chat import ChatService, ClientGone, Done, Job, Session
 from services.llm.engine import Params
 from services.llm.schemas import ChatCompletionRequest, RagOptions, SeedChatRequest, SeedChatResponse, Usage
+from shared.limits import StreamSlot
 from shared.sse import DONE, ClosingStream, frame
 from shared.web import Auth, until_disconnected
 from shared.web import caller as caller_of
@@ -52,11 +53,18 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
         job.reveal = caller.admin or "rag:read" in caller.scopes
         return job
 
-    async def opened(job: Job, request: Request) -> Session | Response:
+    async def opened(job: Job, request: Request, slot: StreamSlot | None = None) -> Session | Response:
+        """The job's session; a stream's ``slot`` is given back when none opens."""
         try:
             return await chat.open(job, lambda: until_disconnected(request))
         except ClientGone:
+            if slot is not None:
+                await slot.close()
             return Response(status_code=CLIENT_GONE)
+        except BaseException:
+            if slot is not None:
+                await slot.close()
+            raise
 
     async def answer_whole(session: Session, request: Request) -> tuple[str, Done] | Response:
         try:
@@ -82,14 +90,15 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
             params=_params(body, chat.max_tokens(body.max_completion_tokens or body.max_tokens)),
             rag=body.rag,
         )
-        session = await opened(as_caller(job, request), request)
+        slot = await auth.stream_slot(request) if body.stream else None
+        session = await opened(as_caller(job, request), request, slot)
         if isinstance(session, Response):
             return session
         completion_id = f"chatcmpl-{secrets.token_hex(12)}"
         created = int(time.time())
-        if body.stream:
+        if slot is not None:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _openai_stream(session, completion_id, created, chat.model_id, include_usage)
+            return _openai_stream(session, slot, completion_id, created, chat.model_id, include_usage)
         whole = await answer_whole(session, request)
         if isinstance(whole, Response):
             return whole
@@ -133,7 +142,9 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
 
     @router.post("/chat/stream", dependencies=chatter, response_model=None)
     async def seed_chat_stream(body: SeedChatRequest, request: Request) -> Response:
-        session = await opened(as_caller(_seed_job(chat, body), request), request)
+        job = as_caller(_seed_job(chat, body), request)
+        slot = await auth.stream_slot(request)
+        session = await opened(job, request, slot)
         if isinstance(session, Response):
             return session
 
@@ -153,7 +164,7 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
                 }
             )
 
-        return _stream(frames(), session)
+        return _stream(frames(), session, slot)
 
     return router
 
@@ -195,7 +206,9 @@ def _extras(done: Done) -> dict[str, Any]:
     }
 
 
-def _openai_stream(session: Session, completion_id: str, created: int, model: str, include_usage: bool) -> Response:
+def _openai_stream(
+    session: Session, slot: StreamSlot, completion_id: str, created: int, model: str, include_usage: bool
+) -> Response:
     def chunk(delta: dict[str, str], finish: str | None = None, **extra: Any) -> str:
         return frame(
             {
@@ -227,13 +240,17 @@ def _openai_stream(session: Session, completion_id: str, created: int, model: st
             )
         yield DONE
 
-    return _stream(frames(), session)
+    return _stream(frames(), session, slot)
 
 
-def _stream(frames: AsyncIterator[str], session: Session) -> Response:
-    """The session is closed however the stream ends: the client gone unless it finished."""
+def _stream(frames: AsyncIterator[str], session: Session, slot: StreamSlot) -> Response:
+    """The session is closed however the stream ends (the client gone unless it
+    finished), and the user's stream slot given back."""
 
     async def close(finished: bool) -> None:
-        await session.close(client_gone=not finished)
+        try:
+            await session.close(client_gone=not finished)
+        finally:
+            await slot.close()
 
     return ClosingStream(frames, close)

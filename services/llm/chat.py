@@ -178,6 +178,7 @@ class Session:
             await self._service.policy.finish(self.placement, client_gone=client_gone, queued_here=self._service.queued)
         finally:
             self._service.slot.release()
+            self._service.admitted -= 1
 
 
 class ChatService:
@@ -199,6 +200,9 @@ class ChatService:
         self.model_id = model_id
         self.slot = slot
         self.queued = 0
+        self.admitted = 0
+        """Requests between admission and close: the one running and those waiting. Taken
+        before the first await, so a simultaneous burst cannot slip past the limit."""
 
     def check_model(self, name: str) -> None:
         if name != self.model_id:
@@ -219,8 +223,16 @@ class ChatService:
         return value
 
     async def open(self, job: Job, disconnected: Callable[[], Awaitable[object]]) -> Session:
-        if self.queued >= self.settings.max_queue and self.slot.locked():
+        if self.admitted > self.settings.max_queue:  # one running and max_queue waiting
             raise TooManyRequests("the model is busy and its queue is full", retry_after_s=2)
+        self.admitted += 1
+        try:
+            return await self._open(job, disconnected)
+        except BaseException:
+            self.admitted -= 1
+            raise
+
+    async def _open(self, job: Job, disconnected: Callable[[], Awaitable[object]]) -> Session:
         passages, warnings = await self._memories(job)
         passages = [
             Passage(f"context-{i}", text, 2.0, {"source": "request"}) for i, text in enumerate(job.context)

@@ -31,6 +31,10 @@ class Llm:
     def url(self) -> str:
         return self.service.url
 
+    def info(self) -> dict[str, Any]:
+        """/v1/info as an admin sees it (a user sees the model and the limits only)."""
+        return dict(self.http.get("/v1/info", headers={"Authorization": f"Bearer {self.admin}"}).json())
+
     @property
     def model(self) -> str:
         return str(self.http.get("/v1/models").json()["data"][0]["id"])

@@ -168,7 +168,7 @@ def test_cold_request_is_one_grant_and_reloads_layers(start_llm: StartLlm) -> No
     new = [h for h in after if h["fence"] > (before[0]["fence"] if before else 0)]
     assert [h["holder"] for h in new] == ["llm"]
     assert cold.metric("llm_reload_seconds_count") == 1
-    info = cold.http.get("/v1/info").json()
+    info = cold.info()
     assert info["gpu_layers_loaded"] == info["gpu_layers"] == 25
     assert info["can_offload"] is False and info["handoff"]["moves_layers"] is True
     for _ in range(3):
@@ -231,7 +231,7 @@ async def test_layers_are_offloaded_only_when_memory_must_be_freed(
         await holder.aclose()
         released = next(h for h in llm.history(5) if h["holder"] == "llm")
         assert released["handover"] == handover
-        assert llm.http.get("/v1/info").json()["gpu_layers_loaded"] == layers_after
+        assert llm.info()["gpu_layers_loaded"] == layers_after
         assert llm.metric("llm_offload_seconds_count") == (1 if handover == "offload" else 0)
     finally:
         coordinator.stop()
@@ -326,6 +326,41 @@ def test_queue_full_is_429(start_llm: StartLlm) -> None:
     assert refused.json()["error"]["type"] == "rate_limit_error"
 
 
+async def test_a_burst_of_thirty_streams_gets_the_queue_limit_and_429s(start_llm: StartLlm) -> None:
+    """30 streams sent at once: at most GEMMA_MAX_QUEUE waiting plus the one running are
+    accepted (the limit is taken before the first await), the rest get 429 at once. The
+    accepted ones stay open (the first answers at length, the others wait their turn)
+    until every refusal has arrived."""
+    burst = start_llm(max_queue=4, keep_alive_s=0)
+    body = {
+        "model": burst.model,
+        "messages": [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}],
+        "max_tokens": 2000,
+        "stream": True,
+    }
+    statuses: list[int] = []
+
+    async def one(http: httpx.AsyncClient) -> None:
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                await asyncio.Event().wait()  # hold it open until the test ends it
+
+    limits = httpx.Limits(max_connections=40)
+    async with httpx.AsyncClient(base_url=burst.url, headers=burst.http.headers, timeout=120, limits=limits) as http:
+        streams = [asyncio.ensure_future(one(http)) for _ in range(30)]
+        try:
+            async with asyncio.timeout(60):  # fails if more than 5 were let in
+                while statuses.count(429) < 30 - (4 + 1):
+                    await asyncio.sleep(0.05)
+            assert set(statuses) <= {200, 429}, statuses
+            assert 30 - statuses.count(429) <= 4 + 1, statuses  # answering or waiting
+        finally:
+            for stream in streams:
+                stream.cancel()
+            await asyncio.gather(*streams, return_exceptions=True)
+
+
 @pytest.mark.parametrize(
     ("change", "status", "code_or_param"),
     [
@@ -365,8 +400,16 @@ def test_oversized_and_invalid_bodies(llm: Llm) -> None:
 def test_models_info_and_scopes(llm: Llm, mint: Any) -> None:
     models = llm.http.get("/v1/models").json()
     assert models["data"][0]["id"] == "smollm2-135m-instruct"
-    info = llm.http.get("/v1/info").json()
-    assert info["context_size"] == 4096 and info["chat_format"] == "gguf"
+    shown = llm.http.get("/v1/info").json()  # a user's view: no paths, devices or tuning
+    assert shown == {
+        "service": "llm",
+        "version": shown["version"],
+        "model": "smollm2-135m-instruct",
+        "context_size": 4096,
+        "limits": {"max_tokens": 4096, "max_queue": 8},
+    }
+    info = llm.info()
+    assert info["context_size"] == 4096 and info["chat_format"] == "gguf" and "model_path" in info
     assert {"gpu_wait_ms", "fallback", "keep_alive_s", "moves_layers"} <= set(info["handoff"])
     rag_only = {"Authorization": f"Bearer {mint('rag:read')}"}
     assert httpx.post(f"{llm.url}/v1/chat/completions", json={}, headers=rag_only).status_code == 403
@@ -375,7 +418,7 @@ def test_models_info_and_scopes(llm: Llm, mint: Any) -> None:
 def test_gemma_270m_runs_with_the_gemma_template(start_llm: StartLlm) -> None:
     gemma = start_llm(model_path="gemma-3-270m", keep_alive_s=0)
     assert gemma.model == "gemma-3-270m"
-    assert gemma.http.get("/v1/info").json()["chat_format"] == "gemma"
+    assert gemma.info()["chat_format"] == "gemma"
     response = gemma.chat("What is the capital of France?", max_tokens=12, temperature=0, rag={"top_k": 2})
     assert response.status_code == 200
     data = response.json()
