@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
@@ -134,13 +135,21 @@ def build_router(manager: LeaseManager, settings: CoordinatorSettings, auth: Aut
             raise _unavailable(exc) from None
 
     @router.get("/events", dependencies=reader_scope, response_class=EventSourceResponse)
-    async def events() -> EventSourceResponse:
+    async def events(request: Request) -> EventSourceResponse:
+        slot = await auth.stream_slot(request)  # a user watching counts against their streams
+
         async def stream() -> AsyncIterator[dict[str, Any]]:
-            async with manager.bus.subscribe() as queue:
-                # Tells the client its subscription is live: nothing before this is missed.
-                yield {"event": "subscribed", "data": json.dumps({"epoch": manager.epoch})}
-                while (event := await queue.get()) is not None:
-                    yield {"event": event["type"], "data": json.dumps(event)}
+            try:
+                async with manager.bus.subscribe() as queue:
+                    # Tells the client its subscription is live: nothing before this is missed.
+                    yield {"event": "subscribed", "data": json.dumps({"epoch": manager.epoch})}
+                    while (event := await queue.get()) is not None:
+                        yield {"event": event["type"], "data": json.dumps(event)}
+            finally:
+                # The client left: this scope is cancelled, so give the slot back shielded.
+                # (A stream never started keeps its slot until it expires.)
+                with anyio.CancelScope(shield=True):
+                    await slot.close()
 
         return EventSourceResponse(stream(), ping=15)
 

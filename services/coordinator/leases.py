@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 
 from services.coordinator.events import EventBus
 from services.coordinator.settings import CoordinatorSettings
+from shared.audit import Audit
 from shared.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -148,8 +149,11 @@ class LeaseManager:
         bus: EventBus,
         metrics: CoordinatorMetrics | None = None,
         card_mb: int = 0,
+        audit: Audit | None = None,
     ) -> None:
         self._redis = redis
+        self._audit = audit
+        self._audits: set[asyncio.Task[None]] = set()
         self._settings = settings
         self.card_mb = card_mb
         """The card's memory in MB; 0 when unknown (a CPU): nobody ever must free memory."""
@@ -212,7 +216,9 @@ class LeaseManager:
         except (RedisError, OSError) as exc:
             if self._metrics:
                 self._metrics.store_errors.inc()
-            raise StoreUnavailable(f"Redis: {type(exc).__name__}: {exc}") from None
+            # The log has the cause; the message, which clients see, names no address.
+            log.warning("lease store unavailable", extra={"error": f"{type(exc).__name__}: {exc}"})
+            raise StoreUnavailable(f"Redis: {type(exc).__name__}") from None
         result: dict[str, Any] = json.loads(raw)
         return result
 
@@ -321,6 +327,12 @@ class LeaseManager:
             log.warning("revoked after the grace period", extra={"fence": event["fence"], "holder": event["holder"]})
             if m:
                 m.revocations.inc()
+            if self._audit is not None:
+                task = asyncio.get_running_loop().create_task(
+                    self._audit.write("lease_revoked", holder=event["holder"], fence=event["fence"])
+                )
+                self._audits.add(task)
+                task.add_done_callback(self._audits.discard)
         elif kind == "left_queue" and m:
             m.left.labels(event.get("reason", "")).inc()
 
