@@ -180,6 +180,9 @@ async def test_redis_restart_without_data_quarantines_and_fences_go_up(
         api = api_factory(coordinator)
         before = (await api.acquire("holder", ttl_ms=3000)).json()
         redis.kill()
+        down = await api.http.get("/v1/gpu")
+        assert down.status_code == 503 and down.json()["error"]["code"] == "store_unavailable"
+        assert "127.0.0.1" not in down.text and str(redis.port) not in down.text  # no internal address
         redis.start()  # same port, empty
         restarted_at = time.time()
         refused = await api.acquire("during", wait_ms=0)
