@@ -75,7 +75,11 @@ def cmd_token(args: argparse.Namespace) -> int:
             overrides["secret"] = secret.read_text().strip()
     auth = load_settings(AuthSettings, **overrides)
     scopes = args.scope or list(SCOPES)
-    print(TokenIssuer(auth).mint(args.sub, scopes, args.ttl))
+    try:
+        print(TokenIssuer(auth).mint(args.sub, scopes, args.ttl))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

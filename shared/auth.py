@@ -15,8 +15,12 @@ Nothing here imports FastAPI; :mod:`shared.web` turns the errors into 401/403.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
+import json
+import re
 import secrets
 import threading
 import time
@@ -103,6 +107,7 @@ class TokenVerifier:
         cached = self._cached(credential)
         if cached is not None:
             return cached
+        _check_canonical(credential)
         principal = self._verify_jwt(credential)
         with self._cache_lock:
             self._cache[credential] = principal
@@ -154,6 +159,9 @@ class TokenVerifier:
         issued_at = claims.get("iat")
         if not isinstance(issued_at, int | float) or issued_at > time.time() + s.leeway_s:
             raise InvalidToken("token issued in the future")
+        expires = claims.get("exp")
+        if not isinstance(expires, int | float) or expires - issued_at > s.max_lifetime_s:
+            raise InvalidToken(f"token lifetime over {s.max_lifetime_s} s (JWT_MAX_LIFETIME_S)")
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise InvalidToken("the sub claim must be a non-empty string")
@@ -167,6 +175,37 @@ class TokenVerifier:
             if hmac.compare_digest(digest, key_digest):
                 found = principal
         return found
+
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _check_canonical(token: str) -> None:
+    """Each segment canonical base64url, unpadded (nothing appended to a signature is
+    ignored), and JSON without duplicate names in the header and the claims."""
+    segments = token.split(".")
+    for segment in segments:
+        if not _SEGMENT.match(segment):
+            raise InvalidToken("malformed token")
+        try:
+            raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        except (ValueError, binascii.Error):
+            raise InvalidToken("malformed token") from None
+        if base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != segment:
+            raise InvalidToken("malformed token")
+    for segment in segments[:2]:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        try:
+            json.loads(raw, object_pairs_hook=_no_duplicates)
+        except ValueError as exc:
+            raise InvalidToken(str(exc) if "duplicate" in str(exc) else "malformed token") from None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate names in the token")
+    return dict(pairs)
 
 
 class TokenIssuer:
@@ -190,6 +229,8 @@ class TokenIssuer:
             raise ValueError(f"unknown scopes: {sorted(unknown)}; known: {list(SCOPES)}")
         if not subject:
             raise ValueError("subject must not be empty")
+        if lifetime_s > self._settings.max_lifetime_s:
+            raise ValueError(f"a lifetime over {self._settings.max_lifetime_s} s is refused (JWT_MAX_LIFETIME_S)")
         issued = int(time.time() if now is None else now)
         claims = {
             "sub": subject,

@@ -128,6 +128,9 @@ class AuthSettings(BatonSettings):
     """Clock skew tolerated on ``exp``/``iat``/``nbf``, at most 60 s."""
     max_token_bytes: int = Field(default=8192, ge=256, le=8192)
     """Tokens larger than this are refused before parsing."""
+    max_lifetime_s: int = Field(default=400 * 86400, ge=60)
+    """Tokens whose ``exp - iat`` exceeds this are refused (default 400 days: a
+    year-long scraper token passes, a 100-year one does not)."""
     service_token_ttl_s: int = Field(default=120, ge=10, le=900)
     """Lifetime of the short-lived tokens services mint for each other."""
     only: bool = True

@@ -49,6 +49,9 @@ class Auth:
         self.limiter = limiter
 
     def authenticate(self, request: Request) -> Principal:
+        if len(request.headers.getlist("authorization")) > 1:
+            request.state.auth_refused = "several Authorization headers"
+            raise Unauthorized("send one Authorization header", error="invalid_request")
         header = request.headers.get("authorization")
         if header is None:
             request.state.auth_refused = "missing"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import time
 from collections.abc import Iterator
@@ -261,3 +263,44 @@ def test_api_keys_only_when_jwt_only_is_false(tmp_path: Path, auth_settings: Aut
 def test_leeway_is_capped_at_60_seconds() -> None:
     with pytest.raises(ValueError, match="leeway_s"):
         AuthSettings(secret=SecretStr("s" * 48), leeway_s=120)
+
+
+def _hs256(header: str, payload: str, secret: str) -> str:
+    signature = hmac.new(secret.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{header}.{payload}.{b64(signature)}"
+
+
+def test_only_canonical_signatures_pass(hs_server: UvicornThread, jwt_secret: str) -> None:
+    token = jwt.encode(claims(), jwt_secret, algorithm="HS256")
+    assert get(hs_server, "/needs-chat", token).status_code == 200
+    assert_refused(get(hs_server, "/needs-chat", token + "!!!"))
+    # The same signature bytes spelt another way (the last character's unused bits).
+    head, _, signature = token.rpartition(".")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(signature[-1])
+    twin = alphabet[last ^ 1] if len(signature) % 4 else alphabet[last]  # 43 chars: 2 unused bits
+    assert base64.urlsafe_b64decode(signature[:-1] + twin + "=") == base64.urlsafe_b64decode(signature + "=")
+    assert_refused(get(hs_server, "/needs-chat", f"{head}.{signature[:-1]}{twin}"))
+
+
+def test_duplicate_claims_and_headers_are_refused(hs_server: UvicornThread, jwt_secret: str) -> None:
+    header = b64({"alg": "HS256", "typ": "JWT"})
+    body = json.dumps(claims()).rstrip("}") + ', "sub": "mallory"}'
+    assert_refused(get(hs_server, "/needs-chat", _hs256(header, b64(body.encode()), jwt_secret)))
+    token = jwt.encode(claims(), jwt_secret, algorithm="HS256")
+    twice = httpx.get(
+        hs_server.url + "/needs-chat", headers=[("Authorization", f"Bearer {token}"), ("Authorization", "Bearer x")]
+    )
+    assert_refused(twice)
+
+
+def test_lifetimes_are_bounded(hs_server: UvicornThread, jwt_secret: str, auth_settings: AuthSettings) -> None:
+    now = int(time.time())
+    year = jwt.encode(claims(exp=now + 365 * 86400), jwt_secret, algorithm="HS256")  # a scraper's
+    assert get(hs_server, "/needs-chat", year).status_code == 200
+    century = jwt.encode(claims(exp=now + 100 * 365 * 86400), jwt_secret, algorithm="HS256")
+    refused = get(hs_server, "/needs-chat", century)
+    assert_refused(refused)
+    assert "JWT_MAX_LIFETIME_S" in refused.json()["error"]["message"]
+    with pytest.raises(ValueError, match="JWT_MAX_LIFETIME_S"):
+        TokenIssuer(auth_settings).mint("prometheus", ["admin"], 100 * 365 * 86400)
