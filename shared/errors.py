@@ -159,16 +159,21 @@ def internal_message() -> str:
     return f"internal error; the service log has the details under request id {rid}"
 
 
+def _safe(text: str) -> str:
+    """Text that encodes as UTF-8: a lone surrogate from the request becomes an escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
     """A one-line message and the offending parameter from pydantic's errors."""
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
-    param = ".".join(loc) or None
+    loc = [_safe(str(part)) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+    param = ".".join(loc)[:200] or None
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON (or not UTF-8)", None
-    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    msg = _safe(str(first.get("msg", "invalid value")).removeprefix("Value error, "))
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
 

@@ -60,7 +60,8 @@ class Memories:
         self, query: str, top_k: int, filter: dict[str, Any] | None, recency_bias: float | None, subject: str
     ) -> Lookup:
         """``subject``'s own memories and shared ones: the RAG service is asked for that user."""
-        body: dict[str, Any] = {"query": query, "top_k": top_k}
+        # The embedding model reads 256 tokens; RAG takes queries of up to 4,000 characters.
+        body: dict[str, Any] = {"query": query[:2000], "top_k": top_k}
         if filter:
             body["filter"] = filter
         if recency_bias is not None:

@@ -1,11 +1,41 @@
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+MAX_DOCUMENT_CHARS = 200_000
+"""One document's text (about 250 chunks; embedding them takes seconds, not minutes)."""
+MAX_REQUEST_CHARS = 400_000
+"""All the text of one request to /v1/documents or /v1/segments."""
+MAX_SHORT_CHARS = 4_000
+"""A query, a segment, a source name or a metadata value."""
+MAX_METADATA_KEYS = 32
+METADATA_KEY = r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$"
+"""Metadata names: no ``$`` (Chroma's operators), not empty, at most 64 characters."""
+
+
+def _utf8(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid UTF-8 text (it holds a lone surrogate)") from None
+    return value
+
+
+def _utf8_safe(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:80]
+
+
+Text = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_SHORT_CHARS), AfterValidator(_utf8)
+]
+DocumentText = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_DOCUMENT_CHARS), AfterValidator(_utf8)
+]
+MetaValue = Annotated[str, StringConstraints(max_length=MAX_SHORT_CHARS), AfterValidator(_utf8)] | int | float | bool
 CollectionName = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,61}[a-zA-Z0-9]$")]
 MemoryId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")]
 Scalar = str | int | float | bool
@@ -34,14 +64,20 @@ class Strict(BaseModel):
 
 class DocumentIn(Strict):
     id: MemoryId | None = None
-    text: Text
-    metadata: dict[str, Scalar] = Field(default_factory=dict)
+    text: DocumentText
+    metadata: dict[str, MetaValue] = Field(default_factory=dict, max_length=MAX_METADATA_KEYS)
     created_at: datetime | None = Field(default=None, description="When it was written (default: now); for recency.")
     shared: bool = Field(default=False, description="Visible to every user (needs scope rag:share).")
 
     @field_validator("metadata")
     @classmethod
     def _no_reserved_keys(cls, value: dict[str, Scalar]) -> dict[str, Scalar]:
+        bad = [key for key in value if not re.match(METADATA_KEY, key)]
+        if bad:
+            raise ValueError(
+                f"metadata names start with a letter or _, then letters, digits, _ . - (at most 64): "
+                f"{_utf8_safe(bad[0])!r} is not one"
+            )
         clash = sorted(RESERVED_METADATA & set(value))
         if clash:
             raise ValueError(f"metadata keys reserved by the service: {', '.join(clash)}")
@@ -57,6 +93,8 @@ class DocumentsIn(Strict):
         ids = [d.id for d in self.documents if d.id is not None]
         if len(ids) != len(set(ids)):
             raise ValueError("document ids must be unique within a request")
+        if sum(len(d.text) for d in self.documents) > MAX_REQUEST_CHARS:
+            raise ValueError(f"at most {MAX_REQUEST_CHARS} characters of text per request: send the rest in another")
         return self
 
 
@@ -69,7 +107,7 @@ class SegmentIn(Strict):
     text: Text
     start: float = Field(ge=0)
     end: float = Field(ge=0)
-    speaker: str | None = None
+    speaker: Annotated[str, StringConstraints(max_length=256), AfterValidator(_utf8)] | None = None
 
     @model_validator(mode="after")
     def _ordered(self) -> SegmentIn:
@@ -85,11 +123,17 @@ class SegmentsIn(Strict):
     segments: list[SegmentIn] = Field(min_length=1)
     collection: CollectionName | None = None
 
+    @model_validator(mode="after")
+    def _bounded(self) -> SegmentsIn:
+        if sum(len(s.text) for s in self.segments) > MAX_REQUEST_CHARS:
+            raise ValueError(f"at most {MAX_REQUEST_CHARS} characters of text per request: send the rest in another")
+        return self
+
 
 class QueryFilter(Strict):
-    source: str | None = None
-    speaker: str | None = None
-    job_id: str | None = None
+    source: Text | None = None
+    speaker: Text | None = None
+    job_id: Text | None = None
     after: datetime | None = None
     before: datetime | None = None
 
@@ -121,5 +165,13 @@ class EmbeddingsIn(BaseModel):
     input: str | list[str]
     model: str
     encoding_format: Literal["float", "base64"] = "float"
+
+    @field_validator("input")
+    @classmethod
+    def _utf8_input(cls, value: str | list[str]) -> str | list[str]:
+        for text in [value] if isinstance(value, str) else value:
+            _utf8(text)
+        return value
+
     dimensions: int | None = None
     user: str | None = None

@@ -221,6 +221,18 @@ def test_the_openai_client_gets_embeddings(rag: Rag, mint: Mint) -> None:
         ("/v1/documents", {"documents": [{"text": "ok", "metadata": {"doc_id": "x"}}]}),
         ("/v1/documents", {"documents": [{"id": "x", "text": "a"}, {"id": "x", "text": "b"}]}),
         ("/v1/documents", {"documents": [{"text": "ok"}], "collection": "a"}),
+        # Input that once got a 500, or broke Chroma for good (10,000 metadata keys).
+        ("/v1/documents", {"documents": [{"text": "ok", "metadata": {f"k{i}": i for i in range(10_000)}}]}),
+        ("/v1/documents", {"documents": [{"text": "ok", "metadata": {"$where": 1}}]}),
+        ("/v1/documents", {"documents": [{"text": "ok", "metadata": {"$contains": "x"}}]}),
+        ("/v1/documents", {"documents": [{"text": "ok", "metadata": {"": 1}}]}),
+        ("/v1/documents", {"documents": [{"text": "ok", "metadata": {"\udc00": 1}}]}),
+        ("/v1/documents", {"documents": [{"text": "ok", "metadata": {"a": "\udc00"}}]}),
+        ("/v1/documents", {"documents": [{"text": "lone \udc00 surrogate"}]}),
+        ("/v1/documents", {"documents": [{"text": "word " * 40_001}]}),  # over 200,000 characters
+        ("/v1/documents", {"documents": [{"id": f"d{i}", "text": "word " * 20_000} for i in range(5)]}),
+        ("/v1/query", {"query": "x" * 4_001}),
+        ("/v1/embeddings", {"input": "\udc00", "model": "all-minilm-l6-v2"}),
         (
             "/v1/segments",
             {
@@ -243,10 +255,14 @@ def test_the_openai_client_gets_embeddings(rag: Rag, mint: Mint) -> None:
 )
 def test_bad_input_is_400_and_stores_nothing(rag: Rag, collection: str, path: str, body: dict[str, object]) -> None:
     before = rag.http.get("/v1/stats").json()["total"]
-    response = rag.http.post(path, json=body)
+    # json.dumps escapes lone surrogates (\udc00), as a hostile client would send them.
+    response = rag.http.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
     assert response.status_code == 400, response.text
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert response.elapsed.total_seconds() < 2  # refused before any work
     assert rag.http.get("/v1/stats").json()["total"] == before
+    stored = rag.http.post("/v1/documents", json={"documents": [{"text": "still writable"}], "collection": collection})
+    assert stored.status_code == 200  # and the store takes the next write
 
 
 def test_a_batch_with_one_bad_document_stores_nothing(rag: Rag, collection: str) -> None:
