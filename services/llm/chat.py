@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.llm.engine import Engine, Finished, Message, Params
+from services.llm.engine import BadSchema, Engine, Finished, Message, Params, grammar_for
 from services.llm.memories import Memories, Passage
 from services.llm.placement import GpuPolicy, Placement
 from services.llm.prompting import ContextTooLong, Fitted, fit
@@ -222,7 +222,21 @@ class ChatService:
             )
         return value
 
+    def check(self, job: Job) -> None:
+        """What can be refused before any work, slot or lease."""
+        if len(job.messages) > self.settings.max_messages:
+            raise BadRequest(
+                f"at most {self.settings.max_messages} messages (GEMMA_MAX_MESSAGES)",
+                param="messages",
+                code="too_many_messages",
+            )
+        try:
+            grammar_for(job.params)
+        except BadSchema as exc:
+            raise BadRequest(str(exc), param="response_format", code="invalid_schema") from None
+
     async def open(self, job: Job, disconnected: Callable[[], Awaitable[object]]) -> Session:
+        self.check(job)
         if self.admitted > self.settings.max_queue:  # one running and max_queue waiting
             raise TooManyRequests("the model is busy and its queue is full", retry_after_s=2)
         self.admitted += 1

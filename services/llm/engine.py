@@ -60,6 +60,22 @@ class Cancelled(Exception):
     """The caller stopped the generation (client gone)."""
 
 
+class BadSchema(ValueError):
+    """A json_schema llama.cpp cannot turn into a grammar."""
+
+
+def grammar_for(params: Params) -> llama_grammar.LlamaGrammar | None:
+    """The grammar that constrains the output, if any; BadSchema for a schema that has none."""
+    if params.json_schema is not None:
+        try:
+            return llama_grammar.LlamaGrammar.from_json_schema(json.dumps(params.json_schema), verbose=False)
+        except Exception as exc:  # the converter raises anything from KeyError to RecursionError
+            raise BadSchema(f"the json_schema cannot be used to constrain the output ({type(exc).__name__})") from None
+    if params.json_object:
+        return llama_grammar.LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
+    return None
+
+
 def gemma_prompt(messages: Sequence[Message]) -> str:
     """Gemma's turn format. System text goes first into the first user turn, as
     Gemma's own template does (llama-cpp-python's ``format_gemma`` drops it)."""
@@ -146,6 +162,11 @@ class Engine:
                 self._llama = None
         self._vocab.close()
 
+    def count(self, text: str) -> int:
+        """Tokens in ``text`` alone."""
+        with self._vocab_lock:
+            return len(self._vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
     def prompt(self, messages: Sequence[Message]) -> Prompt:
         """The exact tokens the model will read, and the strings that end its turn."""
         if self._formatter is not None:
@@ -165,11 +186,7 @@ class Engine:
     ) -> Iterator[str | Finished]:
         """Pieces of text, then one Finished. ``check`` runs before each token (the lease
         fence); it and ``cancelled`` stop the generation within one token."""
-        grammar = None
-        if params.json_schema is not None:
-            grammar = llama_grammar.LlamaGrammar.from_json_schema(json.dumps(params.json_schema), verbose=False)
-        elif params.json_object:
-            grammar = llama_grammar.LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
+        grammar = grammar_for(params)
         with self._lock:
             llama = self.llama
             check()

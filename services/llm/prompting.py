@@ -42,23 +42,45 @@ def with_memories(messages: Sequence[Message], passages: Sequence[Passage]) -> l
     return out
 
 
+TURN_OVERHEAD = 8
+"""Tokens a turn adds besides its text (role markers) in the templates used here, or
+more: an estimate, checked by rendering."""
+
+
 def fit(engine: Engine, messages: Sequence[Message], passages: Sequence[Passage], max_tokens: int) -> Fitted:
     """Drop the least relevant passages first, then the oldest turns, until prompt +
     max_tokens fits; ContextTooLong if the system messages and the last message alone
-    do not."""
+    do not.
+
+    Linear in the number of messages: each message and passage is tokenized once, the
+    drops are decided by summing those counts, and the prompt is rendered once per round
+    (a round only repeats when the estimate was short, each time with the true count).
+    """
     budget = engine.n_ctx - max_tokens
     kept = sorted(passages, key=lambda p: p.score, reverse=True)
     turns = list(messages)
-    dropped = 0
+    prompt = engine.prompt(with_memories(turns, kept))
+    if len(prompt.tokens) <= budget:
+        return Fitted(prompt, kept, 0)
+    passage_cost = [engine.count(p.text) + TURN_OVERHEAD for p in kept]
+    droppable = [i for i, m in enumerate(turns[:-1]) if m["role"] != "system"]  # oldest first
+    turn_cost = {i: engine.count(turns[i]["content"]) + TURN_OVERHEAD for i in droppable}
+    dropped: set[int] = set()
+    total = len(prompt.tokens)
     while True:
-        prompt = engine.prompt(with_memories(turns, kept))
-        if len(prompt.tokens) <= budget:
-            return Fitted(prompt, kept, dropped)
-        if kept:
+        progress = False
+        while total > budget and kept:
             kept.pop()
-            continue
-        oldest = next((i for i, m in enumerate(turns[:-1]) if m["role"] != "system"), None)
-        if oldest is None:
-            raise ContextTooLong(len(prompt.tokens), max_tokens, engine.n_ctx)
-        del turns[oldest]
-        dropped += 1
+            total -= passage_cost.pop()
+            progress = True
+        while total > budget and len(dropped) < len(droppable):
+            index = droppable[len(dropped)]
+            dropped.add(index)
+            total -= turn_cost[index]
+            progress = True
+        if not progress:
+            raise ContextTooLong(total, max_tokens, engine.n_ctx)
+        prompt = engine.prompt(with_memories([m for i, m in enumerate(turns) if i not in dropped], kept))
+        if len(prompt.tokens) <= budget:
+            return Fitted(prompt, kept, len(dropped))
+        total = len(prompt.tokens)

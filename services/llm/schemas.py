@@ -19,16 +19,17 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: str
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
 
-    @field_validator("role")
-    @classmethod
-    def _known_role(cls, value: str) -> str:
-        if value not in ROLES:
-            raise ValueError(f"unknown role {value!r}; this service takes {', '.join(ROLES)}")
-        return value
+    @model_validator(mode="after")
+    def _utf8(self) -> ChatMessage:
+        try:
+            self.text().encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("content must be valid UTF-8 text (it holds a lone surrogate)") from None
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):

@@ -34,6 +34,8 @@ class LLMSettings(ServiceSettings):
     """Largest ``max_tokens`` a request may ask for."""
     default_max_tokens: int = Field(default=512, ge=1)
     """``max_tokens`` when a request gives none."""
+    max_messages: int = Field(default=1000, ge=1)
+    """Requests with more messages get 400 before any work."""
     max_queue: int = Field(default=8, ge=0)
     """Requests waiting for the model beyond this many get 429."""
 

@@ -361,6 +361,10 @@ async def test_a_burst_of_thirty_streams_gets_the_queue_limit_and_429s(start_llm
             await asyncio.gather(*streams, return_exceptions=True)
 
 
+LOOP = {"$ref": "#"}
+NONSENSE = {"type": "nonsense"}
+
+
 @pytest.mark.parametrize(
     ("change", "status", "code_or_param"),
     [
@@ -376,15 +380,38 @@ async def test_a_burst_of_thirty_streams_gets_the_queue_limit_and_429s(start_llm
         ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
         ({"model": "gpt-9"}, 404, "model_not_found"),
         ({"n": 2}, 400, "n"),
+        # Once 500s after waiting for the model slot and the lease; now 400 before either.
+        ({"messages": [{"role": "user", "content": "lone \udc00 surrogate"}]}, 400, "messages.0"),
+        ({"messages": [{"role": "", "content": "hi"}]}, 400, "messages.0.role"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#"}}}}, 400, "invalid_schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}},
+            400,
+            "invalid_schema",
+        ),
+        ({"messages": [{"role": "user", "content": "hi"}] * 2000}, 400, "too_many_messages"),
     ],
 )
 def test_bad_requests(llm: Llm, change: dict[str, Any], status: int, code_or_param: str) -> None:
     body = {"model": llm.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, **change}
-    response = llm.http.post("/v1/chat/completions", json=body)
+    # json.dumps escapes lone surrogates, as a hostile client would send them.
+    response = llm.http.post(
+        "/v1/chat/completions", content=json.dumps(body), headers={"content-type": "application/json"}
+    )
     assert response.status_code == status, response.text
+    assert response.elapsed.total_seconds() < 2  # refused before any slot or lease
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert code_or_param in (error["code"], error["param"])
+
+
+def test_many_turns_are_fitted_in_linear_time(llm: Llm) -> None:
+    """900 turns do not fit a 4,096-token context: the oldest are dropped, each message
+    tokenized once (quadratic fitting took 86 s for 1,000 messages)."""
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"note {i}"} for i in range(899)]
+    response = llm.chat("Say ok.", max_tokens=3, messages=[*turns, {"role": "user", "content": "Say ok."}])
+    assert response.status_code == 200, response.text
+    assert any("dropped the" in w for w in response.json()["baton"]["warnings"])
 
 
 def test_oversized_and_invalid_bodies(llm: Llm) -> None:
