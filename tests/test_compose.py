@@ -19,7 +19,7 @@ from services.coordinator.settings import CoordinatorSettings
 from services.llm.settings import LLMSettings
 from services.rag.settings import RAGSettings
 from services.transcription.settings import TranscriptionSettings
-from shared.settings import AuthSettings, BatonSettings
+from shared.settings import AuthSettings, BatonSettings, LimitSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS: dict[str, type[BatonSettings]] = {
@@ -63,7 +63,7 @@ def variables(cls: type[BatonSettings]) -> set[str]:
 
 
 def allowed(service: str) -> set[str]:
-    return variables(SETTINGS[service]) | variables(AuthSettings) | {"BATON_MODELS_DIR"}
+    return variables(SETTINGS[service]) | variables(AuthSettings) | variables(LimitSettings) | {"BATON_MODELS_DIR"}
 
 
 def dockerfile_stages() -> dict[str, list[str]]:
