@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 import shutil
 import time
@@ -34,6 +35,13 @@ ALIASES = ("whisper-1",)
 """Model names accepted besides the served one (OpenAI clients send whisper-1)."""
 
 
+def display_name(filename: str | None) -> str:
+    """A client's file name as shown back: no control characters (a NUL broke paths),
+    valid UTF-8, at most 255 characters."""
+    cleaned = "".join(c for c in (filename or "") if c.isprintable())
+    return cleaned.encode("utf-8", "replace").decode("utf-8")[:255] or "upload"
+
+
 class Uploads:
     """Uploaded files on disk, size-checked while copied."""
 
@@ -43,7 +51,7 @@ class Uploads:
         folder.mkdir(parents=True, exist_ok=True)
 
     def keep(self, upload: UploadFile, name: str | None = None) -> Path:
-        suffix = Path(upload.filename or "").suffix[:10]
+        suffix = re.sub(r"[^A-Za-z0-9.]", "", Path(display_name(upload.filename)).suffix)[:10]
         path = self.folder / f"{name or secrets.token_hex(8)}{suffix}"
         written = 0
         with path.open("wb") as out:
@@ -198,7 +206,7 @@ def build_router(
                 job_id,
                 owner,
                 kept,
-                file.filename or kept.name,
+                display_name(file.filename),
                 audio.duration_s(samples),
                 language,
                 prompt,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -19,12 +21,15 @@ from services.transcription.settings import TranscriptionSettings
 from services.transcription.worker import WorkerSpec
 from shared.auth import ServiceTokens, TokenIssuer, TokenVerifier
 from shared.client import ServiceClient
+from shared.errors import ServiceUnavailable, error_response
 from shared.gpu import Gpu, GpuClient, NoCoordinator, vram_estimate_mb
 from shared.guards import Guards
 from shared.metrics import Metrics
 from shared.models import UnknownModel, resolve
 from shared.settings import ConfigError, load_settings
 from shared.web import Auth, Readiness, create_service_app
+
+log = logging.getLogger(__name__)
 
 SERVICE_SCOPES = ("gpu", "rag:write")
 UPLOAD_OVERHEAD_MB = 1.0
@@ -128,5 +133,13 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
         public_info=public_info,
         audit=guards.audit,
     )
+
+    async def store_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("job store unavailable", extra={"error": type(exc).__name__})
+        return error_response(
+            ServiceUnavailable("the job store is unavailable", retry_after_s=1, code="store_unavailable")
+        )
+
+    app.add_exception_handler(RedisError, store_down)
     app.include_router(build_router(placement, runner, decoder, settings, model_id, auth, metrics))
     return app

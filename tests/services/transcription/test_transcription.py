@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from tests.services.transcription.conftest import MEETING, REFERENCES, SPEECH, StartTx, Tx, edits, silence
-from tests.support.servers import ServiceProcess, free_port, wait_until
+from tests.support.servers import RedisServer, ServiceProcess, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -261,3 +261,41 @@ def test_info_and_scopes(tx: Tx, mint: Any) -> None:
     assert info["model"] == "whisper-tiny.en" and info["chunk_length_s"] == 30 and info["workers"] == 2
     chat_only = {"Authorization": f"Bearer {mint('chat')}"}
     assert httpx.get(f"{tx.url}/v1/jobs", headers=chat_only).status_code == 403
+
+
+def _multipart(filename: bytes, content: bytes, **fields: str) -> tuple[bytes, dict[str, str]]:
+    """A form upload built by hand, with the file name's bytes as given (httpx would
+    percent-encode a NUL; curl and hostile clients do not)."""
+    parts = [
+        b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="' + filename + b'"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n" + content + b"\r\n"
+    ]
+    for name, value in fields.items():
+        parts.append(f'--b0undary\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    return b"".join(parts) + b"--b0undary--\r\n", {"Content-Type": "multipart/form-data; boundary=b0undary"}
+
+
+def test_a_file_name_with_a_nul_byte_is_cleaned_not_a_500(tx: Tx) -> None:
+    audio_bytes = (SPEECH / "sentence-01.ogg").read_bytes()
+    body, headers = _multipart(b"x.\x00", audio_bytes, model="whisper-1")
+    spoken = tx.http.post("/v1/audio/transcriptions", content=body, headers=headers)
+    assert spoken.status_code == 200, spoken.text
+    body, headers = _multipart(b"x.\x00", audio_bytes)
+    queued = tx.http.post("/v1/jobs", content=body, headers=headers)
+    assert queued.status_code == 202, queued.text
+    assert tx.http.get(f"/v1/jobs/{queued.json()['job_id']}").json()["file"] == "x."
+
+
+def test_the_job_store_down_is_503_with_retry_after(start_tx: StartTx, tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        alone = start_tx(env_extra={"TRANSCRIPTION_REDIS_URL": redis.url})
+        assert alone.http.get("/v1/jobs").status_code == 200
+        redis.kill()
+        for path in ("/v1/jobs", "/v1/jobs/job-0123456789abcdef"):
+            down = alone.http.get(path)
+            assert down.status_code == 503, down.text
+            assert down.json()["error"]["code"] == "store_unavailable" and int(down.headers["Retry-After"]) >= 1
+            assert str(redis.port) not in down.text
+    finally:
+        redis.stop()
