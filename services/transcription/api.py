@@ -99,7 +99,13 @@ def build_router(
     async def decoded(upload: UploadFile, name: str | None = None) -> tuple[Path, Any]:
         path = await asyncio.to_thread(uploads.keep, upload, name)
         try:
-            samples = await decoder.load(path)
+            samples = await decoder.load(path, settings.max_duration_s)  # refused before decoding if too long
+        except audio.TooLong as exc:
+            path.unlink(missing_ok=True)
+            raise PayloadTooLarge(
+                f"{exc}; the limit is {settings.max_duration_s:.0f} s (TRANSCRIPTION_MAX_DURATION_S)",
+                code="audio_too_long",
+            ) from None
         except audio.BadAudio as exc:
             path.unlink(missing_ok=True)
             raise BadRequest(

@@ -6,10 +6,13 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import av
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -299,3 +302,47 @@ def test_the_job_store_down_is_503_with_retry_after(start_tx: StartTx, tmp_path:
             assert str(redis.port) not in down.text
     finally:
         redis.stop()
+
+
+def long_silence_flac(path: Path, hours: float) -> Path:
+    """Hours of silence in a few MB of FLAC (8 kHz): small to send, huge once decoded."""
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("flac", rate=8000)
+        stream.layout = "mono"
+        ten_seconds = np.zeros((1, 80_000), dtype=np.int16)
+        for _ in range(int(hours * 360)):
+            frame = av.AudioFrame.from_ndarray(ten_seconds, format="s16", layout="mono")
+            frame.sample_rate = 8000
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+def peak_rss_mb(service: ServiceProcess) -> float:
+    assert service.process is not None
+    status = Path(f"/proc/{service.process.pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
+
+
+def test_audio_over_the_limit_is_refused_before_it_is_decoded(start_tx: StartTx, tmp_path: Path) -> None:
+    """5 h of FLAC (3.4 MB; 1.15 GB once decoded to float32) against a 4 h limit: 413 from
+    the container's stated duration, three at once, and the service's peak memory grows
+    by less than 100 MB (stated bound)."""
+    big = long_silence_flac(tmp_path / "five-hours.flac", 5)
+    limited = start_tx(max_upload_mb=8, max_duration_s=14400)
+    before = peak_rss_mb(limited.service)
+
+    def send(_: int) -> httpx.Response:
+        with big.open("rb") as handle:
+            return limited.http.post("/v1/jobs", files={"file": ("five-hours.flac", handle)})
+
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(send, range(3)))
+    for answer in answers:
+        assert answer.status_code == 413, answer.text
+        assert answer.json()["error"]["code"] == "audio_too_long"
+        assert answer.elapsed.total_seconds() < 2
+    assert peak_rss_mb(limited.service) - before < 100
+    assert limited.transcribe(SPEECH / "sentence-01.ogg").status_code == 200  # and it still serves
