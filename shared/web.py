@@ -33,6 +33,7 @@ from shared.errors import (
 from shared.limits import Limiter, StreamSlot
 from shared.logs import request_id_var
 from shared.metrics import Metrics
+from shared.openapi import honest_openapi
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("baton.access")
@@ -381,7 +382,7 @@ def create_service_app(
 
     @router.get("/openapi.json", tags=["ops"], dependencies=admin)
     async def openapi() -> dict[str, Any]:
-        return app.openapi()
+        return honest_openapi(app)
 
     @router.get("/v1/info", tags=["ops"], dependencies=[Depends(auth.require())])
     async def service_info(request: Request) -> dict[str, Any]:

@@ -107,7 +107,14 @@ def test_users_see_less_and_the_audit_log_records_refusals(
     assert {"redis_url", "max_ttl_ms", "yield_grace_ms"} <= set(full)
 
     assert httpx.get(f"{one.url}/openapi.json", headers=bearer(user)).status_code == 403
-    assert "/v1/leases" in httpx.get(f"{one.url}/openapi.json", headers=bearer(admin)).json()["paths"]
+    document = httpx.get(f"{one.url}/openapi.json", headers=bearer(admin)).json()
+    lease = document["paths"]["/v1/leases"]["post"]
+    assert {"400", "401", "403", "429", "503"} <= set(lease["responses"]) and "422" not in lease["responses"]
+    assert lease["responses"]["400"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/Error"
+    assert lease["security"] == [{"bearer": []}]
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert "text/plain" in document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert "security" not in document["paths"]["/health"]["get"]
     assert httpx.get(f"{one.url}/v1/audit", headers=bearer(user)).status_code == 403
 
     forged = user[:-4] + ("AAAA" if not user.endswith("AAAA") else "BBBB")
