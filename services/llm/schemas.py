@@ -99,6 +99,19 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     n: int = Field(default=1, ge=1, le=1)
     rag: RagOptions | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _nothing_ignored_silently(self) -> ChatCompletionRequest:
+        """Features this service does not have are refused, not ignored."""
+        if self.logprobs or self.top_logprobs:
+            raise ValueError("logprobs are not supported by this service")
+        if self.tools or (self.tool_choice not in (None, "none")):
+            raise ValueError("tool calling is not supported by this service yet")
+        return self
 
     @field_validator("stop")
     @classmethod

@@ -390,6 +390,8 @@ NONSENSE = {"type": "nonsense"}
             "invalid_schema",
         ),
         ({"messages": [{"role": "user", "content": "hi"}] * 2000}, 400, "too_many_messages"),
+        ({"logprobs": True}, 400, "invalid_value"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, 400, "invalid_value"),
     ],
 )
 def test_bad_requests(llm: Llm, change: dict[str, Any], status: int, code_or_param: str) -> None:
