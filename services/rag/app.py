@@ -6,13 +6,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from services.rag.api import EMBEDDING_MODEL, build_router
 from services.rag.settings import RAGSettings
-from services.rag.store import MemoryStore
+from services.rag.store import MemoryStore, StoreFailed
 from shared.auth import TokenVerifier
+from shared.errors import ServiceUnavailable, error_response
 from shared.guards import Guards
 from shared.metrics import Metrics
 from shared.models import UnknownModel
@@ -43,7 +45,10 @@ def create_app(settings: RAGSettings | None = None, store: MemoryStore | None = 
 
     async def ready() -> Readiness:
         ok = warm["done"] and await run_in_threadpool(memories.heartbeat)
-        return Readiness(ok, {"chroma": "ok" if ok else "unreachable"})
+        detail = {"chroma": "ok" if ok else "unreachable"}
+        if memories.failure:
+            detail["chroma"] = f"the last write failed ({memories.failure})"
+        return Readiness(ok, detail)
 
     def public_info() -> dict[str, Any]:
         return {
@@ -73,5 +78,10 @@ def create_app(settings: RAGSettings | None = None, store: MemoryStore | None = 
         public_info=public_info,
         audit=guards.audit,
     )
+
+    async def store_failed(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(ServiceUnavailable(str(exc), retry_after_s=5, code="store_unavailable"))
+
+    app.add_exception_handler(StoreFailed, store_failed)
     app.include_router(build_router(memories, auth, settings.max_documents))
     return app

@@ -13,11 +13,12 @@ is fetched at run time. Every call here blocks; the API runs them in threads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -140,6 +141,10 @@ def _all_of(*clauses: dict[str, Any] | None) -> dict[str, Any] | None:
     return present[0] if len(present) == 1 else {"$and": present}
 
 
+class StoreFailed(Exception):
+    """Chroma failed where it should not: the store may be damaged."""
+
+
 @dataclass
 class Stored:
     ids: list[str]
@@ -175,6 +180,8 @@ class MemoryStore:
         self._settings = settings
         self._collections: dict[str, Collection] = {}
         self._write_lock = threading.Lock()
+        self.failure: str | None = None
+        """Why the last write failed, until one succeeds."""
 
     @classmethod
     def open(cls, settings: RAGSettings) -> MemoryStore:
@@ -188,11 +195,38 @@ class MemoryStore:
         self.collection(None)
 
     def heartbeat(self) -> bool:
+        """Ready: Chroma answers, the default collection can be read, and the last write
+        did not fail (a damaged store fails writes first)."""
         try:
             self._client.heartbeat()
+            self.collection(None).count()
         except Exception:  # any failure means "not ready"
             return False
-        return True
+        return self.failure is None
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A failure of Chroma itself while reading: StoreFailed (503), the cause logged."""
+        try:
+            yield
+        except Exception as exc:
+            log.error("store read failed", exc_info=exc)
+            raise StoreFailed("the memory store failed to read; see the service log") from None
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One write at a time; a failure of Chroma itself (not of the request) is kept,
+        so that /ready says so, and answered as StoreFailed (503)."""
+        with self._write_lock:
+            try:
+                yield
+            except NotFound:
+                raise
+            except Exception as exc:
+                self.failure = type(exc).__name__
+                log.error("store write failed", exc_info=exc)
+                raise StoreFailed("the memory store failed to write; see the service log") from None
+            self.failure = None
 
     def collection(self, name: str | None) -> Collection:
         name = name or self._settings.collection
@@ -234,7 +268,7 @@ class MemoryStore:
                 "shared": doc.shared,
             }
             plans.append((doc_id, digest, pieces, base))
-        with self._write_lock:
+        with self._writing():
             known = self._known_hashes(target, owner, [doc_id for doc_id, *_ in plans])
             chunk_ids: list[str] = []
             texts: list[str] = []
@@ -283,7 +317,7 @@ class MemoryStore:
             ids.append(_key(owner, f"{batch.job_id}@{segment.start:.3f}"))
             texts.append(segment.text)
             metadatas.append(meta)
-        with self._write_lock:
+        with self._writing():
             existing = set(target.get(ids=ids, include=[])["ids"])
             fresh = [i for i, segment_id in enumerate(ids) if segment_id not in existing]
             self._add(target, [ids[i] for i in fresh], [texts[i] for i in fresh], [metadatas[i] for i in fresh])
@@ -310,7 +344,7 @@ class MemoryStore:
         segment: the caller's own (an admin's: anyone's); another's is not found."""
         target = self.collection(collection)
         mine = None if caller.admin else {"owner": caller.subject}
-        with self._write_lock:
+        with self._writing():
             found = target.get(where=_all_of({"doc_id": memory_id}, mine), include=["metadatas"])
             if not found["ids"]:
                 found = target.get(ids=[_key(caller.subject, memory_id)], include=["metadatas"])
@@ -323,6 +357,10 @@ class MemoryStore:
     # -- reads -----------------------------------------------------------------------
 
     def query(self, request: QueryIn, caller: Caller) -> list[Result]:
+        with self._reading():
+            return self._query(request, caller)
+
+    def _query(self, request: QueryIn, caller: Caller) -> list[Result]:
         target = self.collection(request.collection)
         bias = self._settings.recency_bias if request.recency_bias is None else request.recency_bias
         # With recency in play, rank a wider set of candidates than asked for.
@@ -380,6 +418,10 @@ class MemoryStore:
         return clauses[0] if len(clauses) == 1 else {"$and": clauses}
 
     def stats(self, caller: Caller) -> dict[str, int]:
+        with self._reading():
+            return self._stats(caller)
+
+    def _stats(self, caller: Caller) -> dict[str, int]:
         """Memories per collection: all of them for an admin, else the caller's own and shared ones."""
         where = _visible(caller)
         if where is None:
