@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from faster_whisper import WhisperModel
 from faster_whisper.tokenizer import _LANGUAGE_CODES
+from faster_whisper.vad import VadOptions, get_speech_timestamps
 
 from services.transcription.audio import SAMPLE_RATE
 
@@ -149,7 +150,16 @@ class Transcriber:
         prompt: str | None,
     ) -> Iterator[Window]:
         """Complete windows from ``seek`` on (in mel frames). A caller that stops
-        early resumes at the last yielded window's ``next_seek``."""
+        early resumes at the last yielded window's ``next_seek``.
+
+        Only speech is decoded, as in interactive requests: voice-activity detection
+        runs over the whole file (the same regions every time, so a resumed job decodes
+        what an uninterrupted one would), and the regions from ``seek`` on are the clips
+        Whisper decodes. A file without speech gives no segments."""
+        clips = speech_clips(samples, seek)
+        if not clips:
+            yield Window(seek, [], next_seek=total_frames(samples))
+            return
         with self._lock:
             if not self._model.model.model_is_loaded:
                 self._model.model.load_model()
@@ -163,7 +173,7 @@ class Transcriber:
                 vad_filter=False,
                 word_timestamps=False,
                 chunk_length=self.chunk_length_s,
-                clip_timestamps=[seek / FRAMES_PER_SECOND] if seek else "0",
+                clip_timestamps=clips,
             )
             current = Window(seek, [])
             next_id = first_id
@@ -209,6 +219,19 @@ def check_language(language: str | None, *, multilingual: bool, model_name: str)
         raise ValueError(f"unknown language {language!r}; use an ISO 639-1 code such as 'en'")
     if not multilingual and language != "en":
         raise ValueError(f"this model ({model_name}) transcribes English only")
+
+
+def speech_clips(samples: np.ndarray, seek: int) -> list[float]:
+    """Whisper's clip_timestamps (start, end, start, end... in seconds) for the speech
+    from mel frame ``seek`` on; empty when none is left."""
+    after = seek / FRAMES_PER_SECOND
+    clips: list[float] = []
+    for region in get_speech_timestamps(samples, VadOptions()):
+        start, end = region["start"] / SAMPLE_RATE, region["end"] / SAMPLE_RATE
+        if end <= after:
+            continue
+        clips += [max(start, after), end]
+    return clips
 
 
 def frames_to_seconds(frames: int) -> float:

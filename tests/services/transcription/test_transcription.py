@@ -346,3 +346,12 @@ def test_audio_over_the_limit_is_refused_before_it_is_decoded(start_tx: StartTx,
         assert answer.elapsed.total_seconds() < 2
     assert peak_rss_mb(limited.service) - before < 100
     assert limited.transcribe(SPEECH / "sentence-01.ogg").status_code == 200  # and it still serves
+
+
+def test_silence_gives_a_job_no_text_and_nothing_to_index(tx: Tx, tmp_path: Path) -> None:
+    """Without voice-activity detection, minutes of silence became "You You You…" and
+    were indexed as memories."""
+    job_id = tx.submit(silence(tmp_path / "quiet.ogg", 95))
+    done = wait_for_job(tx, job_id)
+    assert done["segments"] == [] and done["text"] == ""
+    assert done["progress"] == 1.0
