@@ -155,7 +155,7 @@ def wait_indexed(stack: Stack, job_id: str, timeout_s: float = 120) -> bool:
         while time.monotonic() < give_up:
             if check(http.get(f"/v1/jobs/{job_id}"), "transcription").json()["indexed"]:
                 return True
-            time.sleep(0.2)
+            time.sleep(0.5)
     return False
 
 

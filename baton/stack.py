@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,31 @@ from typing import Any
 import httpx
 
 SERVICES = ("llm", "coordinator", "transcription", "rag")
+
+PATIENCE_S = 60.0
+"""How long, in all, one read waits out the stack's rate limit (429 with Retry-After)."""
+
+
+class _Patient(httpx.HTTPTransport):
+    """Reads (GET) that are refused for rate wait as long as the service asks, then go again.
+
+    A refused request did nothing (limits are checked before any work), but only reads
+    are retried: an upload's body is a file already read."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        give_up = time.monotonic() + PATIENCE_S
+        while True:
+            response = super().handle_request(request)
+            if request.method != "GET" or response.status_code != 429:
+                return response
+            try:
+                wait_s = float(response.headers.get("retry-after", "1"))
+            except ValueError:
+                wait_s = 1.0
+            if time.monotonic() + wait_s > give_up:
+                return response
+            response.close()
+            time.sleep(max(0.0, wait_s))
 
 
 class StackError(Exception):
@@ -58,7 +84,10 @@ class Stack:
     @contextmanager
     def client(self, service: str, timeout_s: float = 30) -> Iterator[httpx.Client]:
         with httpx.Client(
-            base_url=self.url(service), headers={"Authorization": f"Bearer {self.token}"}, timeout=timeout_s
+            base_url=self.url(service),
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=timeout_s,
+            transport=_Patient(),
         ) as http:
             try:
                 yield http

@@ -39,9 +39,15 @@ def submit(stack: LaunchedStack, path: Path) -> str:
     return str(response.json()["job_id"])
 
 
+POLL_S = 0.25
+"""How often a test asks after a job: the stack's user is rate-limited like any other."""
+
+
 def job(stack: LaunchedStack, job_id: str) -> dict[str, Any]:
     with stack.client("transcription") as http:
-        return dict(http.get(f"/v1/jobs/{job_id}").json())
+        response = http.get(f"/v1/jobs/{job_id}")
+    assert response.status_code == 200, response.text
+    return dict(response.json())
 
 
 def test_a_question_interrupts_a_transcription_and_nothing_is_lost(
@@ -49,7 +55,7 @@ def test_a_question_interrupts_a_transcription_and_nothing_is_lost(
 ) -> None:
     # An earlier transcript, alone: the reference, and the memories the question will use.
     earlier = submit(launched, long_recording)
-    wait_until(lambda: job(launched, earlier)["indexed"], 300, "the earlier transcript to be indexed")
+    wait_until(lambda: job(launched, earlier)["indexed"], 300, "the earlier transcript to be indexed", POLL_S)
     reference = job(launched, earlier)
 
     # The same recording again; once it runs and has stored a checkpoint, ask.
@@ -58,6 +64,7 @@ def test_a_question_interrupts_a_transcription_and_nothing_is_lost(
         lambda: job(launched, current)["state"] == "running" and job(launched, current)["segments"],
         120,
         "the second job to be under way",
+        POLL_S,
     )
     body = {
         "model": "smollm2-135m-instruct",
@@ -85,7 +92,7 @@ def test_a_question_interrupts_a_transcription_and_nothing_is_lost(
     assert any("deadline" in s["text"].lower() for s in final["sources"])
 
     # The interrupted job ends with exactly the transcript of the uninterrupted one.
-    wait_until(lambda: job(launched, current)["state"] == "done", 300, "the interrupted job to finish")
+    wait_until(lambda: job(launched, current)["state"] == "done", 300, "the interrupted job to finish", POLL_S)
     finished = job(launched, current)
     assert finished["yields"] >= 1
     assert finished["segments"] == reference["segments"]
