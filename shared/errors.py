@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from shared.logs import request_id_var
 
@@ -178,6 +179,17 @@ def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
     return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method some route takes at this path. Starlette's 405 names only the first
+    route that matched the path (GET of ``/v1/jobs/{id}``, not its DELETE)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:  # PARTIAL: the path matches, the method does not
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         request.state.error_code = cast(APIError, exc).code
@@ -187,13 +199,16 @@ def install_error_handlers(app: FastAPI) -> None:
         message, param = validation_message(cast(RequestValidationError, exc).errors())
         return JSONResponse(envelope(message, "invalid_request_error", param=param, code="invalid_value"), 400)
 
-    async def on_http_error(_: Request, error: Exception) -> JSONResponse:
+    async def on_http_error(request: Request, error: Exception) -> JSONResponse:
         exc = cast(StarletteHTTPException, error)
         type_ = _TYPE_BY_STATUS.get(
             exc.status_code, "server_error" if exc.status_code >= 500 else "invalid_request_error"
         )
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return JSONResponse(envelope(message, type_), exc.status_code, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": allowed_methods(request)}
+        return JSONResponse(envelope(message, type_), exc.status_code, headers=headers)
 
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error", exc_info=exc)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -34,6 +36,14 @@ def build_app(settings: AuthSettings) -> FastAPI:
     @app.post("/items", dependencies=user)
     async def create(item: Item) -> Item:
         return item
+
+    @app.get("/items/{name}", dependencies=user)
+    async def read(name: str) -> Item:
+        return Item(name=name, count=1)
+
+    @app.delete("/items/{name}", dependencies=user, status_code=204)
+    async def delete(name: str) -> None:
+        return None
 
     @app.get("/boom", dependencies=user)
     async def boom() -> None:
@@ -103,6 +113,35 @@ def test_unknown_route_and_method(http: httpx.Client) -> None:
     response = http.delete("/items")
     assert response.status_code == 405
     envelope_of(response)
+
+
+def test_405_names_every_method_of_the_path(http: httpx.Client) -> None:
+    response = http.options("/items/pen")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "DELETE, GET"
+    envelope_of(response)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /items/pen HTTP/1.1\r\nHost: x\r\nX-Note: a\x00b\r\n\r\n",
+        b"GET /items/pen HTTP/1.1\r\nHost: x\r\nX-Note\xff: b\r\n\r\n",
+        b"GET /items/pen HTTP/9.9 and more\r\n\r\n",
+    ],
+    ids=["nul-in-value", "0xff-in-name", "request-line"],
+)
+def test_bytes_that_are_not_http_get_the_envelope(server: UvicornThread, raw: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(raw)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert b"content-type: application/json" in head.lower()
+    error = json.loads(body)["error"]
+    assert set(error) == ENVELOPE_KEYS and error["code"] == "malformed_request"
 
 
 def test_body_over_the_limit_is_413(http: httpx.Client) -> None:

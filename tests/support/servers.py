@@ -19,6 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from baton.launcher import find_redis_server
+from shared.runner import server_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,8 +108,7 @@ class UvicornThread:
 
     def __init__(self, app: FastAPI, port: int | None = None) -> None:
         self.port = port or free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, access_log=False)
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(server_config(app, "127.0.0.1", self.port))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
