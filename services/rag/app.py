@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from services.rag.api import EMBEDDING_MODEL, build_router
+from services.rag.journal import Busy
 from services.rag.settings import RAGSettings
 from services.rag.store import MemoryStore, StoreFailed
 from shared.auth import TokenVerifier
@@ -31,6 +32,8 @@ def create_app(settings: RAGSettings | None = None, store: MemoryStore | None = 
             store = MemoryStore.open(settings)
         except (UnknownModel, FileNotFoundError) as exc:
             raise ConfigError(f"RAG_EMBEDDING_MODEL: {exc}") from None
+        except Busy as exc:
+            raise ConfigError(f"RAG_JOURNAL_PATH: {exc}") from None
     memories = store
     warm = {"done": False}
 
@@ -42,6 +45,7 @@ def create_app(settings: RAGSettings | None = None, store: MemoryStore | None = 
             yield
         finally:
             await guards.aclose()
+            memories.close()
 
     async def ready() -> Readiness:
         ok = warm["done"] and await run_in_threadpool(memories.heartbeat)

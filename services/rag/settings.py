@@ -20,6 +20,9 @@ class RAGSettings(ServiceSettings):
     """Folder of the embedded Chroma database (when RAG_CHROMA_URL is not set)."""
     chroma_url: str | None = None
     """A Chroma server, e.g. http://chroma:8000; overrides RAG_CHROMA_PATH."""
+    journal_path: Path | None = None
+    """The journal of every record stored (SQLite), the source of a rebuild; by default
+    ``rag-journal.sqlite3`` beside RAG_CHROMA_PATH. Keep it on a volume."""
     embedding_model: str = "all-minilm-l6-v2"
     """Preset name, or a folder holding ``onnx/`` laid out for Chroma's MiniLM function."""
     collection: str = Field(default="memories", pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,61}[a-zA-Z0-9]$")
@@ -42,3 +45,7 @@ class RAGSettings(ServiceSettings):
         if self.chunk_overlap >= self.chunk_size:
             raise ValueError("RAG_CHUNK_OVERLAP must be smaller than RAG_CHUNK_SIZE")
         return self
+
+    @property
+    def journal(self) -> Path:
+        return self.journal_path or self.chroma_path.parent / "rag-journal.sqlite3"

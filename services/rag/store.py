@@ -32,6 +32,7 @@ from chromadb.api.models.Collection import Collection
 from chromadb.utils.embedding_functions import ONNXMiniLM_L6_V2
 
 from services.rag.chunking import chunk
+from services.rag.journal import Change, Journal, Record
 from services.rag.schemas import DocumentIn, QueryIn, Result, Scalar, SegmentsIn
 from services.rag.settings import RAGSettings
 from shared.models import resolve
@@ -174,10 +175,16 @@ def _bytes_by_owner(metadatas: Sequence[Any] | None) -> dict[str, int]:
 
 
 class MemoryStore:
-    def __init__(self, client: ClientAPI, embedder: MiniLM, settings: RAGSettings) -> None:
+    """Chroma behind one write lock, with every record also kept in the journal.
+
+    Embeddings are computed before the write lock is taken, so a big document holds it
+    only for Chroma's own insert, not for the model."""
+
+    def __init__(self, client: ClientAPI, embedder: MiniLM, settings: RAGSettings, journal: Journal) -> None:
         self._client = client
         self.embedder = embedder
         self._settings = settings
+        self.journal = journal
         self._collections: dict[str, Collection] = {}
         self._write_lock = threading.Lock()
         self.failure: str | None = None
@@ -185,14 +192,52 @@ class MemoryStore:
 
     @classmethod
     def open(cls, settings: RAGSettings) -> MemoryStore:
+        """The store of the service; Busy when another process holds its journal."""
         folder, _ = resolve(settings.embedding_model, "embedding")
-        return cls(open_client(settings), MiniLM(folder), settings)
+        embedder = MiniLM(folder)
+        journal = Journal(settings.journal)
+        try:
+            journal.hold()
+            return cls(open_client(settings), embedder, settings, journal)
+        except BaseException:
+            journal.close()
+            raise
+
+    def close(self) -> None:
+        self.journal.close()
 
     def warm_up(self) -> None:
-        """Load the model and reach Chroma now, not on the first request."""
+        """Load the model and reach Chroma now, not on the first request; a store from
+        before the journal has its records copied into it once."""
         self.embedder(["warm up"])
         self._client.heartbeat()
         self.collection(None)
+        if self.journal.fact("imported") is None:
+            with self._writing() as change:
+                copied = sum(self._copy_into(collection, change) for collection in self._client.list_collections())
+                change.set_fact("imported", str(time.time()))
+            if copied:
+                log.info("records copied into the journal", extra={"records": copied})
+
+    @staticmethod
+    def _copy_into(collection: Collection, change: Change, page: int = 1000) -> int:
+        copied = 0
+        while True:
+            found = collection.get(limit=page, offset=copied, include=["documents", "metadatas"])
+            if not found["ids"]:
+                return copied
+            metadatas = [dict(m or {}) for m in found["metadatas"] or []]
+            change.put(collection.name, found["ids"], [d or "" for d in found["documents"] or []], metadatas)
+            copied += len(found["ids"])
+
+    def restore(self, collection: str, records: Sequence[Record]) -> None:
+        """Put journal records back into Chroma (a rebuild), embedding them again."""
+        target = self.collection(collection)
+        texts = [r.document for r in records]
+        self._add(target, None, [r.key for r in records], texts, [r.metadata for r in records], self._vectors(texts))
+
+    def _vectors(self, texts: Sequence[str]) -> list[npt.NDArray[np.float32]]:
+        return [np.asarray(v, dtype=np.float32) for v in self.embedder(list(texts))] if texts else []
 
     def heartbeat(self) -> bool:
         """Ready: Chroma answers, the default collection can be read, and the last write
@@ -214,12 +259,14 @@ class MemoryStore:
             raise StoreFailed("the memory store failed to read; see the service log") from None
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        """One write at a time; a failure of Chroma itself (not of the request) is kept,
-        so that /ready says so, and answered as StoreFailed (503)."""
+    def _writing(self) -> Iterator[Change]:
+        """One write at a time, with its journal change (committed only if Chroma took
+        it); a failure of Chroma itself (not of the request) is kept, so that /ready
+        says so, and answered as StoreFailed (503)."""
         with self._write_lock:
             try:
-                yield
+                with self.journal.change() as change:
+                    yield change
             except NotFound:
                 raise
             except Exception as exc:
@@ -249,11 +296,13 @@ class MemoryStore:
         target = self.collection(collection)
         now = time.time()
         ids: list[str] = []
-        plans: list[tuple[str, str, list[str], dict[str, Scalar]]] = []
+        plans: dict[str, tuple[str, list[str], dict[str, Scalar]]] = {}  # doc_id -> hash, chunks, metadata
         for doc in documents:
             digest = _content_hash(doc.text)
             doc_id = doc.id or f"doc-{digest}"
             ids.append(doc_id)
+            if doc_id in plans:
+                continue
             pieces = chunk(doc.text, s.chunk_size, s.chunk_overlap)
             created = doc.created_at.timestamp() if doc.created_at else now
             base: dict[str, Scalar] = {
@@ -267,30 +316,32 @@ class MemoryStore:
                 "owner": owner,
                 "shared": doc.shared,
             }
-            plans.append((doc_id, digest, pieces, base))
-        with self._writing():
-            known = self._known_hashes(target, owner, [doc_id for doc_id, *_ in plans])
+            plans[doc_id] = (digest, pieces, base)
+        with self._reading():
+            known = self._known_hashes(target, owner, list(plans))
+        fresh = [doc_id for doc_id, (digest, *_) in plans.items() if known.get(doc_id) != digest]
+        vectors = {doc_id: self._vectors(plans[doc_id][1]) for doc_id in fresh}  # the slow part, unlocked
+        with self._writing() as change:
+            known = self._known_hashes(target, owner, fresh)  # again: another write may have come first
             chunk_ids: list[str] = []
             texts: list[str] = []
             metadatas: list[dict[str, Scalar]] = []
-            replace: list[str] = []
-            seen: set[str] = set()
-            for doc_id, digest, pieces, base in plans:
-                if known.get(doc_id) == digest or doc_id in seen:
-                    continue
-                seen.add(doc_id)
-                if doc_id in known:
-                    replace.append(doc_id)
-                for index, piece in enumerate(pieces):
-                    chunk_ids.append(_key(owner, f"{doc_id}#{index}"))
-                    texts.append(piece)
-                    metadatas.append({**base, "chunk": index})
+            embeddings: list[npt.NDArray[np.float32]] = []
             removed = 0
-            for doc_id in replace:
-                old = target.get(where={"$and": [{"doc_id": doc_id}, {"owner": owner}]}, include=["metadatas"])
-                removed += _bytes_by_owner(old["metadatas"]).get(owner, 0)
-                target.delete(ids=old["ids"])
-            self._add(target, chunk_ids, texts, metadatas)
+            for doc_id in fresh:
+                digest, pieces, base = plans[doc_id]
+                if known.get(doc_id) == digest:
+                    continue
+                if doc_id in known:
+                    old = target.get(where={"$and": [{"doc_id": doc_id}, {"owner": owner}]}, include=["metadatas"])
+                    removed += _bytes_by_owner(old["metadatas"]).get(owner, 0)
+                    target.delete(ids=old["ids"])
+                    change.remove(target.name, old["ids"])
+                chunk_ids += [_key(owner, f"{doc_id}#{index}") for index in range(len(pieces))]
+                texts += pieces
+                metadatas += [{**base, "chunk": index} for index in range(len(pieces))]
+                embeddings += vectors[doc_id]
+            self._add(target, change, chunk_ids, texts, metadatas, embeddings)
         added = sum(int(m["doc_bytes"]) for m in metadatas if m["chunk"] == 0)
         return Stored(ids, len(chunk_ids), {owner: added - removed})
 
@@ -317,21 +368,53 @@ class MemoryStore:
             ids.append(_key(owner, f"{batch.job_id}@{segment.start:.3f}"))
             texts.append(segment.text)
             metadatas.append(meta)
-        with self._writing():
-            existing = set(target.get(ids=ids, include=[])["ids"])
-            fresh = [i for i, segment_id in enumerate(ids) if segment_id not in existing]
-            self._add(target, [ids[i] for i in fresh], [texts[i] for i in fresh], [metadatas[i] for i in fresh])
+        with self._reading():
+            existing = self._present(target, ids)
+        fresh = [i for i, segment_id in enumerate(ids) if segment_id not in existing]
+        vectors = dict(zip(fresh, self._vectors([texts[i] for i in fresh]), strict=True))  # unlocked
+        with self._writing() as change:
+            existing = self._present(target, [ids[i] for i in fresh])
+            fresh = [i for i in fresh if ids[i] not in existing]
+            self._add(
+                target,
+                change,
+                [ids[i] for i in fresh],
+                [texts[i] for i in fresh],
+                [metadatas[i] for i in fresh],
+                [vectors[i] for i in fresh],
+            )
         return Stored([_local(i) for i in ids], len(fresh), {owner: sum(_size(texts[i]) for i in fresh)})
 
-    def _add(self, target: Collection, ids: list[str], texts: list[str], metadatas: list[dict[str, Scalar]]) -> None:
+    def _add(
+        self,
+        target: Collection,
+        change: Change | None,
+        ids: list[str],
+        texts: list[str],
+        metadatas: Sequence[dict[str, Any]],
+        embeddings: Sequence[npt.NDArray[np.float32]],
+    ) -> None:
         step = self._client.get_max_batch_size()
         for start in range(0, len(ids), step):
             end = start + step
-            target.add(ids=ids[start:end], documents=texts[start:end], metadatas=metadatas[start:end])  # type: ignore[arg-type]
+            target.add(
+                ids=ids[start:end],
+                documents=texts[start:end],
+                metadatas=metadatas[start:end],  # type: ignore[arg-type]
+                embeddings=list(embeddings[start:end]),  # type: ignore[arg-type]
+            )
+        if change is not None:
+            change.put(target.name, ids, texts, metadatas)
+
+    @staticmethod
+    def _present(target: Collection, ids: list[str]) -> set[str]:
+        return set(target.get(ids=ids, include=[])["ids"]) if ids else set()
 
     @staticmethod
     def _known_hashes(target: Collection, owner: str, doc_ids: list[str]) -> dict[str, str]:
         """doc_id -> content hash, for ``owner``'s documents already stored (by their first chunk)."""
+        if not doc_ids:
+            return {}
         found = target.get(ids=[_key(owner, f"{doc_id}#0") for doc_id in doc_ids], include=["metadatas"])
         return {
             str(meta["doc_id"]): str(meta["doc_hash"])
@@ -344,13 +427,14 @@ class MemoryStore:
         segment: the caller's own (an admin's: anyone's); another's is not found."""
         target = self.collection(collection)
         mine = None if caller.admin else {"owner": caller.subject}
-        with self._writing():
+        with self._writing() as change:
             found = target.get(where=_all_of({"doc_id": memory_id}, mine), include=["metadatas"])
             if not found["ids"]:
                 found = target.get(ids=[_key(caller.subject, memory_id)], include=["metadatas"])
             if not found["ids"]:
                 raise NotFound(memory_id)
             target.delete(ids=found["ids"])
+            change.remove(target.name, found["ids"])
         removed = _bytes_by_owner(found["metadatas"])
         return Stored([memory_id], len(found["ids"]), {owner: -size for owner, size in removed.items()})
 

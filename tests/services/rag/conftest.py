@@ -40,6 +40,7 @@ def rag(
     workdir = tmp_path_factory.mktemp(f"rag-{request.param}")
     chroma = ChromaServer(workdir / "chroma-server").start() if request.param == "server" else None
     env = {"RAG_CHROMA_URL": chroma.url} if chroma else {"RAG_CHROMA_PATH": str(workdir / "chroma")}
+    env["RAG_JOURNAL_PATH"] = str(workdir / "journal.sqlite3")
     env["RAG_MAX_BODY_MB"] = "1"
     # Limits and the audit log on a real Redis, as the launcher and compose run it.
     env |= {"BATON_REDIS_URL": redis_server.url, "BATON_KEY_PREFIX": f"rag-{secrets.token_hex(4)}:"}

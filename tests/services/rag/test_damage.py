@@ -1,28 +1,79 @@
-"""A store damaged on purpose: /ready says so; reads and writes answer 503 in the envelope."""
+"""A store damaged on purpose: /ready says so, reads and writes answer 503 in the
+envelope, and the rebuild command restores from the journal everything answered 2xx."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import Mint
-from tests.support.servers import ServiceProcess
+from tests.support.servers import REPO_ROOT, ServiceProcess
 
 pytestmark = pytest.mark.slow
 
+NOTES = [
+    {"id": "door", "text": "The door code of the Harbor office changes every Monday."},
+    {"id": "lunch", "text": "Lunch on Fridays is at the noodle bar by the station."},
+    {"id": "gone", "text": "This note is deleted before the damage, and must stay deleted."},
+]
 
-def test_a_damaged_store_is_not_ready_and_writes_get_503(tmp_path: Path, log_dir: Path, mint: Mint) -> None:
+
+def rebuild(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.rag.rebuild", *args],
+        cwd=REPO_ROOT,
+        env={k: v for k, v in env.items() if not k.startswith("JWT_")},  # it needs no secret
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def memories(http: httpx.Client) -> list[tuple[str, str]]:
+    found = http.post("/v1/query", json={"query": "office notes", "top_k": 10})
+    assert found.status_code == 200, found.text
+    return sorted((hit["id"], hit["text"]) for hit in found.json()["results"])
+
+
+def test_a_damaged_store_is_not_ready_and_is_rebuilt_with_nothing_lost(
+    tmp_path: Path, log_dir: Path, mint: Mint
+) -> None:
     store = tmp_path / "chroma"
-    service = ServiceProcess("rag", {"RAG_CHROMA_PATH": str(store)}, log_dir).start()
+    service = ServiceProcess("rag", {"RAG_CHROMA_PATH": str(store)}, log_dir)
+    token = mint("rag:read", "rag:write", sub="alice")
+    before: list[tuple[str, str]] = []
+    stats: dict[str, Any] = {}
+
+    def client() -> httpx.Client:
+        return httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+
+    service.start()
     try:
-        token = mint("rag:read", "rag:write", sub="alice")
-        with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
-            assert http.post("/v1/documents", json={"documents": [{"text": "kept safe"}]}).status_code == 200
+        with client() as http:
+            assert http.post("/v1/documents", json={"documents": NOTES}).status_code == 200
+            assert http.delete("/v1/documents/gone").status_code == 204
+            segments = {
+                "job_id": "job-1",
+                "source": "standup.ogg",
+                "recorded_at": "2026-11-20T09:00:00Z",
+                "segments": [{"start": 0.0, "end": 4.0, "text": "The office moves to the third floor."}],
+            }
+            assert http.post("/v1/segments", json=segments).status_code == 200
+            before = memories(http)
+            stats = http.get("/v1/stats").json()
             assert http.get("/ready").status_code == 200
-            database = store / "chroma.sqlite3"
-            with database.open("r+b") as raw:  # the SQLite header, overwritten
+
+            # The running service holds the journal: no rebuild beside it.
+            beside = rebuild(service.env)
+            assert beside.returncode == 2 and "held by another process" in beside.stderr
+
+            with (store / "chroma.sqlite3").open("r+b") as raw:  # the SQLite header, overwritten
                 raw.write(b"this is no longer a database....." * 4)
             assert http.get("/ready").status_code == 503
             write = http.post("/v1/documents", json={"documents": [{"text": "after the damage"}]})
@@ -33,3 +84,40 @@ def test_a_damaged_store_is_not_ready_and_writes_get_503(tmp_path: Path, log_dir
                 assert read.status_code == 503, read.text
     finally:
         service.stop()
+
+    checked = rebuild(service.env, "--check")
+    assert checked.returncode == 1 and "differs from its journal" in checked.stderr, checked.stderr
+    rebuilt = rebuild(service.env)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "holds every record of its journal (3 records)" in rebuilt.stdout
+    assert [p.name for p in tmp_path.glob("chroma.damaged-*")], "the damaged store is kept aside"
+    assert rebuild(service.env, "--check").returncode == 0
+
+    service.start()
+    try:
+        with client() as http:
+            assert http.get("/ready").status_code == 200
+            assert memories(http) == before
+            assert "gone" not in {memory_id for memory_id, _ in before}
+            assert http.get("/v1/stats").json() == stats
+            assert http.post("/v1/documents", json={"documents": [{"text": "after the rebuild"}]}).status_code == 200
+    finally:
+        service.stop()
+
+
+def test_a_store_from_before_the_journal_is_copied_into_it(tmp_path: Path, log_dir: Path, mint: Mint) -> None:
+    env = {"RAG_CHROMA_PATH": str(tmp_path / "chroma")}
+    token = mint("rag:read", "rag:write", sub="alice")
+    service = ServiceProcess("rag", env, log_dir).start()
+    try:
+        with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
+            assert http.post("/v1/documents", json={"documents": NOTES[:2]}).status_code == 200
+    finally:
+        service.stop()
+    for leftover in tmp_path.glob("rag-journal.sqlite3*"):  # as if written before the journal existed
+        leftover.unlink()
+    service.start()
+    service.stop()
+    checked = rebuild(service.env, "--check")
+    assert checked.returncode == 0, checked.stderr
+    assert "(2 records)" in checked.stdout
