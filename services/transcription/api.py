@@ -96,29 +96,41 @@ def build_router(
         buckets=(1, 2, 5, 10, 20, 50, 100, 200),
     )
 
-    async def decoded(upload: UploadFile, name: str | None = None) -> tuple[Path, Any]:
+    async def decoded(upload: UploadFile, name: str | None = None) -> tuple[Path, Any, audio.Held]:
+        """The upload kept and decoded, with its share of the memory budget (to release)."""
         path = await asyncio.to_thread(uploads.keep, upload, name)
         try:
-            samples = await decoder.load(path, settings.max_duration_s)  # refused before decoding if too long
+            # Refused before decoding if too long; waits for its share of the budget.
+            samples, held = await decoder.load(path, settings.max_duration_s, settings.decode_wait_s)
         except audio.TooLong as exc:
             path.unlink(missing_ok=True)
             raise PayloadTooLarge(
                 f"{exc}; the limit is {settings.max_duration_s:.0f} s (TRANSCRIPTION_MAX_DURATION_S)",
                 code="audio_too_long",
             ) from None
+        except audio.OverBudget as exc:
+            path.unlink(missing_ok=True)
+            raise PayloadTooLarge(f"{exc} (TRANSCRIPTION_DECODE_BUDGET_MB)", code="audio_too_long") from None
+        except audio.BudgetBusy as exc:
+            path.unlink(missing_ok=True)
+            raise ServiceUnavailable(f"{exc}; try again shortly", retry_after_s=5, code="busy") from None
         except audio.BadAudio as exc:
             path.unlink(missing_ok=True)
             raise BadRequest(
                 f"{exc}. Supported formats: {audio.describe_formats()}", param="file", code="invalid_audio"
             ) from None
-        if audio.duration_s(samples) > settings.max_duration_s:
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        if audio.duration_s(samples) > settings.max_duration_s:  # a container that understated it
+            held.release()
             path.unlink(missing_ok=True)
             raise PayloadTooLarge(
                 f"the audio lasts {audio.duration_s(samples):.0f} s; the limit is {settings.max_duration_s:.0f} s "
                 "(TRANSCRIPTION_MAX_DURATION_S)",
                 code="audio_too_long",
             )
-        return path, samples
+        return path, samples, held
 
     def valid_language(language: str | None) -> str | None:
         language = language or None
@@ -153,43 +165,46 @@ def build_router(
             raise BadRequest("timestamp_granularities[] takes word and segment", param="timestamp_granularities[]")
         language = valid_language(language)
         slot = await auth.stream_slot(request) if stream else None
+        held: audio.Held | None = None
+        streaming = False
         try:
-            path, samples = await decoded(file)
-        except BaseException:
-            if slot is not None:
-                await slot.close()
-            raise
-        path.unlink(missing_ok=True)
-        words = "word" in granularities
-        work = Work(
-            "transcribe",
-            samples,
-            {"language": language, "prompt": prompt, "temperature": temperature, "words": words},
-        )
-        wait_s = settings.gpu_wait_ms / 1000
-        try:
-            lease = await placement.acquire("interactive", wait_s)
-        except GpuUnavailable as exc:
-            if slot is not None:
-                await slot.close()
-            raise _not_granted(exc) from None
-        if slot is not None:
-            return _stream(placement, lease, work, wait_s, slot)
-        started = time.monotonic()
-        pieces: list[Piece] = []
-
-        async def keep(_: str, piece: Piece) -> None:
-            if piece.id >= len(pieces):  # a rerun (after the worker was ended) repeats earlier pieces
-                pieces.append(piece)
-
-        try:
-            info = await placement.run(
-                lambda: work, priority="interactive", wait_s=wait_s, on_message=keep, lease=lease
+            path, samples, held = await decoded(file)
+            path.unlink(missing_ok=True)
+            words = "word" in granularities
+            work = Work(
+                "transcribe",
+                samples,
+                {"language": language, "prompt": prompt, "temperature": temperature, "words": words},
             )
-        except GpuUnavailable as exc:
-            raise _not_granted(exc) from None
-        speed.observe(audio.duration_s(samples) / max(1e-6, time.monotonic() - started))
-        return _render(pieces, info, response_format, words)
+            wait_s = settings.gpu_wait_ms / 1000
+            try:
+                lease = await placement.acquire("interactive", wait_s)
+            except GpuUnavailable as exc:
+                raise _not_granted(exc) from None
+            if slot is not None:
+                streaming = True  # the stream releases the slot and the budget when it ends
+                return _stream(placement, lease, work, wait_s, slot, held)
+            started = time.monotonic()
+            pieces: list[Piece] = []
+
+            async def keep(_: str, piece: Piece) -> None:
+                if piece.id >= len(pieces):  # a rerun (after the worker was ended) repeats earlier pieces
+                    pieces.append(piece)
+
+            try:
+                info = await placement.run(
+                    lambda: work, priority="interactive", wait_s=wait_s, on_message=keep, lease=lease
+                )
+            except GpuUnavailable as exc:
+                raise _not_granted(exc) from None
+            speed.observe(audio.duration_s(samples) / max(1e-6, time.monotonic() - started))
+            return _render(pieces, info, response_format, words)
+        finally:
+            if not streaming:
+                if held is not None:
+                    held.release()
+                if slot is not None:
+                    await slot.close()
 
     @router.post("/jobs", status_code=202, dependencies=owner)
     async def create_job(
@@ -204,8 +219,9 @@ def build_router(
         job_folder.mkdir(parents=True, exist_ok=True)
         owner, job_id = caller_of(request).subject, runner.new_id()
         await runner.reserve(owner, job_id)  # before decoding: a user at their limit costs nothing
+        held: audio.Held | None = None
         try:
-            path, samples = await decoded(file)
+            path, samples, held = await decoded(file)
             kept = job_folder / path.name
             shutil.move(path, kept)
             job = await runner.submit(
@@ -218,10 +234,15 @@ def build_router(
                 prompt,
                 recorded_at,
                 samples,
+                held,
             )
+            held = None  # the runner keeps it with the samples, or gave it back
         except BaseException:
             await runner.unreserve(owner, job_id)
             raise
+        finally:
+            if held is not None:
+                held.release()
         return {"job_id": job.id, "state": job.state, "duration": job.duration}
 
     @router.get("/jobs", dependencies=owner)
@@ -290,7 +311,9 @@ def _render(pieces: list[Piece], info: dict[str, Any], response_format: str, wor
     return JSONResponse({"text": text_of(pieces)})
 
 
-def _stream(placement: Placement, lease: HeldLease, work: Work, wait_s: float, slot: StreamSlot) -> Response:
+def _stream(
+    placement: Placement, lease: HeldLease, work: Work, wait_s: float, slot: StreamSlot, held: audio.Held
+) -> Response:
     """Segments as they are decoded (OpenAI's transcript.text.delta events), then the whole text."""
     pieces: asyncio.Queue[Piece | None] = asyncio.Queue()
     seen: list[Piece] = []
@@ -325,6 +348,7 @@ def _stream(placement: Placement, lease: HeldLease, work: Work, wait_s: float, s
             task.cancel()  # the client left: the worker's request ends, the lease is released
         with contextlib.suppress(BaseException):
             await task
+        held.release()
         await slot.close()
 
     return ClosingStream(frames(), close)

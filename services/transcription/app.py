@@ -76,7 +76,7 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
         on_cuda=settings.device != "cpu",
         metrics=PlacementMetrics(metrics),
     )
-    decoder = audio.Decoder(settings.worker_nice)
+    decoder = audio.Decoder(settings.worker_nice, audio.MemoryBudget(int(settings.decode_budget_mb * 1_048_576)))
     runner = JobRunner(
         JobStore(redis, settings.key_prefix), placement, rag, settings, JobMetrics(metrics), decoder, guards.limiter
     )

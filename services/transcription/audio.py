@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -127,15 +128,106 @@ def _lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, 0, nice)
 
 
+def bytes_for(seconds: float) -> int:
+    """The memory ``seconds`` of audio take once decoded (one second of slack, as ``load``)."""
+    return int((seconds + 1) * BYTES_PER_SECOND)
+
+
+class OverBudget(Exception):
+    """More decoded audio than the whole budget: it could never be held."""
+
+    def __init__(self, needed: int, total: int) -> None:
+        super().__init__(f"decoding this file needs {needed / 1_048_576:.0f} MB; at most {total / 1_048_576:.0f} MB")
+
+
+class BudgetBusy(Exception):
+    """The budget did not free enough in time: other files are being decoded."""
+
+
+class Held:
+    """Bytes taken from a budget until ``release()`` (which may be called twice)."""
+
+    def __init__(self, budget: MemoryBudget, nbytes: int) -> None:
+        self._budget, self.nbytes = budget, nbytes
+
+    def release(self) -> None:
+        if self.nbytes:
+            self._budget.give_back(self.nbytes)
+            self.nbytes = 0
+
+
+class MemoryBudget:
+    """The bytes of decoded audio one service process holds at once, shared by every
+    upload, job submission and running job: each takes what its stated duration
+    needs before decoding, first come first served, and gives it back when its samples
+    are no longer needed. Without it, three small files of hours each took 8.6 GB."""
+
+    def __init__(self, total_bytes: int) -> None:
+        self.total = total_bytes
+        self.used = 0
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    async def take(self, nbytes: int, wait_s: float | None) -> Held:
+        """``nbytes`` when free (OverBudget if it never can be; BudgetBusy after ``wait_s``)."""
+        if nbytes > self.total:
+            raise OverBudget(nbytes, self.total)
+        if not self._waiting and self.used + nbytes <= self.total:
+            self.used += nbytes
+            return Held(self, nbytes)
+        entry = (nbytes, asyncio.get_running_loop().create_future())
+        self._waiting.append(entry)
+        try:
+            async with asyncio.timeout(wait_s):
+                await entry[1]
+        except BaseException as exc:
+            granted = entry[1].done() and not entry[1].cancelled()
+            if granted:  # given at the moment it gave up: give it back
+                self.give_back(nbytes)
+            elif entry in self._waiting:
+                self._waiting.remove(entry)
+                self._wake()
+            if isinstance(exc, TimeoutError):
+                raise BudgetBusy(f"{self.used / 1_048_576:.0f} MB of audio are being decoded or transcribed") from None
+            raise
+        return Held(self, nbytes)
+
+    def give_back(self, nbytes: int) -> None:
+        self.used -= nbytes
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiting and self.used + self._waiting[0][0] <= self.total:
+            nbytes, future = self._waiting.popleft()
+            if not future.done():
+                self.used += nbytes
+                future.set_result(None)
+
+
 class Decoder:
     """Decodes uploads on threads of lower CPU priority, so that a file being decoded
-    (outside any lease) does not slow a chat down on the same cores."""
+    (outside any lease) does not slow a chat down on the same cores; every file first
+    takes its decoded size from the service's memory budget."""
 
-    def __init__(self, nice: int, threads: int = 2) -> None:
+    def __init__(self, nice: int, budget: MemoryBudget, threads: int = 2) -> None:
+        self.budget = budget
         self._pool = ThreadPoolExecutor(threads, "audio-decode", initializer=_lower_priority, initargs=(nice,))
 
-    async def load(self, path: Path, max_s: float | None = None) -> np.ndarray:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, load, path, max_s)
+    async def load(
+        self, path: Path, max_s: float | None = None, wait_s: float | None = None
+    ) -> tuple[np.ndarray, Held]:
+        """The samples, and their share of the budget (the caller releases it). The
+        share is taken before decoding, from the stated duration (else ``max_s``)."""
+        loop = asyncio.get_running_loop()
+        stated = await loop.run_in_executor(self._pool, probe_s, path)
+        if max_s is not None and stated is not None and stated > max_s:
+            raise TooLong(stated, max_s)
+        seconds = stated if stated is not None else max_s
+        held = await self.budget.take(bytes_for(seconds if seconds is not None else 3600.0), wait_s)
+        try:
+            return await loop.run_in_executor(self._pool, load, path, max_s), held
+        except BaseException:
+            held.release()
+            raise
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

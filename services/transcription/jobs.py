@@ -206,7 +206,7 @@ class JobRunner:
         self._current: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
-        self._decoded: dict[str, Any] = {}  # samples of the job about to run, decoded at submission
+        self._decoded: dict[str, tuple[Any, audio.Held]] = {}  # the job about to run, decoded at submission
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -261,8 +261,10 @@ class JobRunner:
         prompt: str | None,
         recorded_at: datetime | None,
         samples: Any = None,
+        held: audio.Held | None = None,
     ) -> Job:
-        """Queue a job; ``samples``, if given, spare the worker decoding the file again."""
+        """Queue a job; ``samples``, if given, spare the worker decoding the file again.
+        Their share of the memory budget (``held``) is the runner's once this returns."""
         job = Job(
             id=job_id,
             filename=filename,
@@ -275,8 +277,10 @@ class JobRunner:
             owner=owner,
         )
         await self.store.save(job)
-        if samples is not None and self._running is None and self._queue.empty():
-            self._decoded[job.id] = samples  # it runs next: no need to decode the file again
+        if samples is not None and held is not None and self._running is None and self._queue.empty():
+            self._decoded[job.id] = (samples, held)  # it runs next: no need to decode the file again
+        elif held is not None:
+            held.release()
         await self._queue.put(job.id)
         log.info("job queued", extra={"job_id": job.id, "duration": job.duration})
         return job
@@ -301,6 +305,8 @@ class JobRunner:
             job_id = await self._queue.get()
             job = await self.store.get(job_id)
             if job is None or job.state in FINAL or job_id in self._cancelled:
+                if (skipped := self._decoded.pop(job_id, None)) is not None:
+                    skipped[1].release()
                 continue
             self._running = job_id
             self._current = asyncio.create_task(self._run(job), name=f"job-{job_id}")
@@ -321,9 +327,15 @@ class JobRunner:
                 self._current = None
 
     async def _run(self, job: Job) -> None:
-        samples = self._decoded.pop(job.id, None)
-        if samples is None:
-            samples = await self._decoder.load(Path(job.path))
+        """The job, holding its samples' share of the memory budget while it runs."""
+        kept = self._decoded.pop(job.id, None)
+        samples, held = kept if kept is not None else await self._decoder.load(Path(job.path))
+        try:
+            await self._transcribe(job, samples)
+        finally:
+            held.release()
+
+    async def _transcribe(self, job: Job, samples: Any) -> None:
         total = total_frames(samples)
         started = time.monotonic()
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import AuthSettings, ServiceSettings
@@ -31,6 +31,11 @@ class TranscriptionSettings(ServiceSettings):
     """Uploads larger than this get 413, enforced while the upload is read."""
     max_duration_s: float = Field(default=4 * 3600, gt=0)
     """Audio longer than this gets 413."""
+    decode_budget_mb: float = Field(default=2048.0, gt=0)
+    """Decoded audio the service holds at once (64 KB per second: 4 h is 0.9 GB), shared
+    by every upload and the running job; a file waits for its share."""
+    decode_wait_s: float = Field(default=30.0, ge=0)
+    """How long an upload waits for its share of the budget before a 503."""
     data_dir: Path = Path(".run/transcription")
     """Where job uploads are kept until their transcript is indexed."""
 
@@ -72,3 +77,13 @@ class TranscriptionSettings(ServiceSettings):
     """Longest wait between attempts to index a transcript while RAG is unreachable."""
 
     auth: AuthSettings = Field(default_factory=AuthSettings)
+
+    @model_validator(mode="after")
+    def _budget_holds_the_longest(self) -> TranscriptionSettings:
+        longest_mb = (self.max_duration_s + 1) * 16000 * 4 / 1_048_576
+        if self.decode_budget_mb < longest_mb:
+            raise ValueError(
+                "TRANSCRIPTION_DECODE_BUDGET_MB must hold one file of TRANSCRIPTION_MAX_DURATION_S "
+                f"({longest_mb:.0f} MB)"
+            )
+        return self

@@ -67,6 +67,25 @@ class Work:
     options: dict[str, Any] | None = None
 
 
+def put_work(conn: Connection, work: Work) -> None:
+    """Send ``work``: its samples go as raw bytes straight from the array (a pickle
+    would first copy hours of audio, hundreds of MB, inside the service)."""
+    samples = None if work.samples is None else np.ascontiguousarray(work.samples, dtype=np.float32)
+    conn.send((work.op, work.options, None if samples is None else samples.size))
+    if samples is not None:
+        conn.send_bytes(samples.data)
+
+
+def take_work(conn: Connection) -> Work:
+    """Receive what ``put_work`` sent, the samples read into one array of their own."""
+    op, options, size = conn.recv()
+    if size is None:
+        return Work(op, None, options)
+    samples = np.empty(size, dtype=np.float32)
+    conn.recv_bytes_into(samples.data)
+    return Work(op, samples, options)
+
+
 class WorkerDied(Exception):
     """The worker process ended while it had a request."""
 
@@ -120,7 +139,7 @@ def _child(conn: Connection, spec: WorkerSpec, deadline: Synchronized[float], pa
     conn.send(("ready", {"multilingual": transcriber.multilingual, "pid": os.getpid()}))
     while True:
         try:
-            request: Work = conn.recv()
+            request = take_work(conn)
         except (EOFError, OSError):
             return
         if request.op in DECODES:
@@ -280,7 +299,7 @@ class Worker:
         with self._state_lock:
             self._sending = True
         try:
-            await asyncio.to_thread(self._conn.send, request)
+            await asyncio.to_thread(put_work, self._conn, request)
         finally:
             with self._state_lock:
                 self._sending = False

@@ -348,6 +348,33 @@ def test_audio_over_the_limit_is_refused_before_it_is_decoded(start_tx: StartTx,
     assert limited.transcribe(SPEECH / "sentence-01.ogg").status_code == 200  # and it still serves
 
 
+def test_three_long_files_at_once_share_the_memory_budget(
+    start_tx: StartTx, tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
+    """Three 20-minute FLACs (73 MB each once decoded) sent at once against a budget
+    that holds one (80 MB): they are decoded and run one after another, all are
+    accepted, and the service's peak memory grows by less than the budget plus 100 MB
+    (140 MB measured; 250 MB with a budget that holds all three). Before the budget,
+    three 5 h files at once took the process from 636 MB to 8.6 GB."""
+    clip = long_silence_flac(tmp_path / "twenty-minutes.flac", 1 / 3)
+    budget_mb = 80
+    limited = start_tx(max_upload_mb=8, max_duration_s=1300, decode_budget_mb=budget_mb, decode_wait_s=300)
+    before = peak_rss_mb(limited.service)
+
+    def send(_: int) -> httpx.Response:
+        with clip.open("rb") as handle:
+            return limited.http.post("/v1/jobs", files={"file": ("twenty-minutes.flac", handle)}, timeout=600)
+
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(send, range(3)))
+    assert [answer.status_code for answer in answers] == [202] * 3, [a.text for a in answers]
+    for answer in answers:
+        assert wait_for_job(limited, answer.json()["job_id"], timeout_s=600)["text"] == ""
+    growth = peak_rss_mb(limited.service) - before
+    record_property("measured: peak memory growth, three 20-min files at once, 80 MB budget", f"{growth:.0f} MB")
+    assert growth < budget_mb + 100
+
+
 def test_silence_gives_a_job_no_text_and_nothing_to_index(tx: Tx, tmp_path: Path) -> None:
     """Without voice-activity detection, minutes of silence became "You You You…" and
     were indexed as memories."""
