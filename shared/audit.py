@@ -14,14 +14,15 @@ import json
 import logging
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Literal, get_args
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 log = logging.getLogger("baton.audit")
 
-KINDS = ("token_refused", "forbidden", "rate_limited", "deleted", "admin_read", "lease_revoked")
+AuditKind = Literal["token_refused", "forbidden", "rate_limited", "deleted", "admin_read", "lease_revoked"]
+KINDS: tuple[str, ...] = get_args(AuditKind)
 _MEMORY_EVENTS = 10_000
 
 

@@ -59,6 +59,9 @@ def honest_openapi(app: FastAPI) -> dict[str, Any]:
             statuses = ["400"] if path in OPEN else list(_STATUSES)
             for status in statuses:
                 responses.setdefault(status, {"description": _STATUSES[status], **error_ref})
+            for status, response in responses.items():  # errors a route declares itself (410)
+                if status.isdigit() and int(status) >= 400 and "content" not in response:
+                    response.update(error_ref)
             if path not in OPEN:
                 operation["security"] = [{"bearer": []}]
             if path == "/metrics":

@@ -30,6 +30,12 @@ from shared.web import principal as principal_of
 MAX_LEASE_ID = 128
 
 
+GONE: dict[int | str, dict[str, Any]] = {
+    410: {"description": "The lease is gone: expired, revoked, released or unknown"}
+}
+"""What a holder's lease routes add to the statuses every route can give."""
+
+
 def _unavailable(exc: StoreUnavailable) -> ServiceUnavailable:
     return ServiceUnavailable(f"the lease store is unavailable: {exc}", retry_after_s=1, code="store_unavailable")
 
@@ -90,7 +96,7 @@ def build_router(manager: LeaseManager, settings: CoordinatorSettings, auth: Aut
             raise Gone("unknown lease", code="unknown")
         return lease_id
 
-    @router.post("/leases/{lease_id}/renew", dependencies=holder_scope)
+    @router.post("/leases/{lease_id}/renew", dependencies=holder_scope, responses=GONE)
     async def renew(lease_id: str, request: Request) -> Renewal:
         service_name(principal_of(request))
         try:
@@ -101,7 +107,7 @@ def build_router(manager: LeaseManager, settings: CoordinatorSettings, auth: Aut
             raise _unavailable(exc) from None
         return Renewal(**asdict(renewal))
 
-    @router.delete("/leases/{lease_id}", status_code=204, dependencies=holder_scope)
+    @router.delete("/leases/{lease_id}", status_code=204, dependencies=holder_scope, responses=GONE)
     async def release(
         lease_id: str,
         request: Request,

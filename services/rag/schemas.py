@@ -4,7 +4,20 @@ import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 MAX_DOCUMENT_CHARS = 200_000
 """One document's text (about 250 chunks; embedding them takes seconds, not minutes)."""
@@ -25,6 +38,25 @@ def _utf8(value: str) -> str:
     return value
 
 
+def _json_number(value: object) -> object:
+    """Numbers as JSON has them: pydantic would also take true or "3"."""
+    if isinstance(value, bool | str):
+        raise ValueError("must be a number")
+    return value
+
+
+def _json_time(value: object) -> object:
+    """A date-time as the schema says: an ISO 8601 string (pydantic would take a number)."""
+    if not isinstance(value, str | datetime):
+        raise ValueError("must be an ISO 8601 date-time string")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_json_number)]
+Integer = Annotated[int, BeforeValidator(_json_number)]
+Timestamp = Annotated[datetime, BeforeValidator(_json_time)]
+
+
 def _utf8_safe(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")[:80]
 
@@ -35,7 +67,13 @@ Text = Annotated[
 DocumentText = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_DOCUMENT_CHARS), AfterValidator(_utf8)
 ]
-MetaValue = Annotated[str, StringConstraints(max_length=MAX_SHORT_CHARS), AfterValidator(_utf8)] | int | float | bool
+# Strict numbers: a long string of digits must not pass as an int once it fails as a str.
+MetaValue = (
+    Annotated[str, StringConstraints(max_length=MAX_SHORT_CHARS), AfterValidator(_utf8)]
+    | StrictInt
+    | StrictFloat
+    | StrictBool
+)
 CollectionName = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,61}[a-zA-Z0-9]$")]
 MemoryId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")]
 Scalar = str | int | float | bool
@@ -58,6 +96,9 @@ RESERVED_METADATA = frozenset(
 )
 
 
+_RESERVED_NAMES: list[JsonValue] = [*sorted(RESERVED_METADATA)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -65,9 +106,13 @@ class Strict(BaseModel):
 class DocumentIn(Strict):
     id: MemoryId | None = None
     text: DocumentText
-    metadata: dict[str, MetaValue] = Field(default_factory=dict, max_length=MAX_METADATA_KEYS)
-    created_at: datetime | None = Field(default=None, description="When it was written (default: now); for recency.")
-    shared: bool = Field(default=False, description="Visible to every user (needs scope rag:share).")
+    metadata: dict[str, MetaValue] = Field(
+        default_factory=dict,
+        max_length=MAX_METADATA_KEYS,
+        json_schema_extra={"propertyNames": {"pattern": METADATA_KEY, "not": {"enum": _RESERVED_NAMES}}},
+    )
+    created_at: Timestamp | None = Field(default=None, description="When it was written (default: now); for recency.")
+    shared: bool = Field(default=False, strict=True, description="Visible to every user (needs scope rag:share).")
 
     @field_validator("metadata")
     @classmethod
@@ -105,8 +150,8 @@ class DocumentsOut(BaseModel):
 
 class SegmentIn(Strict):
     text: Text
-    start: float = Field(ge=0)
-    end: float = Field(ge=0)
+    start: Number = Field(ge=0)
+    end: Number = Field(ge=0)
     speaker: Annotated[str, StringConstraints(max_length=256), AfterValidator(_utf8)] | None = None
 
     @model_validator(mode="after")
@@ -119,7 +164,7 @@ class SegmentIn(Strict):
 class SegmentsIn(Strict):
     job_id: MemoryId
     source: Text
-    recorded_at: datetime
+    recorded_at: Timestamp
     segments: list[SegmentIn] = Field(min_length=1)
     collection: CollectionName | None = None
 
@@ -134,15 +179,15 @@ class QueryFilter(Strict):
     source: Text | None = None
     speaker: Text | None = None
     job_id: Text | None = None
-    after: datetime | None = None
-    before: datetime | None = None
+    after: Timestamp | None = None
+    before: Timestamp | None = None
 
 
 class QueryIn(Strict):
     query: Text
-    top_k: int = Field(default=5, ge=1, le=50)
+    top_k: Integer = Field(default=5, ge=1, le=50)
     filter: QueryFilter | None = None
-    recency_bias: float | None = Field(default=None, ge=0, le=1)
+    recency_bias: Annotated[float, Field(ge=0, le=1), BeforeValidator(_json_number)] | None = None
     collection: CollectionName | None = None
 
 
@@ -173,5 +218,5 @@ class EmbeddingsIn(BaseModel):
             _utf8(text)
         return value
 
-    dimensions: int | None = None
+    dimensions: Integer | None = None
     user: str | None = None

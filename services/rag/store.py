@@ -365,7 +365,10 @@ class MemoryStore:
             }
             if segment.speaker:
                 meta["speaker"] = segment.speaker
-            ids.append(_key(owner, f"{batch.job_id}@{segment.start:.3f}"))
+            segment_id = _key(owner, f"{batch.job_id}@{segment.start:.3f}")
+            if segment_id in ids:  # the same start twice in one request: the first one counts
+                continue
+            ids.append(segment_id)
             texts.append(segment.text)
             metadatas.append(meta)
         with self._reading():
