@@ -359,9 +359,13 @@ class Stack:
             "token": token,
             "launcher_pid": os.getpid(),
         }
-        fd = os.open(self.paths.stack, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Written beside, then renamed: whoever sees stack.json (the CLI, a test waiting
+        # for the stack) reads it whole, never half-written.
+        partial = self.paths.stack.with_name(f".{self.paths.stack.name}.partial")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump(stack, handle, indent=2)
+        partial.replace(self.paths.stack)
         return stack
 
     # -- run and stop --------------------------------------------------------------
