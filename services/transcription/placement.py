@@ -201,7 +201,7 @@ class Placement:
             if worker.armed is not lease:
                 return
             if event == "renewed":
-                worker.set_deadline(lease.deadline)
+                worker.extend(lease.deadline)  # resumes it if its fence stopped it before the renewal came
                 return
             worker.hand_over(lease.fence)  # the cores (or the card) are free from this instant
 

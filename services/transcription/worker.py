@@ -10,7 +10,7 @@ talks to each over a pipe: one request at a time, answered by a stream of messag
   lease's local deadline (monotonic clock, the same in every process) into shared
   memory at each renewal; a watchdog thread in the worker stops the worker itself
   (SIGSTOP) as soon as that deadline passes while a request runs, even if the
-  service is stalled and cannot do it.
+  service is stalled and cannot do it. A renewal that comes after all resumes it.
 - **Never orphaned**: the worker asks the kernel to SIGKILL it when its parent dies
   (PR_SET_PDEATHSIG, which also kills a stopped process), and exits at once if the
   parent is already gone. The service reaps what it started.
@@ -256,6 +256,15 @@ class Worker:
 
     def set_deadline(self, monotonic_deadline: float) -> None:
         self._deadline.value = monotonic_deadline
+
+    def extend(self, monotonic_deadline: float) -> None:
+        """A renewal moved the deadline: write it, and undo a stop the worker's own fence
+        made meanwhile (a renewal answered after the old deadline; or the fence read the
+        old deadline an instant before ``resume``). A pause of the service's stays."""
+        with self._state_lock:
+            self._deadline.value = monotonic_deadline
+            if not self.paused and self.alive:
+                os.kill(self.pid, signal.SIGCONT)
 
     def pause(self) -> bool:
         """SIGSTOP; True if this call paused it."""
