@@ -75,6 +75,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
             "max_batch_wait_ms": settings.max_batch_wait_ms,
             "yield_grace_ms": settings.yield_grace_ms,
             "batch_slice_ms": settings.batch_slice_ms,
+            "turn_ms": settings.turn_ms,
             "card_mb": manager.card_mb,
         }
 

@@ -233,6 +233,7 @@ class LeaseManager:
                 self._settings.waiter_heartbeat_ms,
                 self.card_mb,
                 self._settings.batch_slice_ms,
+                self._settings.turn_ms,
             )
             self._epoch = result["epoch"]
             if result.get("lost"):

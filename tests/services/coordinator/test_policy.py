@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import httpx
@@ -124,19 +125,73 @@ async def test_a_holder_that_ignores_the_yield_is_revoked_and_the_waiter_waits_f
 async def test_a_holder_that_ignores_a_batch_waiter_is_revoked_too(
     start_coordinator: StartCoordinator, api_factory: ApiFactory
 ) -> None:
-    """Any waiter starts the grace period: an interactive holder cannot keep a job
-    queued by ignoring its yield requests."""
-    api = api_factory(start_coordinator(yield_grace_ms=200, max_batch_wait_ms=60000))
+    """Any waiter starts the grace period once the holder has had its turn: an
+    interactive holder cannot keep a job queued by ignoring its yield requests."""
+    api = api_factory(start_coordinator(yield_grace_ms=200, max_batch_wait_ms=60000, turn_ms=300))
     held = (await api.acquire("llm", "interactive", ttl_ms=2000)).json()
     waiter = await enqueue(api, "transcription", "batch", 1)
+    asked = []
     async with asyncio.timeout(10):
         while (renewed := await api.renew(held["lease_id"])).status_code == 200:
-            assert renewed.json()["yield_requested"] is True
+            asked.append(renewed.json()["yield_requested"])
             await asyncio.sleep(0.05)
+    assert asked == sorted(asked), "once asked, asked until it gives the card back"
     assert renewed.status_code == 410 and renewed.json()["error"]["code"] == "revoked"
     grant = (await waiter).json()
     assert grant["holder"] == "transcription"
-    assert (await api.history(2))[1]["end"] == "revoked"
+    revoked = (await api.history(2))[1]
+    assert revoked["end"] == "revoked"
+    assert revoked["ended_at"] - revoked["granted_at"] >= 0.3 + 0.2  # its turn, then the grace
+
+
+@pytest.mark.parametrize(
+    ("holder", "waiter", "at_once"),
+    [
+        (("transcription", "interactive"), ("llm", "interactive"), True),  # a chat during an upload
+        (("transcription", "batch"), ("transcription", "interactive"), True),  # an upload during a job
+        (("transcription", "batch"), ("llm", "interactive"), True),
+        (("transcription", "interactive"), ("transcription", "interactive"), False),  # two uploads
+        (("transcription", "interactive"), ("transcription", "batch"), False),  # a job behind an upload
+        (("llm", "interactive"), ("transcription", "batch"), False),  # a job behind the LLM's keep-alive
+    ],
+    ids=["chat-upload", "upload-job", "chat-job", "upload-upload", "job-upload", "job-llm"],
+)
+async def test_only_a_waiter_that_outranks_the_holder_asks_before_its_turn(
+    start_coordinator: StartCoordinator,
+    api_factory: ApiFactory,
+    holder: tuple[str, str],
+    waiter: tuple[str, str],
+    at_once: bool,
+) -> None:
+    """Holders that pause at once would swap the card every few milliseconds with a
+    peer (two uploads, an upload and a job): a peer asks after the holder's turn."""
+    api = api_factory(start_coordinator(turn_ms=60000, max_batch_wait_ms=120000))
+    held = (await api.acquire(*holder)).json()
+    queued = await enqueue(api, *waiter, 1)
+    if at_once:
+        async with asyncio.timeout(10):  # far below the 60 s turn
+            while not (await api.renew(held["lease_id"])).json()["yield_requested"]:
+                await asyncio.sleep(0.02)
+    else:
+        for _ in range(3):
+            assert (await api.renew(held["lease_id"])).json()["yield_requested"] is False
+    await api.release(held["lease_id"])
+    assert (await queued).json()["holder"] == waiter[0]
+
+
+async def test_a_peer_gets_the_card_after_the_holders_turn(
+    start_coordinator: StartCoordinator, api_factory: ApiFactory
+) -> None:
+    api = api_factory(start_coordinator(turn_ms=1000))
+    before = time.monotonic()
+    held = (await api.acquire("transcription", "interactive", ttl_ms=5000)).json()
+    queued = await enqueue(api, "transcription", "interactive", 1)
+    async with asyncio.timeout(20):
+        while not (await api.renew(held["lease_id"])).json()["yield_requested"]:
+            await asyncio.sleep(0.05)
+    assert time.monotonic() - before >= 1.0
+    await api.release(held["lease_id"])
+    assert (await queued).status_code == 201
 
 
 async def test_the_client_sees_the_yield_and_hands_over(

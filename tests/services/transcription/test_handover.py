@@ -10,7 +10,8 @@ import asyncio
 import os
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,11 +169,19 @@ def test_a_paused_upload_gives_the_unpreempted_transcript(start_tx: StartTx, lon
     assert paused and paused[0]["priority"] == "interactive"
 
 
+@pytest.fixture(scope="module")
+def long_text(start_tx: StartTx, long_recording: Path) -> str:
+    """The long recording's transcript, uploaded alone."""
+    response = start_tx(**BIG).transcribe(long_recording)
+    assert response.status_code == 200
+    text: str = response.json()["text"]
+    return text
+
+
 def test_the_interactive_path_stops_at_its_fence_when_the_lease_is_lost(
-    start_tx: StartTx, long_recording: Path
+    start_tx: StartTx, long_recording: Path, long_text: str
 ) -> None:
     tx = start_tx(**BIG)
-    unpreempted = tx.transcribe(long_recording)
     result: dict[str, httpx.Response] = {}
     upload = threading.Thread(target=lambda: result.setdefault("r", tx.transcribe(long_recording)))
     upload.start()
@@ -190,9 +199,56 @@ def test_the_interactive_path_stops_at_its_fence_when_the_lease_is_lost(
         tx.service.signal(signal.SIGCONT)
     upload.join(120)
     assert result["r"].status_code == 200
-    assert result["r"].json()["text"] == unpreempted.json()["text"]
+    assert result["r"].json()["text"] == long_text
     lost = [h for h in tx.history(10) if h["fence"] > fence and h["holder"] == "transcription"]
     assert lost, "the upload took the card again to finish"
+
+
+def test_a_worker_stopped_by_its_own_fence_resumes_at_the_next_renewal(
+    start_tx: StartTx, long_recording: Path, long_text: str
+) -> None:
+    """A renewal answered after the lease's local deadline: the worker has stopped itself,
+    yet the service still holds the lease. The renewal resumes it; nothing else would."""
+    tx = start_tx(**BIG)
+    result: dict[str, httpx.Response] = {}
+    upload = threading.Thread(target=lambda: result.setdefault("r", tx.transcribe(long_recording)))
+    upload.start()
+    wait_until(lambda: tx.gpu_http.get("/v1/gpu").json()["holder"] == "transcription", 30, "the upload's lease")
+    fence = tx.gpu_http.get("/v1/gpu").json()["fence"]
+    os.kill(decoding_worker(tx.service), signal.SIGSTOP)  # what its fence does at the deadline
+    upload.join(120)
+    assert not upload.is_alive(), "the upload never finished: its worker stayed stopped"
+    assert result["r"].status_code == 200
+    assert result["r"].json()["text"] == long_text
+    leases = [h for h in tx.history(10) if h["fence"] >= fence and h["holder"] == "transcription"]
+    assert [(h["fence"], h["end"]) for h in leases] == [(fence, "released")], "one lease, never lost"
+
+
+def test_two_uploads_at_once_take_turns_not_milliseconds(
+    start_tx: StartTx, record_property: Callable[[str, object], None]
+) -> None:
+    """Two uploads of one service hold the card in turns (COORDINATOR_TURN_MS), not
+    one pause per few milliseconds each, and each gets its own transcript."""
+    tx = start_tx()
+    started = time.monotonic()
+    alone = tx.transcribe(MEETING).json()["text"]
+    one = time.monotonic() - started
+    first = max((h["fence"] for h in tx.history(10)), default=0)
+    results: list[httpx.Response] = []
+    started = time.monotonic()
+    uploads = [threading.Thread(target=lambda: results.append(tx.transcribe(MEETING))) for _ in range(2)]
+    for upload in uploads:
+        upload.start()
+    for upload in uploads:
+        upload.join(120)
+    seconds = time.monotonic() - started
+    assert [r.status_code for r in results] == [200, 200]
+    assert [r.json()["text"] for r in results] == [alone, alone]
+    grants = [h for h in tx.history(1000) if h["fence"] > first and h["holder"] == "transcription"]
+    # One grant per turn (1 s) at most, and one more each to finish: not hundreds.
+    assert len(grants) <= seconds / 1.0 + 2, (len(grants), seconds)
+    figure = f"{len(grants)} grants, {seconds:.1f} s (one alone: {one:.1f} s)"
+    record_property("measured: two uploads of the meeting at once", figure)
 
 
 @pytest.fixture(scope="module")
