@@ -40,8 +40,17 @@ _STATUSES = {
 }
 
 
+def answers(*media_types: str, description: str = "Success") -> dict[int | str, dict[str, Any]]:
+    """A route's 200 in each media type it can answer with (a stream of server-sent
+    events, plain text), for ``responses=`` of a route."""
+    content = {media: {"schema": {} if media == "application/json" else {"type": "string"}} for media in media_types}
+    return {200: {"description": description, "content": content}}
+
+
 def honest_openapi(app: FastAPI) -> dict[str, Any]:
-    """Built once, then cached on the app as FastAPI does."""
+    """Built once, then cached on the app as FastAPI does. A service states what only
+    its settings know (a maximum, the languages of its model) by appending functions to
+    ``app.state.openapi_refinements``; each gets the document to change."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     document = get_openapi(title=app.title, version=app.version, routes=app.routes)
@@ -69,5 +78,27 @@ def honest_openapi(app: FastAPI) -> dict[str, Any]:
                     "description": "Prometheus text format",
                     "content": {"text/plain": {"schema": {"type": "string"}}},
                 }
+    _forms_without_null(document)
+    for refine in getattr(app.state, "openapi_refinements", ()):
+        refine(document)
     app.openapi_schema = document
     return document
+
+
+def _forms_without_null(document: dict[str, Any]) -> None:
+    """A form field cannot be null, only left out: FastAPI documents optional form
+    fields as ``anyOf [..., null]``, and a client that believes it sends "null"."""
+    schemas = document.get("components", {}).get("schemas", {})
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            content = operation.get("requestBody", {}).get("content", {})
+            for media in ("multipart/form-data", "application/x-www-form-urlencoded"):
+                ref = content.get(media, {}).get("schema", {}).get("$ref", "")
+                form = schemas.get(ref.rsplit("/", 1)[-1], {})
+                for field in form.get("properties", {}).values():
+                    kinds = [kind for kind in field.get("anyOf", ()) if kind != {"type": "null"}]
+                    if "anyOf" in field and len(kinds) == 1:
+                        del field["anyOf"]
+                        field.update(kinds[0])
+                    elif "anyOf" in field:
+                        field["anyOf"] = kinds

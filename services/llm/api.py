@@ -15,6 +15,7 @@ from services.llm.chat import ChatService, ClientGone, Done, Job, Session
 from services.llm.engine import Params
 from services.llm.schemas import ChatCompletionRequest, RagOptions, SeedChatRequest, SeedChatResponse, Usage
 from shared.limits import StreamSlot
+from shared.openapi import answers
 from shared.sse import DONE, ClosingStream, frame
 from shared.web import Auth, until_disconnected
 from shared.web import caller as caller_of
@@ -82,7 +83,12 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": chat.model_id, "object": "model", "created": 0, "owned_by": "baton"}]}
 
-    @router.post("/v1/chat/completions", dependencies=chatter, response_model=None)
+    @router.post(
+        "/v1/chat/completions",
+        dependencies=chatter,
+        response_model=None,
+        responses=answers("application/json", "text/event-stream", description="A completion, or its stream"),
+    )
     async def completions(body: ChatCompletionRequest, request: Request) -> Response | dict[str, Any]:
         chat.check_model(body.model)
         job = Job(
@@ -140,7 +146,7 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
             inference_time=done.inference_time,
         )
 
-    @router.post("/chat/stream", dependencies=chatter, response_model=None)
+    @router.post("/chat/stream", dependencies=chatter, response_model=None, responses=answers("text/event-stream"))
     async def seed_chat_stream(body: SeedChatRequest, request: Request) -> Response:
         job = as_caller(_seed_job(chat, body), request)
         slot = await auth.stream_slot(request)

@@ -105,4 +105,16 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
         audit=guards.audit,
     )
     app.include_router(build_router(chat, auth))
+
+    def max_tokens_in_schema(document: dict[str, Any]) -> None:
+        """The document states GEMMA_MAX_TOKENS as max_tokens' maximum."""
+        schemas = document.get("components", {}).get("schemas", {})
+        for model in ("ChatCompletionRequest", "SeedChatRequest"):
+            fields = schemas.get(model, {}).get("properties", {})
+            for name in ("max_tokens", "max_completion_tokens"):
+                for branch in fields.get(name, {}).get("anyOf", ()):
+                    if branch.get("type") == "integer":
+                        branch["maximum"] = settings.max_tokens
+
+    app.state.openapi_refinements = [max_tokens_in_schema]
     return app

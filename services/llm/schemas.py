@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared.wire import Boolean, Integer, Number, Timestamp
 
 ROLES = ("system", "developer", "user", "assistant")
 
@@ -60,7 +61,7 @@ class ResponseFormat(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: Boolean = False
 
 
 class RagFilter(BaseModel):
@@ -68,15 +69,15 @@ class RagFilter(BaseModel):
     source: str | None = None
     speaker: str | None = None
     job_id: str | None = None
-    after: datetime | None = None
-    before: datetime | None = None
+    after: Timestamp | None = None
+    before: Timestamp | None = None
 
 
 class RagOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    top_k: int | None = Field(default=None, ge=1, le=50)
+    top_k: Annotated[Integer, Field(ge=1, le=50)] | None = None
     filter: RagFilter | None = None
-    recency_bias: float | None = Field(default=None, ge=0, le=1)
+    recency_bias: Annotated[Number, Field(ge=0, le=1)] | None = None
 
 
 class ChatCompletionRequest(BaseModel):
@@ -86,23 +87,24 @@ class ChatCompletionRequest(BaseModel):
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=0.8, ge=0, le=2)
-    top_p: float = Field(default=0.95, gt=0, le=1)
+    max_tokens: Annotated[Integer, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[Integer, Field(ge=1)] | None = None
+    temperature: Number = Field(default=0.8, ge=0, le=2)
+    top_p: Number = Field(default=0.95, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+    seed: Integer | None = None
+    stream: Boolean = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-    n: int = Field(default=1, ge=1, le=1)
+    presence_penalty: Number = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: Number = Field(default=0.0, ge=-2, le=2)
+    n: Integer = Field(default=1, ge=1, le=1)
     rag: RagOptions | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    # Not supported: the schema says which values pass (a validator below says why the rest do not).
+    logprobs: Boolean | None = Field(default=None, json_schema_extra={"enum": [False, None]})
+    top_logprobs: Integer | None = Field(default=None, json_schema_extra={"enum": [0, None]})
+    tools: list[dict[str, Any]] | None = Field(default=None, json_schema_extra={"maxItems": 0})
+    tool_choice: str | dict[str, Any] | None = Field(default=None, json_schema_extra={"enum": ["none", None]})
 
     @model_validator(mode="after")
     def _nothing_ignored_silently(self) -> ChatCompletionRequest:
@@ -132,11 +134,11 @@ class SeedChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=0.7, ge=0, le=2)
+    max_tokens: Annotated[Integer, Field(ge=1)] | None = None
+    temperature: Number = Field(default=0.7, ge=0, le=2)
     context: list[str] = Field(default_factory=list, max_length=50)
-    use_rag: bool = True
-    rag_top_k: int = Field(default=5, ge=1, le=50)
+    use_rag: Boolean = True
+    rag_top_k: Integer = Field(default=5, ge=1, le=50)
 
 
 class Usage(BaseModel):

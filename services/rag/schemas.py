@@ -1,13 +1,11 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     JsonValue,
@@ -18,6 +16,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from shared.wire import Integer, Number, Timestamp
 
 MAX_DOCUMENT_CHARS = 200_000
 """One document's text (about 250 chunks; embedding them takes seconds, not minutes)."""
@@ -36,25 +36,6 @@ def _utf8(value: str) -> str:
     except UnicodeEncodeError:
         raise ValueError("must be valid UTF-8 text (it holds a lone surrogate)") from None
     return value
-
-
-def _json_number(value: object) -> object:
-    """Numbers as JSON has them: pydantic would also take true or "3"."""
-    if isinstance(value, bool | str):
-        raise ValueError("must be a number")
-    return value
-
-
-def _json_time(value: object) -> object:
-    """A date-time as the schema says: an ISO 8601 string (pydantic would take a number)."""
-    if not isinstance(value, str | datetime):
-        raise ValueError("must be an ISO 8601 date-time string")
-    return value
-
-
-Number = Annotated[float, BeforeValidator(_json_number)]
-Integer = Annotated[int, BeforeValidator(_json_number)]
-Timestamp = Annotated[datetime, BeforeValidator(_json_time)]
 
 
 def _utf8_safe(text: str) -> str:
@@ -187,7 +168,7 @@ class QueryIn(Strict):
     query: Text
     top_k: Integer = Field(default=5, ge=1, le=50)
     filter: QueryFilter | None = None
-    recency_bias: Annotated[float, Field(ge=0, le=1), BeforeValidator(_json_number)] | None = None
+    recency_bias: Annotated[Number, Field(ge=0, le=1)] | None = None
     collection: CollectionName | None = None
 
 

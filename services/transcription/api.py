@@ -11,13 +11,13 @@ import time
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from services.transcription import audio
-from services.transcription.formats import FORMATS, srt, text_of, verbose, vtt
+from services.transcription.formats import Format, srt, text_of, verbose, vtt
 from services.transcription.jobs import FINAL, Job, JobRunner
 from services.transcription.placement import Placement
 from services.transcription.settings import TranscriptionSettings
@@ -27,6 +27,7 @@ from shared.errors import BadRequest, NotFound, PayloadTooLarge, ServiceUnavaila
 from shared.gpu import GpuUnavailable, HeldLease
 from shared.limits import StreamSlot
 from shared.metrics import Metrics
+from shared.openapi import answers
 from shared.sse import DONE, ClosingStream, frame
 from shared.web import Auth, audit_note
 from shared.web import caller as caller_of
@@ -140,16 +141,21 @@ def build_router(
             raise BadRequest(str(exc), param="language", code="invalid_language") from None
         return language
 
-    @router.post("/audio/transcriptions", dependencies=user, response_model=None)
+    @router.post(
+        "/audio/transcriptions",
+        dependencies=user,
+        response_model=None,
+        responses=answers("application/json", "text/plain", "text/event-stream", description="The transcript"),
+    )
     async def transcriptions(
         request: Request,
         file: Annotated[UploadFile, File()],
-        model: Annotated[str, Form()],
+        model: Annotated[str, Form(min_length=1)],
         language: Annotated[str | None, Form()] = None,
         prompt: Annotated[str | None, Form()] = None,
-        response_format: Annotated[str, Form()] = "json",
+        response_format: Annotated[Format, Form()] = "json",
         temperature: Annotated[float | None, Form(ge=0, le=1)] = None,
-        granularities: Annotated[list[str], Form(alias="timestamp_granularities[]")] = [],  # noqa: B006
+        granularities: Annotated[list[Literal["word", "segment"]], Form(alias="timestamp_granularities[]")] = [],  # noqa: B006
         stream: Annotated[bool, Form()] = False,
     ) -> Response:
         if model not in (model_id, *ALIASES):
@@ -158,11 +164,6 @@ def build_router(
                 param="model",
                 code="model_not_found",
             )
-        if response_format not in FORMATS:
-            raise BadRequest(f"response_format must be one of {', '.join(FORMATS)}", param="response_format")
-        unknown = set(granularities) - {"word", "segment"}
-        if unknown:
-            raise BadRequest("timestamp_granularities[] takes word and segment", param="timestamp_granularities[]")
         language = valid_language(language)
         slot = await auth.stream_slot(request) if stream else None
         held: audio.Held | None = None
@@ -267,7 +268,9 @@ def build_router(
             raise NotFound(f"no job {job_id!r}")
         return {"job_id": job.id, "state": job.state if job.state in FINAL else "cancelling"}
 
-    @router.get("/jobs/{job_id}/events", dependencies=owner, response_model=None)
+    @router.get(
+        "/jobs/{job_id}/events", dependencies=owner, response_model=None, responses=answers("text/event-stream")
+    )
     async def job_events(job_id: str, request: Request) -> Response:
         await owned(job_id, request)
         slot = await auth.stream_slot(request)

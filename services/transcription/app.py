@@ -18,6 +18,7 @@ from services.transcription.jobs import JobMetrics, JobRunner, JobStore
 from services.transcription.placement import Placement, PlacementMetrics
 from services.transcription.pool import WorkerPool
 from services.transcription.settings import TranscriptionSettings
+from services.transcription.whisper import LANGUAGES
 from services.transcription.worker import WorkerSpec
 from shared.auth import ServiceTokens, TokenIssuer, TokenVerifier
 from shared.client import ServiceClient
@@ -142,4 +143,14 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
 
     app.add_exception_handler(RedisError, store_down)
     app.include_router(build_router(placement, runner, decoder, settings, model_id, auth, metrics))
+
+    def languages_in_schema(document: dict[str, Any]) -> None:
+        """The document lists the languages this model transcribes ("" or none: detect)."""
+        codes = sorted(LANGUAGES) if placement.pool.info.get("multilingual") else ["en"]
+        for schema in document.get("components", {}).get("schemas", {}).values():
+            language = schema.get("properties", {}).get("language")
+            if language is not None and language.get("type") == "string":
+                language["enum"] = ["", *codes]
+
+    app.state.openapi_refinements = [languages_in_schema]
     return app

@@ -211,6 +211,10 @@ class Transcriber:
         )
 
 
+LANGUAGES: frozenset[str] = frozenset(_LANGUAGE_CODES)
+"""Every language Whisper knows (ISO 639-1 codes and a few more)."""
+
+
 def check_language(language: str | None, *, multilingual: bool, model_name: str) -> None:
     """ValueError unless the model can transcribe ``language`` (None: detect)."""
     if language is None:
