@@ -43,8 +43,19 @@ _STATUSES = {
 def answers(*media_types: str, description: str = "Success") -> dict[int | str, dict[str, Any]]:
     """A route's 200 in each media type it can answer with (a stream of server-sent
     events, plain text), for ``responses=`` of a route."""
-    content = {media: {"schema": {} if media == "application/json" else {"type": "string"}} for media in media_types}
+    content = {media: {"schema": _SCHEMAS.get(media, {"type": "string"})} for media in media_types}
     return {200: {"description": description, "content": content}}
+
+
+_SCHEMAS: dict[str, dict[str, Any]] = {
+    "application/json": {},
+    # Each event of the stream (what a client's SSE parser hands it), not the whole body.
+    "text/event-stream": {
+        "type": "object",
+        "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}},
+        "required": ["data"],
+    },
+}
 
 
 def honest_openapi(app: FastAPI) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BeforeValidator, Strict
+from pydantic import BeforeValidator, Field, Strict
 
 
 def _json_number(value: object) -> object:
@@ -30,3 +30,10 @@ Number = Annotated[float, BeforeValidator(_json_number)]
 Integer = Annotated[int, BeforeValidator(_json_number)]
 Timestamp = Annotated[datetime, BeforeValidator(_json_time)]
 Boolean = Annotated[bool, Strict()]
+
+# Bounds go before the validator: after it, pydantic writes them into the JSON schema
+# as "ge"/"le" (keywords no client knows) instead of minimum/maximum.
+PositiveInteger = Annotated[int, Field(ge=1), BeforeValidator(_json_number)]
+TopK = Annotated[int, Field(ge=1, le=50), BeforeValidator(_json_number)]
+"""How many memories a query returns."""
+Fraction = Annotated[float, Field(ge=0, le=1), BeforeValidator(_json_number)]

@@ -31,9 +31,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LaunchedStack]:
     stack.down()
 
 
-# Transcription and LLM are not here yet: their schemas still admit input they refuse
-# (form fields sent as "null", languages, max_tokens above GEMMA_MAX_TOKENS, tools).
-@pytest.mark.parametrize("service", ["coordinator", "rag"])
+@pytest.mark.parametrize("service", ["coordinator", "rag", "transcription", "llm"])
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     fuzzed: LaunchedStack, service: str, tmp_path: Path
 ) -> None:

@@ -13,7 +13,14 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from services.llm.chat import ChatService, ClientGone, Done, Job, Session
 from services.llm.engine import Params
-from services.llm.schemas import ChatCompletionRequest, RagOptions, SeedChatRequest, SeedChatResponse, Usage
+from services.llm.schemas import (
+    ChatCompletionRequest,
+    RagOptions,
+    SchemaFormat,
+    SeedChatRequest,
+    SeedChatResponse,
+    Usage,
+)
 from shared.limits import StreamSlot
 from shared.openapi import answers
 from shared.sse import DONE, ClosingStream, frame
@@ -178,7 +185,7 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
 def _params(body: ChatCompletionRequest, max_tokens: int) -> Params:
     schema = None
     fmt = body.response_format
-    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
+    if isinstance(fmt, SchemaFormat):
         schema = fmt.json_schema.schema_
     return Params(
         max_tokens=max_tokens,

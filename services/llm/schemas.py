@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.wire import Boolean, Integer, Number, Timestamp
+from shared.wire import Boolean, Fraction, Integer, Number, PositiveInteger, Timestamp, TopK
 
 ROLES = ("system", "developer", "user", "assistant")
 
@@ -49,15 +49,17 @@ class JsonSchemaFormat(BaseModel):
     description: str | None = None
 
 
-class ResponseFormat(BaseModel):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
+class PlainFormat(BaseModel):
+    type: Literal["text", "json_object"]
 
-    @model_validator(mode="after")
-    def _schema_when_needed(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("response_format json_schema needs a json_schema object")
-        return self
+
+class SchemaFormat(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[PlainFormat | SchemaFormat, Field(discriminator="type")]
+"""A json_schema format needs its schema: the document says so, not only a validator."""
 
 
 class StreamOptions(BaseModel):
@@ -75,9 +77,9 @@ class RagFilter(BaseModel):
 
 class RagOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    top_k: Annotated[Integer, Field(ge=1, le=50)] | None = None
+    top_k: TopK | None = None
     filter: RagFilter | None = None
-    recency_bias: Annotated[Number, Field(ge=0, le=1)] | None = None
+    recency_bias: Fraction | None = None
 
 
 class ChatCompletionRequest(BaseModel):
@@ -87,8 +89,8 @@ class ChatCompletionRequest(BaseModel):
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Annotated[Integer, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[Integer, Field(ge=1)] | None = None
+    max_tokens: PositiveInteger | None = None
+    max_completion_tokens: PositiveInteger | None = None
     temperature: Number = Field(default=0.8, ge=0, le=2)
     top_p: Number = Field(default=0.95, gt=0, le=1)
     stop: str | list[str] | None = None
@@ -134,7 +136,7 @@ class SeedChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Annotated[Integer, Field(ge=1)] | None = None
+    max_tokens: PositiveInteger | None = None
     temperature: Number = Field(default=0.7, ge=0, le=2)
     context: list[str] = Field(default_factory=list, max_length=50)
     use_rag: Boolean = True

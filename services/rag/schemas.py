@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from shared.wire import Integer, Number, Timestamp
+from shared.wire import Fraction, Integer, Number, Timestamp
 
 MAX_DOCUMENT_CHARS = 200_000
 """One document's text (about 250 chunks; embedding them takes seconds, not minutes)."""
@@ -168,7 +168,7 @@ class QueryIn(Strict):
     query: Text
     top_k: Integer = Field(default=5, ge=1, le=50)
     filter: QueryFilter | None = None
-    recency_bias: Annotated[Number, Field(ge=0, le=1)] | None = None
+    recency_bias: Fraction | None = None
     collection: CollectionName | None = None
 
 
