@@ -55,10 +55,13 @@ class CoordinatorSettings(ServiceSettings):
     batch_slice_ms: int = Field(default=5000, ge=0, le=600000)
     """A batch holder granted because it starved keeps the card this long before it is
     asked to yield."""
-    turn_ms: int = Field(default=1000, ge=0, le=600000)
+    turn_ms: int = Field(default=250, ge=0, le=600000)
     """A holder is asked to yield at once only for a waiter that outranks it (interactive
     over batch, another service's interactive request, a starving batch waiter); for
-    anyone else, once it has held the card this long."""
+    anyone else, once it has held the card this long: long enough that two holders
+    which pause at once do not swap the card every few milliseconds, short enough that
+    a job waits little for an idle LLM's keep-alive. Raise it where hand-overs free
+    device memory (each one then costs seconds)."""
 
     auth: AuthSettings = Field(default_factory=AuthSettings)
 

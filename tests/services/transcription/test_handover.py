@@ -245,8 +245,9 @@ def test_two_uploads_at_once_take_turns_not_milliseconds(
     assert [r.status_code for r in results] == [200, 200]
     assert [r.json()["text"] for r in results] == [alone, alone]
     grants = [h for h in tx.history(1000) if h["fence"] > first and h["holder"] == "transcription"]
-    # One grant per turn (1 s) at most, and one more each to finish: not hundreds.
-    assert len(grants) <= seconds / 1.0 + 2, (len(grants), seconds)
+    # One grant per turn (the stack's default, 250 ms) at most, and one more each to
+    # finish: without turns they swapped the card every ~30 ms.
+    assert len(grants) <= seconds / 0.25 + 2, (len(grants), seconds)
     figure = f"{len(grants)} grants, {seconds:.1f} s (one alone: {one:.1f} s)"
     record_property("measured: two uploads of the meeting at once", figure)
 
