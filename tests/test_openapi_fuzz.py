@@ -25,8 +25,13 @@ CONFIG = Path(__file__).with_name("schemathesis.toml")
 
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LaunchedStack]:
-    """A stack of its own: what the fuzzer stores and holds must not meet other tests."""
-    stack = LaunchedStack(tmp_path_factory.mktemp("fuzzed") / "run").up()
+    """A stack of its own: what the fuzzer stores and holds must not meet other tests.
+    Its LLM answers in seconds (a short context and answer): a valid chat of 8,192
+    tokens of random text and 512 tokens of answer took a minute on 2 cores, past the
+    request timeout, and the fuzzer tests what is answered, not how fast."""
+    stack = LaunchedStack(tmp_path_factory.mktemp("fuzzed") / "run")
+    stack.env.update(GEMMA_CONTEXT_SIZE="1024", GEMMA_MAX_TOKENS="16", GEMMA_DEFAULT_MAX_TOKENS="16")
+    stack.up()
     yield stack
     stack.down()
 

@@ -100,7 +100,7 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
         chat.check_model(body.model)
         job = Job(
             messages=[m.plain() for m in body.messages],
-            params=_params(body, chat.max_tokens(body.max_completion_tokens or body.max_tokens)),
+            params=_params(body, chat.max_tokens(body.max_completion_tokens or body.max_tokens, also=body.max_tokens)),
             rag=body.rag,
         )
         slot = await auth.stream_slot(request) if body.stream else None

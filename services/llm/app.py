@@ -107,8 +107,12 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
     app.include_router(build_router(chat, auth))
 
     def max_tokens_in_schema(document: dict[str, Any]) -> None:
-        """The document states GEMMA_MAX_TOKENS as max_tokens' maximum."""
+        """The document states GEMMA_MAX_TOKENS as max_tokens' maximum, and the one model
+        served (any other name gets 404 model_not_found)."""
         schemas = document.get("components", {}).get("schemas", {})
+        model = schemas.get("ChatCompletionRequest", {}).get("properties", {}).get("model")
+        if model is not None:
+            model["enum"] = [model_id]
         for model in ("ChatCompletionRequest", "SeedChatRequest"):
             fields = schemas.get(model, {}).get("properties", {})
             for name in ("max_tokens", "max_completion_tokens"):

@@ -212,9 +212,11 @@ class ChatService:
                 code="model_not_found",
             )
 
-    def max_tokens(self, asked: int | None) -> int:
+    def max_tokens(self, asked: int | None, *, also: int | None = None) -> int:
+        """The answer's length: ``asked``, else the default. ``also``: a second field that
+        says the same (max_tokens beside max_completion_tokens) is held to the bound too."""
         value = asked if asked is not None else self.settings.default_max_tokens
-        if value > self.settings.max_tokens:
+        if max(value, also or 0) > self.settings.max_tokens:
             raise BadRequest(
                 f"max_tokens is at most {self.settings.max_tokens} (GEMMA_MAX_TOKENS)",
                 param="max_tokens",

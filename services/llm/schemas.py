@@ -45,7 +45,7 @@ class ChatMessage(BaseModel):
 class JsonSchemaFormat(BaseModel):
     name: str = "response"
     schema_: dict[str, Any] = Field(alias="schema")
-    strict: bool | None = None
+    strict: Boolean | None = None
     description: str | None = None
 
 
@@ -82,6 +82,13 @@ class RagOptions(BaseModel):
     recency_bias: Fraction | None = None
 
 
+def _at_most_four_stops(schema: dict[str, Any]) -> None:
+    """The document states the validator's bound (a list of at most 4)."""
+    for branch in schema.get("anyOf", ()):
+        if branch.get("type") == "array":
+            branch["maxItems"] = 4
+
+
 class ChatCompletionRequest(BaseModel):
     """Unknown fields are ignored, as OpenAI's API does for fields it does not use."""
 
@@ -93,7 +100,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: PositiveInteger | None = None
     temperature: Number = Field(default=0.8, ge=0, le=2)
     top_p: Number = Field(default=0.95, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(default=None, json_schema_extra=_at_most_four_stops)
     seed: Integer | None = None
     stream: Boolean = False
     stream_options: StreamOptions | None = None
