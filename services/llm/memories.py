@@ -25,9 +25,8 @@ class Passage:
         """Where it came from, in a few words, for the prompt."""
         meta = self.metadata
         if meta.get("kind") == "segment":
-            when = datetime.fromtimestamp(float(meta.get("created_at", 0)), UTC).strftime("%Y-%m-%d %H:%M")
             speaker = f", {meta['speaker']}" if meta.get("speaker") else ""
-            return f"{meta.get('source', 'a recording')} at {_clock(meta.get('start', 0))}{speaker}, {when} UTC"
+            return f"{meta.get('source', 'a recording')} at {_clock(meta.get('start', 0))}{speaker}{_when(meta)}"
         return str(meta.get("source") or meta.get("title") or meta.get("doc_id") or self.id)
 
     def public(self) -> dict[str, Any]:
@@ -39,8 +38,21 @@ class Passage:
 
 
 def _clock(seconds: Any) -> str:
-    total = int(float(seconds))
+    try:
+        total = int(float(seconds))
+    except (TypeError, ValueError, OverflowError):
+        return "?"
     return f"{total // 60}:{total % 60:02d}"
+
+
+def _when(meta: dict[str, Any]) -> str:
+    """ ", <date> UTC", or nothing for a time no calendar has (a memory stored with a
+    far-off recorded_at or start must not break every chat that retrieves it)."""
+    try:
+        when = datetime.fromtimestamp(float(meta.get("created_at", 0)), UTC)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return ""
+    return f", {when:%Y-%m-%d %H:%M} UTC"
 
 
 @dataclass

@@ -129,10 +129,15 @@ class DocumentsOut(BaseModel):
     chunks: int = Field(description="Chunks stored by this request (0 when everything was already there).")
 
 
+MAX_OFFSET_S = 7 * 86400
+"""A segment's place in its recording, in seconds: a week at most (transcription takes
+at most TRANSCRIPTION_MAX_DURATION_S, 4 h by default)."""
+
+
 class SegmentIn(Strict):
     text: Text
-    start: Number = Field(ge=0)
-    end: Number = Field(ge=0)
+    start: Number = Field(ge=0, le=MAX_OFFSET_S)
+    end: Number = Field(ge=0, le=MAX_OFFSET_S)
     speaker: Annotated[str, StringConstraints(max_length=256), AfterValidator(_utf8)] | None = None
 
     @model_validator(mode="after")

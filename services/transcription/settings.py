@@ -29,7 +29,7 @@ class TranscriptionSettings(ServiceSettings):
     """Decode window. Shorter windows yield the GPU sooner, at some cost in accuracy."""
     max_upload_mb: float = Field(default=25.0, gt=0, le=2048)
     """Uploads larger than this get 413, enforced while the upload is read."""
-    max_duration_s: float = Field(default=4 * 3600, gt=0)
+    max_duration_s: float = Field(default=4 * 3600, gt=0, le=7 * 86400)
     """Audio longer than this gets 413."""
     decode_budget_mb: float = Field(default=2048.0, gt=0)
     """Decoded audio the service holds at once (64 KB per second: 4 h is 0.9 GB), shared

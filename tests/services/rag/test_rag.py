@@ -251,6 +251,15 @@ def test_the_openai_client_gets_embeddings(rag: Rag, mint: Mint) -> None:
                 "segments": [{"text": "x", "start": 2, "end": 1}],
             },
         ),
+        (  # a place a week past the start of the recording: no time a calendar has (fuzzed)
+            "/v1/segments",
+            {
+                "job_id": "j",
+                "source": "s",
+                "recorded_at": "2026-01-01T00:00:00Z",
+                "segments": [{"text": "x", "start": 1.6e16, "end": 1.7e16}],
+            },
+        ),
     ],
 )
 def test_bad_input_is_400_and_stores_nothing(rag: Rag, collection: str, path: str, body: dict[str, object]) -> None:
