@@ -20,6 +20,7 @@ from services.llm.settings import LLMSettings
 from services.rag.settings import RAGSettings
 from services.transcription.settings import TranscriptionSettings
 from shared.settings import AuthSettings, BatonSettings, LimitSettings
+from tests.support.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS: dict[str, type[BatonSettings]] = {
@@ -108,12 +109,27 @@ def test_services_listen_where_their_healthchecks_and_peers_look(compose: dict[s
         env = service["environment"]
         assert env[f"{prefix}_HOST"] == "0.0.0.0"  # noqa: S104 - in a container, by design
         ports[name] = env[f"{prefix}_PORT"]
-        assert f"127.0.0.1:{ports[name]}/ready" in " ".join(service["healthcheck"]["test"])
+        assert service["healthcheck"]["test"] == ["CMD", "python", "-m", "shared.healthcheck", ports[name]]
     for name in ("llm", "transcription"):
         env = compose["services"][name]["environment"]
         assert env["GPU_COORDINATOR_URL"] == f"http://coordinator:{ports['coordinator']}"
         assert env["RAG_SERVICE_URL"] == f"http://rag:{ports['rag']}"
     assert compose["services"]["rag"]["environment"]["RAG_CHROMA_URL"] == "http://chroma:8000"
+
+
+def test_no_healthcheck_argument_holds_a_space(compose: dict[str, Any]) -> None:
+    """podman's Docker API splits exec-form arguments at spaces: `bash -c "echo > ..."`
+    ran as `bash -c echo`, healthy whatever the port said (found by the first real up)."""
+    for name, service in compose["services"].items():
+        test = service["healthcheck"]["test"]
+        assert test[0] == "CMD" and not any(re.search(r"\s", part) for part in test), name
+
+
+def test_the_healthcheck_module_says_not_ready_when_nothing_answers() -> None:
+    from shared.healthcheck import main
+
+    assert main([str(free_port())]) == 1
+    assert main(["not-a-port"]) == 2
 
 
 def test_no_published_port_is_used_twice(compose: dict[str, Any]) -> None:
@@ -179,10 +195,18 @@ def test_each_service_runs_its_own_app(compose: dict[str, Any]) -> None:
         assert (ROOT / "services" / name / "__main__.py").read_text().count(f"services.{name}.app") == 1
 
 
-def test_the_dockerfile_passes_hadolint() -> None:
+@pytest.mark.parametrize("dockerfile", ["docker/Dockerfile", "docker/local/chroma.Dockerfile", "docker/local/redis.Dockerfile"])
+def test_the_dockerfiles_pass_hadolint(dockerfile: str) -> None:
     hadolint = Path(sys.executable).parent / "hadolint"
-    result = subprocess.run([str(hadolint), "docker/Dockerfile"], cwd=ROOT, capture_output=True, text=True, check=False)
+    result = subprocess.run([str(hadolint), dockerfile], cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script", ["docker/build-venv.sh", "docker/runtime-setup.sh", "docker/local/redis-entrypoint.sh"])
+def test_the_image_scripts_are_valid_posix_sh(script: str) -> None:
+    result = subprocess.run(["sh", "-n", script], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert (ROOT / script).stat().st_mode & 0o111, f"{script} is not executable"
 
 
 def test_the_wheel_script_is_valid_bash() -> None:
