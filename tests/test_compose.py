@@ -195,14 +195,18 @@ def test_each_service_runs_its_own_app(compose: dict[str, Any]) -> None:
         assert (ROOT / "services" / name / "__main__.py").read_text().count(f"services.{name}.app") == 1
 
 
-@pytest.mark.parametrize("dockerfile", ["docker/Dockerfile", "docker/local/chroma.Dockerfile", "docker/local/redis.Dockerfile"])
+@pytest.mark.parametrize(
+    "dockerfile", ["docker/Dockerfile", "docker/local/chroma.Dockerfile", "docker/local/redis.Dockerfile"]
+)
 def test_the_dockerfiles_pass_hadolint(dockerfile: str) -> None:
     hadolint = Path(sys.executable).parent / "hadolint"
     result = subprocess.run([str(hadolint), dockerfile], cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("script", ["docker/build-venv.sh", "docker/runtime-setup.sh", "docker/local/redis-entrypoint.sh"])
+@pytest.mark.parametrize(
+    "script", ["docker/build-venv.sh", "docker/runtime-setup.sh", "docker/local/redis-entrypoint.sh"]
+)
 def test_the_image_scripts_are_valid_posix_sh(script: str) -> None:
     result = subprocess.run(["sh", "-n", script], cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
