@@ -13,6 +13,7 @@ from typing import Any, TextIO
 import httpx
 
 from baton.stack import Stack, StackError, check
+from shared.protocol.rag import DocumentIn, DocumentsIn
 
 
 def _sse(response: httpx.Response) -> Iterator[dict[str, Any]]:
@@ -166,11 +167,13 @@ def ingest(stack: Stack, path: Path, *, doc_id: str | None, out: TextIO = sys.st
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise StackError(f"{path} is not UTF-8 text") from None
-    document: dict[str, Any] = {"text": text, "metadata": {"source": path.name}}
+    given: dict[str, Any] = {"text": text, "metadata": {"source": path.name}}
     if doc_id:
-        document["id"] = doc_id
+        given["id"] = doc_id
+    document = DocumentIn.model_construct(**given)
+    body = DocumentsIn.model_construct(documents=[document]).model_dump(mode="json", exclude_unset=True)
     with stack.client("rag", timeout_s=300) as http:
-        stored = check(http.post("/v1/documents", json={"documents": [document]}), "rag").json()
+        stored = check(http.post("/v1/documents", json=body), "rag").json()
     added = "already stored, nothing added" if stored["chunks"] == 0 else f"{stored['chunks']} chunks stored"
     out.write(f"{stored['ids'][0]}: {added}\n")
     return dict(stored)

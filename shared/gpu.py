@@ -30,14 +30,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import httpx
 
+from shared.protocol.coordinator import Handover, LeaseGrant, Priority, Renewal
+
 log = logging.getLogger(__name__)
 
-Priority = Literal["interactive", "batch"]
-Handover = Literal["pause", "checkpoint", "restart", "unload", "offload", "keep"]
 LeaseEvent = Literal["yield", "lost", "renewed"]
 Listener = Callable[[LeaseEvent], None]
 
@@ -79,20 +79,20 @@ class Lease:
     def __init__(
         self,
         client: GpuClient,
-        grant: dict[str, Any],
+        grant: LeaseGrant,
         sent_at: float,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._client = client
-        self.lease_id: str = grant["lease_id"]
-        self.fence: int = int(grant["fence"])
-        self.holder: str = grant["holder"]
-        self.priority: str = grant["priority"]
-        self.ttl_ms: int = int(grant["ttl_ms"])
-        self.waited_ms: int = int(grant.get("waited_ms", 0))
-        self.granted_at: float = float(grant["granted_at"])
-        self.vram_mb: int = int(grant.get("vram_mb") or 0)
-        self.free_memory: bool = bool(grant.get("free_memory", False))
+        self.lease_id: str = grant.lease_id
+        self.fence: int = grant.fence
+        self.holder: str = grant.holder
+        self.priority: Priority = grant.priority
+        self.ttl_ms: int = grant.ttl_ms
+        self.waited_ms: int = grant.waited_ms
+        self.granted_at: float = grant.granted_at
+        self.vram_mb: int = grant.vram_mb
+        self.free_memory: bool = grant.free_memory
         """Free the device memory before releasing: the card cannot hold this and the next holder."""
         self._listeners: list[Listener] = []
         self._ttl_s = self.ttl_ms / 1000.0
@@ -111,7 +111,7 @@ class Lease:
         self.verdict: str | None = None
         """What the coordinator answered the first renewal after the lease was lost here."""
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease-renew-{self.fence}", daemon=True)
-        if grant.get("yield_requested"):
+        if grant.yield_requested:
             self._on_yield()
 
     # -- state ---------------------------------------------------------------
@@ -199,12 +199,11 @@ class Lease:
         with contextlib.suppress(RuntimeError):  # the loop may be closed at exit
             self._loop.call_soon_threadsafe(self._lost_async.set)
 
-    def _confirmed(self, sent_at: float, body: dict[str, Any]) -> None:
+    def _confirmed(self, sent_at: float, renewal: Renewal) -> None:
         with self._lock:
             self._last_sent = max(self._last_sent, sent_at)
-        if "free_memory" in body:
-            self.free_memory = bool(body["free_memory"])
-        if body.get("yield_requested"):
+        self.free_memory = renewal.free_memory
+        if renewal.yield_requested:
             self._on_yield()
         self._notify("renewed")
 
@@ -235,7 +234,7 @@ class Lease:
                 wait = retry
                 continue
             if response.status_code == 200:
-                self._confirmed(sent, response.json())
+                self._confirmed(sent, Renewal.model_validate_json(response.content))
                 wait = max(0.0, sent + interval - time.monotonic())
             elif response.status_code == 410:
                 self._mark_lost(_error_code(response) or "gone")
@@ -454,7 +453,7 @@ class GpuClient:
                 await asyncio.sleep(0.2)
                 continue
             if response.status_code == 201:
-                return await self._adopt(response.json(), sent)
+                return await self._adopt(LeaseGrant.model_validate_json(response.content), sent)
             if response.status_code == 429:
                 raise GpuUnavailable("GPU queue full", retry_after_s=_retry_after(response), reason="queue_full")
             if response.status_code == 503 and time.monotonic() < give_up and _error_code(response) != "wait_over":
@@ -466,7 +465,7 @@ class GpuClient:
                 reason=_error_code(response) or str(response.status_code),
             )
 
-    async def _adopt(self, grant: dict[str, Any], sent: float) -> Lease:
+    async def _adopt(self, grant: LeaseGrant, sent: float) -> Lease:
         lease = Lease(self, grant, sent, asyncio.get_running_loop())
         with self._leases_lock:
             self._leases[lease.fence] = lease
@@ -478,7 +477,7 @@ class GpuClient:
             if response.status_code != 200:
                 await lease.release()
                 raise GpuUnavailable("the lease was lost right after it was granted", reason="lost")
-            lease._confirmed(sent, response.json())
+            lease._confirmed(sent, Renewal.model_validate_json(response.content))
         lease._start()
         return lease
 

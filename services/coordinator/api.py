@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import asdict
 from typing import Annotated, Any
 
 import anyio
@@ -20,10 +19,10 @@ from services.coordinator.leases import (
     StoreUnavailable,
     WaitOver,
 )
-from services.coordinator.schemas import GpuStatus, Handover, HistoryEntry, LeaseGrant, LeaseRequest, Renewal
 from services.coordinator.settings import CoordinatorSettings
 from shared.auth import SERVICE_SUBJECT_PREFIX, Principal
 from shared.errors import BadRequest, Gone, NotAllowed, ServiceUnavailable, TooManyRequests
+from shared.protocol.coordinator import GpuStatus, Handover, HistoryEntry, LeaseGrant, LeaseRequest, Renewal
 from shared.web import Auth, until_disconnected
 from shared.web import principal as principal_of
 
@@ -88,8 +87,8 @@ def build_router(manager: LeaseManager, settings: CoordinatorSettings, auth: Aut
             return Response(status_code=499)  # the caller left; nobody reads this
         except StoreUnavailable as exc:
             raise _unavailable(exc) from None
-        # Built from our own dataclass: no second validation on the hand-over's critical path.
-        return JSONResponse({k: v for k, v in asdict(grant).items() if k != "requested_at"}, status_code=201)
+        # Dumped, not validated again: the grant was built from the script's own output.
+        return JSONResponse(grant.model_dump(exclude={"requested_at"}), status_code=201)
 
     def _lease_id(lease_id: str) -> str:
         if len(lease_id) > MAX_LEASE_ID:
@@ -105,7 +104,7 @@ def build_router(manager: LeaseManager, settings: CoordinatorSettings, auth: Aut
             raise Gone(f"this lease is gone ({exc.reason})", code=exc.reason) from None
         except StoreUnavailable as exc:
             raise _unavailable(exc) from None
-        return Renewal(**asdict(renewal))
+        return renewal
 
     @router.delete("/leases/{lease_id}", status_code=204, dependencies=holder_scope, responses=GONE)
     async def release(

@@ -15,7 +15,6 @@ import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
 from importlib.resources import files
 from typing import Any, Literal
 
@@ -26,10 +25,9 @@ from services.coordinator.events import EventBus
 from services.coordinator.settings import CoordinatorSettings
 from shared.audit import Audit
 from shared.metrics import Metrics
+from shared.protocol.coordinator import LeaseGrant, Priority, Renewal
 
 log = logging.getLogger(__name__)
-
-Priority = Literal["interactive", "batch"]
 
 _SCRIPT = files("services.coordinator").joinpath("lease.lua").read_text(encoding="utf-8")
 _PRIVATE_GRANT_FIELDS = ("lease_id", "ttl_ms", "requested_at", "granted_at", "expires_at")
@@ -62,29 +60,11 @@ class LeaseGone(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class Grant:
-    lease_id: str
-    fence: int
-    holder: str
-    priority: str
-    ttl_ms: int
+class Grant(LeaseGrant):
+    """A grant as the coordinator keeps it: the wire's, and when it was asked for (for the
+    history; not sent)."""
+
     requested_at: float
-    granted_at: float
-    expires_at: float
-    waited_ms: int
-    yield_requested: bool = False
-    vram_mb: int = 0
-    free_memory: bool = False
-    """Whether the holder must free its device memory when it releases."""
-
-
-@dataclass(frozen=True)
-class Renewal:
-    fence: int
-    expires_at: float
-    yield_requested: bool
-    free_memory: bool = False
 
 
 def _items(value: Any) -> list[Any]:
@@ -97,7 +77,8 @@ def _seconds(ms: float) -> float:
 
 
 def _grant_from(data: dict[str, Any]) -> Grant:
-    return Grant(
+    # From the script's own output: no validation on the hand-over's critical path.
+    return Grant.model_construct(
         lease_id=data["lease_id"],
         fence=int(data["fence"]),
         holder=data["holder"],
@@ -280,7 +261,7 @@ class LeaseManager:
             elif event["type"] == "yield_requested":
                 for waiter, grant in granted.items():
                     if grant.fence == event["fence"]:
-                        granted[waiter] = replace(grant, yield_requested=True)
+                        granted[waiter] = grant.model_copy(update={"yield_requested": True})
         for waiter_id, grant in granted.items():
             pending = self._waiters.get(waiter_id)
             if pending is not None and not pending.future.done():
@@ -447,15 +428,15 @@ class LeaseManager:
         result = await self._call("renew", lease_id)
         if "gone" in result:
             raise LeaseGone(result["gone"])
-        return Renewal(
-            int(result["fence"]),
-            _seconds(result["expires_at"]),
-            bool(result["yield_requested"]),
-            bool(result.get("free_memory", False)),
+        return Renewal.model_construct(
+            fence=int(result["fence"]),
+            expires_at=_seconds(result["expires_at"]),
+            yield_requested=bool(result["yield_requested"]),
+            free_memory=bool(result.get("free_memory", False)),
         )
 
     async def release(self, lease_id: str, handover: str = "", handover_ms: float = 0.0) -> None:
-        """``handover``: what the holder did with the device (schemas.Handover), kept in the history."""
+        """``handover``: what the holder did with the device (a ``Handover``), kept in the history."""
         result = await self._call("release", lease_id, handover, f"{handover_ms:.3f}")
         if "gone" in result:
             raise LeaseGone(result["gone"])

@@ -1,13 +1,10 @@
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from shared.protocol.coordinator import Priority
 from shared.settings import AuthSettings, ServiceSettings
-
-Priority = Literal["interactive", "batch"]
 
 
 def _service_priorities() -> dict[str, Priority]:

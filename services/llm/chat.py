@@ -277,9 +277,8 @@ class ChatService:
         if not query.strip():
             return [], []
         rag = job.rag
-        filters = rag.filter.model_dump(mode="json", exclude_none=True) if rag.filter else None
         found = await self.memories.search(
-            query, rag.top_k or self.settings.rag_top_k, filters, rag.recency_bias, job.subject
+            query, rag.top_k or self.settings.rag_top_k, rag.filter, rag.recency_bias, job.subject
         )
         self.metrics.rag.labels("ok" if found.warning is None else "unavailable").inc()
         return found.passages, [found.warning] if found.warning else []

@@ -10,6 +10,7 @@ from typing import Any
 
 from shared.auth import ON_BEHALF_OF
 from shared.client import ServiceClient, ServiceUnreachable
+from shared.protocol.rag import QueryFilter, QueryIn
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +70,13 @@ class Memories:
         self._timeout_s = timeout_s
 
     async def search(
-        self, query: str, top_k: int, filter: dict[str, Any] | None, recency_bias: float | None, subject: str
+        self, query: str, top_k: int, filter: QueryFilter | None, recency_bias: float | None, subject: str
     ) -> Lookup:
         """``subject``'s own memories and shared ones: the RAG service is asked for that user."""
         # The embedding model reads 256 tokens; RAG takes queries of up to 4,000 characters.
-        body: dict[str, Any] = {"query": query[:2000], "top_k": top_k}
-        if filter:
-            body["filter"] = filter
-        if recency_bias is not None:
-            body["recency_bias"] = recency_bias
+        # Not validated here: the RAG service does, and its 400 means "answer without".
+        asked = QueryIn.model_construct(query=query[:2000], top_k=top_k, filter=filter, recency_bias=recency_bias)
+        body = asked.model_dump(mode="json", exclude_none=True, exclude_unset=True)
         try:
             async with asyncio.timeout(self._timeout_s):
                 response = await self._client.request(

@@ -6,7 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.wire import Boolean, Fraction, Integer, Number, PositiveInteger, Timestamp, TopK
+from shared.protocol.rag import QueryFilter
+from shared.wire import Boolean, Fraction, Integer, Number, PositiveInteger, TopK
 
 ROLES = ("system", "developer", "user", "assistant")
 
@@ -66,19 +67,10 @@ class StreamOptions(BaseModel):
     include_usage: Boolean = False
 
 
-class RagFilter(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    source: str | None = None
-    speaker: str | None = None
-    job_id: str | None = None
-    after: Timestamp | None = None
-    before: Timestamp | None = None
-
-
 class RagOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     top_k: TopK | None = None
-    filter: RagFilter | None = None
+    filter: QueryFilter | None = None
     recency_bias: Fraction | None = None
 
 

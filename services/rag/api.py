@@ -9,7 +9,11 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from services.rag.schemas import (
+from services.rag.store import InputTooLong, MemoryStore, NotFound, Stored
+from shared.auth import SERVICE_SUBJECT_PREFIX
+from shared.errors import BadRequest, Forbidden
+from shared.errors import NotFound as NotFoundError
+from shared.protocol.rag import (
     CollectionName,
     DocumentsIn,
     DocumentsOut,
@@ -18,10 +22,6 @@ from services.rag.schemas import (
     QueryOut,
     SegmentsIn,
 )
-from services.rag.store import InputTooLong, MemoryStore, NotFound, Stored
-from shared.auth import SERVICE_SUBJECT_PREFIX
-from shared.errors import BadRequest, Forbidden
-from shared.errors import NotFound as NotFoundError
 from shared.web import Auth, audit_note
 from shared.web import caller as caller_of
 

@@ -33,9 +33,9 @@ from chromadb.utils.embedding_functions import ONNXMiniLM_L6_V2
 
 from services.rag.chunking import chunk
 from services.rag.journal import Change, Journal, Record
-from services.rag.schemas import DocumentIn, QueryIn, Result, Scalar, SegmentsIn
 from services.rag.settings import RAGSettings
 from shared.models import resolve
+from shared.protocol.rag import DocumentIn, QueryIn, Result, Scalar, SegmentsIn
 from shared.web import Caller
 
 log = logging.getLogger(__name__)

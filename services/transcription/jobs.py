@@ -35,6 +35,7 @@ from shared.auth import ON_BEHALF_OF
 from shared.client import ServiceClient, ServiceUnreachable
 from shared.limits import Limiter
 from shared.metrics import Metrics
+from shared.protocol.rag import SegmentIn, SegmentsIn
 
 log = logging.getLogger(__name__)
 
@@ -382,17 +383,16 @@ class JobRunner:
     async def _index(self, job: Job) -> None:
         """Send the transcript to RAG until it takes it; backoff doubles up to the maximum."""
         delay = 0.5
-        body = {
-            "job_id": job.id,
-            "source": job.filename,
-            "recorded_at": job.recorded_at,
-            "segments": [
-                {"text": s["text"].strip(), "start": s["start"], "end": s["end"]}
-                for s in job.segments
-                if s["text"].strip()
-            ],
-        }
-        while body["segments"]:
+        segments = [
+            SegmentIn.model_construct(text=s["text"].strip(), start=s["start"], end=s["end"])
+            for s in job.segments
+            if s["text"].strip()
+        ]
+        # Not validated here: the RAG service does, and says why it refuses for good.
+        body = SegmentsIn.model_construct(
+            job_id=job.id, source=job.filename, recorded_at=datetime.fromisoformat(job.recorded_at), segments=segments
+        ).model_dump(mode="json", exclude_unset=True)
+        while segments:
             try:
                 # Stored as the job owner's memories: the service acts for them.
                 response = await self._rag.request(

@@ -1,3 +1,7 @@
+"""The coordinator's API: what a lease request, a grant, a renewal, the card's state and
+its history look like on the wire. The coordinator answers with these models and
+shared/gpu.py reads its answers with them."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -51,6 +55,8 @@ class LeaseGrant(BaseModel):
 
 
 class Renewal(BaseModel):
+    """The answer to a renewal: the lease goes on, and whether someone waits for it."""
+
     fence: int
     expires_at: float
     yield_requested: bool

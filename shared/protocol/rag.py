@@ -1,3 +1,7 @@
+"""The RAG service's API: documents, transcript segments, queries and their answers on the
+wire. The RAG service validates with these models; the LLM and transcription services
+build their requests with them."""
+
 from __future__ import annotations
 
 import re
