@@ -29,7 +29,7 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Literal, Protocol
 
 import httpx
@@ -96,7 +96,7 @@ class Lease:
         """Free the device memory before releasing: the card cannot hold this and the next holder."""
         self._listeners: list[Listener] = []
         self._ttl_s = self.ttl_ms / 1000.0
-        self._margin_s = client.margin_for(self._ttl_s)
+        self.margin_s = client.margin_for(self._ttl_s)
         self._loop = loop
         self._lock = threading.Lock()
         self._last_sent = sent_at  # send time of the request whose answer last confirmed the lease
@@ -104,7 +104,7 @@ class Lease:
         self._yield = threading.Event()
         self._yield_async = asyncio.Event()
         self._lost_async = asyncio.Event()
-        self._renew_now = threading.Event()
+        self._renew_soon = threading.Event()
         self._released = False
         self.yield_seen_at: float | None = None
         """Monotonic time this client learned that someone waits (for yield latency)."""
@@ -112,19 +112,19 @@ class Lease:
         """What the coordinator answered the first renewal after the lease was lost here."""
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease-renew-{self.fence}", daemon=True)
         if grant.yield_requested:
-            self._on_yield()
+            self.on_yield()
 
     # -- state ---------------------------------------------------------------
 
     @property
     def deadline(self) -> float:
         """Monotonic time after which this lease must not be used."""
-        return self._last_sent + self._ttl_s - self._margin_s
+        return self._last_sent + self._ttl_s - self.margin_s
 
     @property
     def lost(self) -> bool:
         if self._lost_reason is None and time.monotonic() >= self.deadline:
-            self._mark_lost("not renewed in time")
+            self.mark_lost("not renewed in time")
         return self._lost_reason is not None
 
     @property
@@ -176,9 +176,13 @@ class Lease:
             except Exception:
                 log.exception("lease listener failed", extra={"fence": self.fence, "event": event})
 
-    # -- called from other threads --------------------------------------------
+    # -- what the GpuClient tells its leases, from other threads ------------------
 
-    def _on_yield(self, free_memory: bool | None = None) -> None:
+    def renew_soon(self) -> None:
+        """Renew now rather than at the next interval (the event stream came back)."""
+        self._renew_soon.set()
+
+    def on_yield(self, free_memory: bool | None = None) -> None:
         if free_memory is not None:
             self.free_memory = free_memory
         if not self._yield.is_set():
@@ -188,7 +192,7 @@ class Lease:
             with contextlib.suppress(RuntimeError):  # the loop may be closed at exit
                 self._loop.call_soon_threadsafe(self._yield_async.set)
 
-    def _mark_lost(self, reason: str) -> None:
+    def mark_lost(self, reason: str) -> None:
         with self._lock:
             if self._lost_reason is not None:
                 return
@@ -199,45 +203,44 @@ class Lease:
         with contextlib.suppress(RuntimeError):  # the loop may be closed at exit
             self._loop.call_soon_threadsafe(self._lost_async.set)
 
-    def _confirmed(self, sent_at: float, renewal: Renewal) -> None:
+    def confirm(self, sent_at: float, renewal: Renewal) -> None:
         with self._lock:
             self._last_sent = max(self._last_sent, sent_at)
         self.free_memory = renewal.free_memory
         if renewal.yield_requested:
-            self._on_yield()
+            self.on_yield()
         self._notify("renewed")
 
     # -- renewal thread ----------------------------------------------------------
 
-    def _start(self) -> None:
+    def start(self) -> None:
         self._thread.start()
 
     def _renew_loop(self) -> None:
         interval = self._ttl_s / 3
         retry = min(0.25, interval / 4)
-        http = self._client.sync_http()
         wait = max(0.0, self._last_sent + interval - time.monotonic())
         while True:
-            self._renew_now.wait(wait)
-            self._renew_now.clear()
+            self._renew_soon.wait(wait)
+            self._renew_soon.clear()
             if self._released:
                 return
             if self._lost_reason is not None or time.monotonic() >= self.deadline:
-                self._mark_lost("not renewed in time")
-                self._ask_verdict(http)
+                self.mark_lost("not renewed in time")
+                self._ask_verdict()
                 return
             sent = time.monotonic()
             try:
-                response = http.post(f"/v1/leases/{self.lease_id}/renew", headers=self._client.auth_headers())
+                response = self._client.post_renewal(self.lease_id)
             except (httpx.TransportError, RuntimeError) as exc:  # RuntimeError: the client was closed
                 log.warning("lease renewal failed; retrying", extra={"fence": self.fence, "error": type(exc).__name__})
                 wait = retry
                 continue
             if response.status_code == 200:
-                self._confirmed(sent, Renewal.model_validate_json(response.content))
+                self.confirm(sent, Renewal.model_validate_json(response.content))
                 wait = max(0.0, sent + interval - time.monotonic())
             elif response.status_code == 410:
-                self._mark_lost(_error_code(response) or "gone")
+                self.mark_lost(_error_code(response) or "gone")
                 return
             else:
                 log.warning(
@@ -245,10 +248,10 @@ class Lease:
                 )
                 wait = retry
 
-    def _ask_verdict(self, http: httpx.Client) -> None:
+    def _ask_verdict(self) -> None:
         """After losing the lease locally, one renewal to learn (and log) what the coordinator says."""
         try:
-            response = http.post(f"/v1/leases/{self.lease_id}/renew", headers=self._client.auth_headers())
+            response = self._client.post_renewal(self.lease_id)
         except (httpx.TransportError, RuntimeError):
             return
         self.verdict = (
@@ -264,8 +267,8 @@ class Lease:
         if self._released:
             return
         self._released = True
-        self._renew_now.set()
-        self._client._forget(self)
+        self._renew_soon.set()
+        self._client.forget(self)
         if self._lost_reason in ("expired", "released"):
             return  # nothing left to give back; a revoked lease is still released early
         params = {"handover": handover, "handover_ms": f"{handover_ms:.3f}"} if handover else None
@@ -279,7 +282,7 @@ class Lease:
             )
             return
         finally:
-            self._mark_lost("released")
+            self.mark_lost("released")
         if response.status_code not in (204, 410):
             log.warning("lease release refused", extra={"fence": self.fence, "status": response.status_code})
 
@@ -346,8 +349,10 @@ class GpuClient:
         """Safety margin before the TTL: a fifth of it, at most one second."""
         return min(1.0, ttl_s / 5)
 
-    def sync_http(self) -> httpx.Client:
-        return self._sync_http
+    def post_renewal(self, lease_id: str) -> httpx.Response:
+        """The one renewal request, blocking (renewal threads). Raises httpx.TransportError,
+        or RuntimeError once the client is closed."""
+        return self._sync_http.post(f"/v1/leases/{lease_id}/renew", headers=self.auth_headers())
 
     # -- events --------------------------------------------------------------------
 
@@ -395,7 +400,7 @@ class GpuClient:
             # Anything may have happened while we were not listening: renew now.
             with self._leases_lock:
                 for lease in self._leases.values():
-                    lease._renew_now.set()
+                    lease.renew_soon()
             return
         try:
             body = json.loads(data)
@@ -408,9 +413,9 @@ class GpuClient:
             return
         if event == "yield_requested":
             free = body.get("free_memory")
-            target._on_yield(bool(free) if free is not None else None)
+            target.on_yield(bool(free) if free is not None else None)
         elif event in ("revoked", "expired"):
-            target._mark_lost(event)
+            target.mark_lost(event)
 
     # -- leases --------------------------------------------------------------------
 
@@ -470,18 +475,18 @@ class GpuClient:
         with self._leases_lock:
             self._leases[lease.fence] = lease
         ttl_s = lease.ttl_ms / 1000.0
-        if time.monotonic() - sent > (ttl_s - lease._margin_s) / 2:
+        if time.monotonic() - sent > (ttl_s - lease.margin_s) / 2:
             # We waited long: our only safe base (the send time) is old. Renew once now.
             sent = time.monotonic()
-            response = await self.http.post(f"/v1/leases/{lease.lease_id}/renew", headers=self.auth_headers())
+            response = await asyncio.to_thread(self.post_renewal, lease.lease_id)
             if response.status_code != 200:
                 await lease.release()
                 raise GpuUnavailable("the lease was lost right after it was granted", reason="lost")
-            lease._confirmed(sent, Renewal.model_validate_json(response.content))
-        lease._start()
+            lease.confirm(sent, Renewal.model_validate_json(response.content))
+        lease.start()
         return lease
 
-    def _forget(self, lease: Lease) -> None:
+    def forget(self, lease: Lease) -> None:
         with self._leases_lock:
             self._leases.pop(lease.fence, None)
 
@@ -561,6 +566,17 @@ class Gpu(Protocol):
         vram_mb: int = 0,
     ) -> HeldLease: ...
 
+    def lease(
+        self,
+        holder: str,
+        priority: Priority = "interactive",
+        wait_s: float = 30.0,
+        ttl_ms: int | None = None,
+        vram_mb: int = 0,
+    ) -> AbstractAsyncContextManager[HeldLease]:
+        """``acquire``, and release on exit: also on errors and cancellation."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -618,5 +634,17 @@ class NoCoordinator:
     ) -> NoLease:
         return NoLease()
 
+    @asynccontextmanager
+    async def lease(
+        self,
+        holder: str,
+        priority: Priority = "interactive",
+        wait_s: float = 30.0,
+        ttl_ms: int | None = None,
+        vram_mb: int = 0,
+    ) -> AsyncIterator[NoLease]:
+        yield NoLease()
+
     async def aclose(self) -> None:
         return None
+
