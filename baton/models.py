@@ -28,7 +28,7 @@ from typing import IO
 
 import httpx
 
-from shared.models import PRESETS, Preset, models_dir
+from shared.presets import PRESETS, Preset, models_dir
 
 log = logging.getLogger(__name__)
 

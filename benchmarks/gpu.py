@@ -31,7 +31,7 @@ import httpx
 import llama_cpp
 
 from benchmarks.support import coordinated, dev_token, metric, save, table
-from shared.models import resolve
+from shared.presets import resolve
 from tests.support.servers import ServiceProcess, free_port
 
 CONTEXT = 4096

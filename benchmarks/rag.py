@@ -33,7 +33,7 @@ from chromadb.api.shared_system_client import SharedSystemClient
 
 from benchmarks.support import RESULTS, dev_token, ratio, save, summary_ms, table
 from services.rag.store import MiniLM
-from shared.models import PRESETS
+from shared.presets import PRESETS
 from tests.support.servers import ServiceProcess
 
 COLLECTION = "memories"

@@ -28,7 +28,7 @@ from faster_whisper import WhisperModel
 
 from benchmarks.support import MEETING, coordinated, dev_token, long_meeting, percentile, save, service_token, table
 from services.transcription import audio
-from shared.models import PRESETS
+from shared.presets import PRESETS
 from tests.support.servers import ServiceProcess, free_port, running
 
 

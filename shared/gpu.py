@@ -647,4 +647,3 @@ class NoCoordinator:
 
     async def aclose(self) -> None:
         return None
-

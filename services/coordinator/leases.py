@@ -1,4 +1,4 @@
-"""The GPU lease on Redis: one Lua script per transition, wake-ups in process.
+"""The GPU lease on Redis: one atomic Lua call per transition, wake-ups in process.
 
 Redis holds the truth (lease, queue, fence counter, epoch, history) and its clock
 times everything. This process adds what makes hand-overs fast: a waiter blocked in

@@ -20,7 +20,7 @@ from shared.client import ServiceClient
 from shared.gpu import Gpu, GpuClient, NoCoordinator, vram_estimate_mb
 from shared.guards import Guards
 from shared.metrics import Metrics
-from shared.models import UnknownModel, resolve
+from shared.presets import UnknownModel, resolve
 from shared.settings import ConfigError, load_settings
 from shared.web import Auth, Readiness, create_service_app
 

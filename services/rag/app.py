@@ -18,7 +18,7 @@ from shared.auth import TokenVerifier
 from shared.errors import ServiceUnavailable, error_response
 from shared.guards import Guards
 from shared.metrics import Metrics
-from shared.models import UnknownModel
+from shared.presets import UnknownModel
 from shared.settings import ConfigError, load_settings
 from shared.web import Auth, Readiness, create_service_app
 

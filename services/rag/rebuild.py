@@ -31,7 +31,7 @@ from services.rag.journal import Busy, Journal
 from services.rag.settings import RAGSettings
 from services.rag.store import MemoryStore, MiniLM, open_client
 from shared.auth import AuthSettings
-from shared.models import resolve
+from shared.presets import resolve
 from shared.settings import ConfigError, load_settings
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from chromadb.utils.embedding_functions import ONNXMiniLM_L6_V2
 from services.rag.chunking import chunk
 from services.rag.journal import Change, Journal, Record
 from services.rag.settings import RAGSettings
-from shared.models import resolve
+from shared.presets import resolve
 from shared.protocol.rag import DocumentIn, QueryIn, Result, Scalar, SegmentsIn
 from shared.web import Caller
 

@@ -26,7 +26,7 @@ from shared.errors import ServiceUnavailable, error_response
 from shared.gpu import Gpu, GpuClient, NoCoordinator, vram_estimate_mb
 from shared.guards import Guards
 from shared.metrics import Metrics
-from shared.models import UnknownModel, resolve
+from shared.presets import UnknownModel, resolve
 from shared.settings import ConfigError, load_settings
 from shared.web import Auth, Readiness, create_service_app
 

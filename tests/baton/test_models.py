@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from baton import models
-from shared.models import PRESETS, UnknownModel, models_dir, resolve
+from shared.presets import PRESETS, UnknownModel, models_dir, resolve
 from tests.support.servers import REPO_ROOT, free_port
 
 

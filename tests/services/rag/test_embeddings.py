@@ -9,7 +9,7 @@ import numpy as np
 from chromadb.utils.embedding_functions import ONNXMiniLM_L6_V2
 
 from services.rag.store import MiniLM
-from shared.models import PRESETS
+from shared.presets import PRESETS
 
 
 def test_same_vectors_as_chromas_own_function() -> None:
