@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from baton.stack import StackError
+from baton.stack import SERVICES, StackError
 from shared.auth import SCOPES, TokenIssuer
 from shared.settings import AuthSettings, ConfigError, load_settings
 
@@ -101,7 +101,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def _stack(args: argparse.Namespace) -> Stack:
     from baton.stack import Stack
 
-    urls = {name: getattr(args, f"{name}_url", None) for name in ("llm", "coordinator", "transcription", "rag")}
+    urls = {name: getattr(args, f"{name}_url", None) for name in SERVICES}
     return Stack.find(_launcher_settings(args).run_dir, args.token, **urls)
 
 
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument("--token", help="bearer token (default: BATON_TOKEN, else the running stack's)")
-    for name in ("llm", "coordinator", "transcription", "rag"):
+    for name in SERVICES:
         client.add_argument(
             f"--{name}-url", help=f"the {name} service (default: BATON_{name.upper()}_URL, else the stack's)"
         )

@@ -33,11 +33,12 @@ import redis
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from baton.stack import SERVICES
 from shared.auth import SCOPES, TokenIssuer
 from shared.settings import AuthSettings, BatonSettings
 
-SERVICES = ("coordinator", "rag", "llm", "transcription")
-"""Start order; they stop in the reverse order."""
+START_ORDER = ("coordinator", "rag", "llm", "transcription")
+"""The services (baton.stack.SERVICES) in the order they start; they stop in the reverse order."""
 
 PORT_VARIABLES = {
     "llm": "GEMMA_PORT",
@@ -172,7 +173,10 @@ class Child:
 
 
 @dataclass
-class Stack:
+class Supervisor:
+    """Starts the stack's processes, watches them, and stops them (the client-side handle
+    to a running stack is baton.stack.Stack)."""
+
     settings: LauncherSettings
     say: Callable[[str], None] = print
     children: list[Child] = field(default_factory=list)
@@ -201,7 +205,7 @@ class Stack:
         secret_file = self._jwt_secret()
         self._start_redis()
         env = self._service_env(secret_file)
-        for name in SERVICES:
+        for name in START_ORDER:
             self._spawn(name, [sys.executable, "-m", f"services.{name}"], env)
         self._write_pids()
         self._wait_ready()
@@ -211,7 +215,7 @@ class Stack:
     def _check_ports(self) -> None:
         busy = [
             f"{name} port {self.settings.port(name)} (BATON_{name.upper()}_PORT)"
-            for name in SERVICES
+            for name in START_ORDER
             if not _port_free(self.settings.host, self.settings.port(name))
         ]
         if "REDIS_URL" not in os.environ and not _port_free("127.0.0.1", self.settings.redis_port):
@@ -299,7 +303,7 @@ class Stack:
             PYTHONUNBUFFERED="1",
         )
         env.setdefault("RAG_CHROMA_PATH", str(self.paths.chroma_dir.resolve()))
-        for name in SERVICES:
+        for name in START_ORDER:
             env[PORT_VARIABLES[name]] = str(self.settings.port(name))
             env[HOST_VARIABLES[name]] = self.settings.host
         return env
@@ -334,7 +338,7 @@ class Stack:
 
     def _wait_ready(self) -> None:
         give_up = time.monotonic() + self.settings.ready_timeout_s
-        pending = set(SERVICES)
+        pending = set(START_ORDER)
         with httpx.Client(timeout=2) as http:
             while pending:
                 self._check_children()
@@ -354,7 +358,7 @@ class Stack:
         auth = AuthSettings(secret=SecretStr(secret_file.read_text().strip()))
         token = TokenIssuer(auth).mint("dev", SCOPES, TOKEN_LIFETIME_S)
         stack = {
-            "services": {name: self.url(name) for name in ("llm", "coordinator", "transcription", "rag")},
+            "services": {name: self.url(name) for name in SERVICES},
             "redis_url": self.redis_url,
             "token": token,
             "launcher_pid": os.getpid(),
@@ -411,7 +415,7 @@ def read_pids(paths: Paths) -> dict[str, int]:
 
 
 def run_foreground(settings: LauncherSettings, say: Callable[[str], None] = print) -> int:
-    stack = Stack(settings, say)
+    stack = Supervisor(settings, say)
     stop = threading.Event()
 
     def on_signal(signum: int, _: object) -> None:

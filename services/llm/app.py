@@ -90,7 +90,7 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
             "gpu_layers": settings.gpu_layers,
             "gpu_layers_loaded": engine.gpu_layers,
             "can_offload": can_offload(),
-            "handoff": policy.policy(),
+            "handoff": policy.settings_summary(),
         }
 
     app = create_service_app(

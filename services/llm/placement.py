@@ -79,7 +79,8 @@ class GpuPolicy:
     def target_layers(self) -> int:
         return self._settings.gpu_layers if self.moves_layers else 0
 
-    def policy(self) -> dict[str, object]:
+    def settings_summary(self) -> dict[str, object]:
+        """How this service hands the card over, for /v1/info."""
         s = self._settings
         return {
             "gpu_wait_ms": s.gpu_wait_ms,
