@@ -9,7 +9,7 @@ never carries a stack trace: the trace goes to the log with the request id.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 from fastapi import FastAPI, Request
@@ -188,6 +188,22 @@ def allowed_methods(request: Request) -> str:
         if match != Match.NONE:  # PARTIAL: the path matches, the method does not
             methods |= set(getattr(route, "methods", None) or ())
     return ", ".join(sorted(methods))
+
+
+def map_errors(app: FastAPI, mapping: Mapping[type[Exception], Callable[[Any], APIError]]) -> None:
+    """Answer each domain exception with the API error its function makes, once per service,
+    so that routes let domain errors through instead of translating them one by one."""
+
+    def handler_for(make: Callable[[Any], APIError]) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+        async def on_domain_error(request: Request, exc: Exception) -> JSONResponse:
+            error = make(exc)
+            request.state.error_code = error.code
+            return error_response(error)
+
+        return on_domain_error
+
+    for exception, make in mapping.items():
+        app.add_exception_handler(exception, handler_for(make))
 
 
 def install_error_handlers(app: FastAPI) -> None:

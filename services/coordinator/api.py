@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import anyio
@@ -21,7 +21,7 @@ from services.coordinator.leases import (
 )
 from services.coordinator.settings import CoordinatorSettings
 from shared.auth import SERVICE_SUBJECT_PREFIX, Principal
-from shared.errors import BadRequest, Gone, NotAllowed, ServiceUnavailable, TooManyRequests
+from shared.errors import APIError, BadRequest, Gone, NotAllowed, ServiceUnavailable, TooManyRequests
 from shared.protocol.coordinator import GpuStatus, Handover, HistoryEntry, LeaseGrant, LeaseRequest, Renewal
 from shared.web import Auth, until_disconnected
 from shared.web import principal as principal_of
@@ -35,8 +35,17 @@ GONE: dict[int | str, dict[str, Any]] = {
 """What a holder's lease routes add to the statuses every route can give."""
 
 
-def _unavailable(exc: StoreUnavailable) -> ServiceUnavailable:
-    return ServiceUnavailable(f"the lease store is unavailable: {exc}", retry_after_s=1, code="store_unavailable")
+DOMAIN_ERRORS: dict[type[Exception], Callable[[Any], APIError]] = {
+    StoreUnavailable: lambda exc: ServiceUnavailable(
+        f"the lease store is unavailable: {exc}", retry_after_s=1, code="store_unavailable"
+    ),
+    LeaseGone: lambda exc: Gone(f"this lease is gone ({exc.reason})", code=exc.reason),
+    QueueFull: lambda exc: TooManyRequests("the GPU queue is full", retry_after_s=exc.retry_after_s),
+    WaitOver: lambda exc: ServiceUnavailable(
+        "the GPU was not granted within wait_ms", retry_after_s=exc.retry_after_s, code="wait_over"
+    ),
+}
+"""How the lease manager's errors are answered (the app maps them once: shared.errors.map_errors)."""
 
 
 def build_router(manager: LeaseManager, settings: CoordinatorSettings, auth: Auth) -> APIRouter:
@@ -77,16 +86,8 @@ def build_router(manager: LeaseManager, settings: CoordinatorSettings, auth: Aut
                 lambda: until_disconnected(request),
                 vram_mb=body.vram_mb,
             )
-        except QueueFull as exc:
-            raise TooManyRequests("the GPU queue is full", retry_after_s=exc.retry_after_s) from None
-        except WaitOver as exc:
-            raise ServiceUnavailable(
-                "the GPU was not granted within wait_ms", retry_after_s=exc.retry_after_s, code="wait_over"
-            ) from None
         except CallerGone:
             return Response(status_code=499)  # the caller left; nobody reads this
-        except StoreUnavailable as exc:
-            raise _unavailable(exc) from None
         # Dumped, not validated again: the grant was built from the script's own output.
         return JSONResponse(grant.model_dump(exclude={"requested_at"}), status_code=201)
 
@@ -98,13 +99,7 @@ def build_router(manager: LeaseManager, settings: CoordinatorSettings, auth: Aut
     @router.post("/leases/{lease_id}/renew", dependencies=holder_scope, responses=GONE)
     async def renew(lease_id: str, request: Request) -> Renewal:
         service_name(principal_of(request))
-        try:
-            renewal = await manager.renew(_lease_id(lease_id))
-        except LeaseGone as exc:
-            raise Gone(f"this lease is gone ({exc.reason})", code=exc.reason) from None
-        except StoreUnavailable as exc:
-            raise _unavailable(exc) from None
-        return renewal
+        return await manager.renew(_lease_id(lease_id))
 
     @router.delete("/leases/{lease_id}", status_code=204, dependencies=holder_scope, responses=GONE)
     async def release(
@@ -117,27 +112,16 @@ def build_router(manager: LeaseManager, settings: CoordinatorSettings, auth: Aut
         handover_ms: Annotated[float, Query(ge=0, le=3_600_000, description="How long that took.")] = 0.0,
     ) -> Response:
         service_name(principal_of(request))
-        try:
-            await manager.release(_lease_id(lease_id), handover or "", handover_ms if handover else 0.0)
-        except LeaseGone as exc:
-            raise Gone(f"not the current lease ({exc.reason})", code=exc.reason) from None
-        except StoreUnavailable as exc:
-            raise _unavailable(exc) from None
+        await manager.release(_lease_id(lease_id), handover or "", handover_ms if handover else 0.0)
         return Response(status_code=204)
 
     @router.get("/gpu", dependencies=reader_scope)
     async def gpu() -> GpuStatus:
-        try:
-            return GpuStatus(**await manager.status())
-        except StoreUnavailable as exc:
-            raise _unavailable(exc) from None
+        return GpuStatus(**await manager.status())
 
     @router.get("/history", dependencies=reader_scope)
     async def history(limit: int = Query(default=50, ge=1, le=1000)) -> list[HistoryEntry]:
-        try:
-            return [HistoryEntry(**item) for item in await manager.history(limit)]
-        except StoreUnavailable as exc:
-            raise _unavailable(exc) from None
+        return [HistoryEntry(**item) for item in await manager.history(limit)]
 
     @router.get("/events", dependencies=reader_scope, response_class=EventSourceResponse)
     async def events(request: Request) -> EventSourceResponse:

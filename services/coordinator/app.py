@@ -10,12 +10,13 @@ from urllib.parse import urlsplit, urlunsplit
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from services.coordinator.api import build_router
+from services.coordinator.api import DOMAIN_ERRORS, build_router
 from services.coordinator.card import card_memory_mb
 from services.coordinator.events import EventBus
 from services.coordinator.leases import CoordinatorMetrics, LeaseManager
 from services.coordinator.settings import CoordinatorSettings
 from shared.auth import TokenVerifier
+from shared.errors import map_errors
 from shared.guards import Guards
 from shared.metrics import Metrics
 from shared.settings import load_settings
@@ -91,4 +92,5 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
         audit=guards.audit,
     )
     app.include_router(build_router(manager, settings, auth))
+    map_errors(app, DOMAIN_ERRORS)
     return app
