@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-import httpx
-
 from baton.stack import Stack, StackError, check
 from shared.protocol.rag import DocumentIn, DocumentsIn
-
-
-def _sse(response: httpx.Response) -> Iterator[dict[str, Any]]:
-    for line in response.iter_lines():
-        if line.startswith("data: ") and line != "data: [DONE]":
-            yield json.loads(line[6:])
+from shared.sse_reader import read_json
 
 
 def _clock(seconds: float) -> str:
@@ -78,7 +69,7 @@ def chat(
             if not response.is_success:
                 response.read()
                 check(response, "llm")
-            for event in _sse(response):
+            for event in read_json(response.iter_lines()):
                 if "error" in event:
                     raise StackError(f"the answer was cut short: {event['error']['message']}")
                 choice = (event.get("choices") or [{}])[0]
@@ -135,7 +126,7 @@ def transcribe(
             if not events.is_success:
                 events.read()
                 check(events, "transcription")
-            for event in _sse(events):
+            for event in read_json(events.iter_lines()):
                 progress = event.get("progress")
                 if progress is not None:
                     filled = int(progress * 30)

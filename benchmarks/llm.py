@@ -19,7 +19,6 @@ reloading for every request (keep-alive 0).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import llama_cpp
 
 from benchmarks.support import coordinated, dev_token, metric, save, table
 from shared.presets import resolve
+from shared.sse_reader import read_json
 from tests.support.servers import ServiceProcess, free_port, wait_until
 
 TOPICS = [
@@ -80,10 +80,8 @@ def timed_pieces(pieces: Any, sent: float) -> tuple[float, float]:
 
 
 def sse_pieces(response: httpx.Response) -> Any:
-    for line in response.iter_lines():
-        if not line.startswith("data: ") or line == "data: [DONE]":
-            continue
-        choices = json.loads(line[6:]).get("choices") or [{}]
+    for body in read_json(response.iter_lines()):
+        choices = body.get("choices") or [{}]
         yield choices[0].get("delta", {}).get("content")
 
 

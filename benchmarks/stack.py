@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import random
 import statistics
 import tempfile
@@ -35,6 +34,7 @@ from typing import Any
 import httpx
 
 from benchmarks.support import coordinated, dev_token, long_meeting, percentile, save, table
+from shared.sse_reader import read_json
 from tests.support.servers import ServiceProcess, free_port, running
 
 TOPICS = ["the sea", "a clock", "winter", "a train", "a garden", "the moon", "a river", "a market", "rain", "a bridge"]
@@ -56,10 +56,8 @@ def ask(http: httpx.Client, question: str, max_tokens: int) -> tuple[float, floa
     count = 0
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            choices = json.loads(line[6:]).get("choices") or [{}]
+        for body in read_json(response.iter_lines()):
+            choices = body.get("choices") or [{}]
             if choices[0].get("delta", {}).get("content"):
                 last = time.monotonic()
                 if count == 0:
@@ -106,10 +104,7 @@ class Background(threading.Thread):
             job_id = self.tx.post("/v1/jobs", files={"file": (self.path.name, handle)}).json()["job_id"]
         # Follow its events rather than poll: polling would compete with the chats for the cores.
         with self.tx.stream("GET", f"/v1/jobs/{job_id}/events") as events:
-            for line in events.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
+            for event in read_json(events.iter_lines()):
                 if event.get("state") == "running":
                     self.busy.set()
                 if event["type"] in ("done", "failed", "cancelled"):

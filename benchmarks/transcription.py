@@ -29,6 +29,7 @@ from faster_whisper import WhisperModel
 from benchmarks.support import MEETING, coordinated, dev_token, long_meeting, percentile, save, service_token, table
 from services.transcription import audio
 from shared.presets import PRESETS
+from shared.sse_reader import read_json
 from tests.support.servers import ServiceProcess, free_port, running
 
 
@@ -50,8 +51,8 @@ def service_job(http: httpx.Client, path: Path) -> float:
     with path.open("rb") as handle:
         job_id = http.post("/v1/jobs", files={"file": (path.name, handle)}).json()["job_id"]
     with http.stream("GET", f"/v1/jobs/{job_id}/events") as events:
-        for line in events.iter_lines():
-            if line.startswith("data: ") and '"type": "done"' in line:
+        for body in read_json(events.iter_lines()):
+            if body.get("type") == "done":
                 break
     return time.monotonic() - started
 

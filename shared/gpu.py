@@ -28,13 +28,14 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Literal, Protocol
 
 import httpx
 
 from shared.protocol.coordinator import Handover, LeaseGrant, Priority, Renewal
+from shared.sse_reader import read_events
 
 log = logging.getLogger(__name__)
 
@@ -293,24 +294,6 @@ def _error_code(response: httpx.Response) -> str | None:
     return None
 
 
-def _sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
-    event, data = "message", list[str]()
-    for line in lines:
-        if not line:
-            if data:
-                yield event, "\n".join(data)
-            event, data = "message", []
-        elif line.startswith(":"):
-            continue
-        else:
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "event":
-                event = value
-            elif name == "data":
-                data.append(value)
-
-
 class GpuClient:
     """Talks to the coordinator for one service process."""
 
@@ -383,8 +366,8 @@ class GpuClient:
                         log.warning("cannot watch GPU events", extra={"status": response.status_code})
                     else:
                         backoff = 0.2
-                        for event, data in _sse_events(response.iter_lines()):
-                            self._on_event(event, data)
+                        for event in read_events(response.iter_lines()):
+                            self._on_event(event.name, event.data)
             except (httpx.HTTPError, OSError, RuntimeError) as exc:
                 if self._closed.is_set():
                     return

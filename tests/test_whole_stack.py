@@ -4,7 +4,6 @@ question interrupts a transcription, the GPU passes back and forth, nothing is l
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import pytest
 
 from baton.demo.speech.make_speech import write_ogg
 from services.transcription import audio
+from shared.sse_reader import read_json
 from tests.support.launched import LaunchedStack
 from tests.support.servers import wait_until
 
@@ -78,14 +78,12 @@ def test_a_question_interrupts_a_transcription_and_nothing_is_lost(
     pieces, final = [], {}
     with launched.client("llm") as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
-        for line in response.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                event = json.loads(line[6:])
-                assert "error" not in event, event
-                choice = event["choices"][0]
-                pieces.append(choice["delta"].get("content") or "")
-                if choice["finish_reason"]:
-                    final = event
+        for event in read_json(response.iter_lines()):
+            assert "error" not in event, event
+            choice = event["choices"][0]
+            pieces.append(choice["delta"].get("content") or "")
+            if choice["finish_reason"]:
+                final = event
     answer = "".join(pieces)
     assert answer.strip()
     assert any(s["metadata"].get("job_id") == earlier for s in final["sources"]), final["sources"]

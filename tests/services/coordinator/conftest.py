@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import httpx
 import pytest
 
 from shared.gpu import GpuClient
+from shared.sse_reader import aread_events
 from tests.conftest import Mint
 from tests.support.servers import RedisServer, ServiceProcess
 
@@ -157,18 +157,12 @@ class Events:
             httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as http,
             http.stream("GET", f"{self.url}/v1/events", headers=headers) as response,
         ):
-            event = "message"
-            async for line in response.aiter_lines():
-                if line.startswith("event:"):
-                    event = line.partition(":")[2].strip()
-                elif line.startswith("data:"):
-                    if event == "subscribed":
-                        self._subscribed.set()
-                    else:
-                        self.items.append(json.loads(line.partition(":")[2]))
-                        self._changed.set()
-                elif not line:
-                    event = "message"
+            async for event in aread_events(response.aiter_lines()):
+                if event.name == "subscribed":
+                    self._subscribed.set()
+                else:
+                    self.items.append(event.json())
+                    self._changed.set()
 
     async def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 10) -> dict[str, Any]:
         async with asyncio.timeout(timeout_s):

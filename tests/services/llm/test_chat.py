@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from shared.sse_reader import read_events
 from tests.services.llm.conftest import Llm, StartLlm, closed_url
 from tests.support.servers import RedisServer, ServiceProcess, wait_until
 
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def sse_events(response: httpx.Response) -> list[str]:
-    return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    return [event.data for event in read_events(response.iter_lines())]
 
 
 def test_openai_client_streams_and_completes(llm: Llm) -> None:
@@ -277,7 +278,7 @@ def test_lease_lost_mid_stream_ends_with_an_error_then_done(llm: Llm) -> None:
         # An interactive waiter with a 300 ms grace: the LLM is revoked mid-answer.
         runner = threading.Thread(target=lambda: asyncio.run(preempt()))
         runner.start()
-        events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+        events = [event.data for event in read_events(lines)]
         runner.join(timeout=60)
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]

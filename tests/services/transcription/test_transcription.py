@@ -16,6 +16,7 @@ import numpy as np
 import openai
 import pytest
 
+from shared.sse_reader import read_json
 from tests.services.transcription.conftest import MEETING, REFERENCES, SPEECH, StartTx, Tx, edits, silence
 from tests.support.servers import RedisServer, ServiceProcess, free_port, wait_until
 
@@ -55,9 +56,7 @@ def test_streaming_delivers_segments_before_the_end(tx: Tx) -> None:
         ) as response,
     ):
         assert response.status_code == 200
-        for line in response.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                received.append((time.monotonic(), json.loads(line[6:])))
+        received.extend((time.monotonic(), body) for body in read_json(response.iter_lines()))
     deltas = [(at, e) for at, e in received if e["type"] == "transcript.text.delta"]
     done_at, done = received[-1]
     assert done["type"] == "transcript.text.done"
@@ -96,9 +95,7 @@ def test_a_job_transcribes_the_long_recording_and_reports_progress(
     job_id = tx.submit(MEETING, recorded_at="2026-11-02T10:00:00Z")
     events: list[dict[str, Any]] = []
     with tx.http.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
-        for line in stream.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                events.append(json.loads(line[6:]))
+        events.extend(read_json(stream.iter_lines()))
     assert events[0]["type"] == "snapshot"
     progress = [e["progress"] for e in events if e["type"] == "progress"]
     assert progress == sorted(progress) and len(progress) >= 3
