@@ -15,6 +15,7 @@ from services.llm.engine import Engine, can_offload
 from services.llm.memories import Memories
 from services.llm.placement import GpuPolicy, PlacementMetrics
 from services.llm.settings import LLMSettings
+from services.llm.slot import ModelSlot
 from shared.auth import ServiceTokens, TokenIssuer, TokenVerifier
 from shared.client import ServiceClient
 from shared.gpu import Gpu, GpuClient, NoCoordinator, vram_estimate_mb
@@ -39,7 +40,8 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
     chat_format = settings.chat_format or (preset.chat_format if preset else None)
     model_id = settings.model_name or (preset.name if preset else path.stem)
     metrics = Metrics("llm")
-    slot = asyncio.Lock()
+    chat_metrics = ChatMetrics(metrics)
+    slot = ModelSlot(on_waiting=chat_metrics.queue.set)
     engine = Engine(
         path,
         context_size=settings.context_size,
@@ -55,7 +57,7 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
     vram_mb = settings.vram_mb if settings.vram_mb is not None else vram_estimate_mb(path.stat().st_size)
     policy = GpuPolicy(engine, gpu, settings, slot, PlacementMetrics(metrics), vram_mb)
     memories = Memories(ServiceClient(settings.rag_url, tokens, retries=0), settings.rag_timeout_ms / 1000)
-    chat = ChatService(engine, policy, memories, settings, ChatMetrics(metrics), model_id, slot)
+    chat = ChatService(engine, policy, memories, settings, chat_metrics, model_id, slot)
     state = {"loaded": False}
 
     @asynccontextmanager

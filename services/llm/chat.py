@@ -25,6 +25,7 @@ from services.llm.placement import GpuPolicy, Placement
 from services.llm.prompting import ContextTooLong, Fitted, fit
 from services.llm.schemas import RagOptions
 from services.llm.settings import LLMSettings
+from services.llm.slot import ModelSlot
 from shared.errors import BadRequest, NotFound, ServiceUnavailable, TooManyRequests
 from shared.gpu import LeaseLost
 from shared.metrics import Metrics
@@ -142,7 +143,7 @@ class Session:
                     sources=[
                         p.public() if self._job.reveal else p.summary()
                         for p in self._fitted.passages
-                        if not p.id.startswith("context-")
+                        if p.origin == "memory"
                     ],
                     rag_context_used=self._rag_used,
                     gpu_wait_time=round(self.placement.gpu_wait_s, 4),
@@ -175,7 +176,7 @@ class Session:
                     await self._worker
             if client_gone:
                 self._service.metrics.requests.labels(self.placement.device, "client_gone").inc()
-            await self._service.policy.finish(self.placement, client_gone=client_gone, queued_here=self._service.queued)
+            await self._service.policy.finish(self.placement, client_gone=client_gone)
         finally:
             self._service.slot.release()
             self._service.admitted -= 1
@@ -190,7 +191,7 @@ class ChatService:
         settings: LLMSettings,
         metrics: ChatMetrics,
         model_id: str,
-        slot: asyncio.Lock,
+        slot: ModelSlot,
     ) -> None:
         self.engine = engine
         self.policy = policy
@@ -199,7 +200,6 @@ class ChatService:
         self.metrics = metrics
         self.model_id = model_id
         self.slot = slot
-        self.queued = 0
         self.admitted = 0
         """Requests between admission and close: the one running and those waiting. Taken
         before the first await, so a simultaneous burst cannot slip past the limit."""
@@ -251,7 +251,8 @@ class ChatService:
     async def _open(self, job: Job, disconnected: Callable[[], Awaitable[object]]) -> Session:
         passages, warnings = await self._memories(job)
         passages = [
-            Passage(f"context-{i}", text, 2.0, {"source": "request"}) for i, text in enumerate(job.context)
+            Passage(f"context-{i}", text, 2.0, {"source": "request"}, origin="request")
+            for i, text in enumerate(job.context)
         ] + passages
         try:
             fitted = await asyncio.to_thread(fit, self.engine, job.messages, passages, job.params.max_tokens)
@@ -259,7 +260,7 @@ class ChatService:
             raise BadRequest(str(exc), param="messages", code="context_length_exceeded") from None
         if fitted.dropped_turns:
             warnings.append(f"dropped the {fitted.dropped_turns} oldest turns to fit the context window")
-        rag_used = sum(1 for p in fitted.passages if not p.id.startswith("context-"))
+        rag_used = sum(1 for p in fitted.passages if p.origin == "memory")
         await self._take_slot(disconnected)
         try:
             placement = await self.policy.place()
@@ -284,20 +285,5 @@ class ChatService:
         return found.passages, [found.warning] if found.warning else []
 
     async def _take_slot(self, disconnected: Callable[[], Awaitable[object]]) -> None:
-        self.queued += 1
-        self.metrics.queue.set(self.queued)
-        taking = asyncio.ensure_future(self.slot.acquire())
-        gone = asyncio.ensure_future(disconnected())
-        try:
-            await asyncio.wait({taking, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self.queued -= 1
-            self.metrics.queue.set(self.queued)
-            gone.cancel()
-            if not taking.done():
-                taking.cancel()
-        if taking.cancelled() or not taking.done():
-            raise ClientGone()
-        if gone.done() and not gone.cancelled():
-            self.slot.release()
+        if not await self.slot.take(disconnected):
             raise ClientGone()

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from shared.auth import ON_BEHALF_OF
 from shared.client import ServiceClient, ServiceUnreachable
@@ -21,6 +21,8 @@ class Passage:
     text: str
     score: float
     metadata: dict[str, Any] = field(default_factory=dict)
+    origin: Literal["memory", "request"] = "memory"
+    """A memory found by RAG (a source of the answer), or context the request itself gave."""
 
     def label(self) -> str:
         """Where it came from, in a few words, for the prompt."""

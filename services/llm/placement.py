@@ -24,6 +24,7 @@ from typing import Literal
 
 from services.llm.engine import Engine, can_offload
 from services.llm.settings import LLMSettings
+from services.llm.slot import ModelSlot
 from shared.errors import ServiceUnavailable
 from shared.gpu import Gpu, GpuUnavailable, Handover, HeldLease
 from shared.metrics import Metrics
@@ -56,7 +57,7 @@ class GpuPolicy:
         engine: Engine,
         gpu: Gpu,
         settings: LLMSettings,
-        slot: asyncio.Lock,
+        slot: ModelSlot,
         metrics: PlacementMetrics,
         vram_mb: int = 0,
     ) -> None:
@@ -136,16 +137,16 @@ class GpuPolicy:
         device: Literal["gpu", "cpu"] = "gpu" if self.engine.gpu_layers and can_offload() else "cpu"
         return Placement(device, self._lease, waited)
 
-    async def finish(self, placement: Placement, *, client_gone: bool, queued_here: int) -> None:
+    async def finish(self, placement: Placement, *, client_gone: bool) -> None:
         """Called holding the slot, after generating."""
         lease = placement.lease
         if lease is None:
             return
         if lease.lost:
             await self._drop_lost()
-        elif lease.yield_requested or self._settings.keep_alive_s == 0 or (client_gone and queued_here == 0):
+        elif lease.yield_requested or self._settings.keep_alive_s == 0 or (client_gone and self._slot.waiting == 0):
             await self._offload_and_release("someone waits" if lease.yield_requested else "done")
-        elif queued_here == 0:
+        elif self._slot.waiting == 0:
             self._keeper = asyncio.create_task(self._keep(lease), name="llm-keep-alive")
 
     async def _keep(self, lease: HeldLease) -> None:
