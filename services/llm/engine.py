@@ -144,9 +144,15 @@ class Engine:
             if self._llama is not None:
                 self._llama.close()
                 self._llama = None
+            on_card = gpu_layers > 0
             self._llama = llama_cpp.Llama(
                 model_path=str(self.path),
                 n_gpu_layers=gpu_layers,
+                # Offloaded means off the card: no KV cache there and no large batches sent
+                # to it (llama.cpp's op offload), which would use the GPU without the lease
+                # and keep a compute buffer of the vocabulary's logits on it.
+                offload_kqv=on_card,
+                op_offload=on_card,
                 n_ctx=self.n_ctx,
                 n_batch=self._batch_size,
                 n_threads=self._threads,
