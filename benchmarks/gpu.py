@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import llama_cpp
 
-from benchmarks.support import coordinated, dev_token, metric, save, table
+from benchmarks.support import coordinated, dev_token, metric, save, service_token, table
 from shared.presets import resolve
 from tests.support.servers import ServiceProcess, free_port
 
@@ -83,7 +83,7 @@ def rounds(llm: ServiceProcess, gpu: httpx.Client, chat: httpx.Client, model: st
         page = chat.get("/metrics").text
         after, offloads = histogram(page, "llm_reload_seconds"), histogram(page, "llm_offload_seconds")
         # Ask for the card: the service offloads, then releases, and only then is this granted.
-        grant = gpu.post("/v1/leases", json={"holder": "bench", "priority": "interactive", "wait_ms": 60000})
+        grant = gpu.post("/v1/leases", json={"holder": "transcription", "priority": "interactive", "wait_ms": 60000})
         grant.raise_for_status()
         offloaded = process_vram_mib(pid)
         gpu.delete(f"/v1/leases/{grant.json()['lease_id']}")
@@ -116,6 +116,8 @@ def main() -> None:
     layers = args.layers
     token = dev_token()
     headers = {"Authorization": f"Bearer {token}"}
+    # Only services hold the card; transcription may ask for it as an interactive holder.
+    holder = {"Authorization": f"Bearer {service_token('transcription')}"}
     # A card declared too small for two holders: every hand-over must free memory, so the
     # service offloads its layers each time (on a card with room it keeps them).
     with (
@@ -139,7 +141,7 @@ def main() -> None:
         try:
             with (
                 httpx.Client(base_url=llm.url, headers=headers, timeout=300) as chat,
-                httpx.Client(base_url=coordinator.url, headers=headers, timeout=120) as gpu,
+                httpx.Client(base_url=coordinator.url, headers=holder, timeout=120) as gpu,
             ):
                 model = chat.get("/v1/models").json()["data"][0]["id"]
                 results = rounds(llm, gpu, chat, model, args.rounds)

@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=40)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--sequential", type=int, default=10)
+    parser.add_argument("--gpu-layers", type=int, default=0, help="layers on the GPU, every path (99: all)")
     args = parser.parse_args()
 
     path, preset = resolve(args.model, "llm")
@@ -117,6 +118,7 @@ def main() -> None:
             "RAG_SERVICE_URL": f"http://127.0.0.1:{free_port()}",
             "GEMMA_MODEL_PATH": args.model,
             "GEMMA_CONTEXT_SIZE": str(CONTEXT),
+            "GEMMA_GPU_LAYERS": str(args.gpu_layers),
             "GEMMA_LOG_LEVEL": "warning",
         }
         ours = ServiceProcess("llm", {**base, "GEMMA_KEEP_ALIVE_S": "600"}, work).start()
@@ -135,13 +137,19 @@ def main() -> None:
                 "127.0.0.1",
                 "--port",
                 str(server_port),
+                "--n_gpu_layers",
+                str(args.gpu_layers),
             ]
             + (["--chat_format", preset.chat_format] if preset and preset.chat_format else []),
             stdout=server_log,
             stderr=subprocess.STDOUT,
         )
         llama = llama_cpp.Llama(
-            model_path=str(path), n_ctx=CONTEXT, verbose=False, chat_format=preset.chat_format if preset else None
+            model_path=str(path),
+            n_ctx=CONTEXT,
+            n_gpu_layers=args.gpu_layers,
+            verbose=False,
+            chat_format=preset.chat_format if preset else None,
         )
         try:
             wait_until(lambda: _answers(f"http://127.0.0.1:{server_port}/v1/models"), 120, "llama_cpp.server")

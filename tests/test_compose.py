@@ -213,9 +213,11 @@ def test_the_image_scripts_are_valid_posix_sh(script: str) -> None:
     assert (ROOT / script).stat().st_mode & 0o111, f"{script} is not executable"
 
 
-def test_the_wheel_script_is_valid_bash() -> None:
-    result = subprocess.run(["bash", "-n", "scripts/build-llama-wheel.sh"], cwd=ROOT, capture_output=True, text=True)
+@pytest.mark.parametrize("script", ["scripts/build-llama-wheel.sh", "scripts/gpu-measure.sh"])
+def test_the_cuda_build_scripts_are_valid_bash(script: str) -> None:
+    result = subprocess.run(["bash", "-n", script], cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
+    assert (ROOT / script).stat().st_mode & 0o111, f"{script} is not executable"
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed")
