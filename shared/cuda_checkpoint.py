@@ -8,9 +8,11 @@ worker), and need a driver that has them (550 or newer). They are called through
 ctypes on the driver's own library, so no package is needed; where the library or the
 functions are missing, ``available()`` is False and callers end the worker instead.
 
-Not yet run on a GPU: no CUDA machine was at hand when this was written (see the
-README's GPU section). Every failure is reported as CheckpointFailed, and callers
-fall back to ending the worker.
+The same four calls ran on an H100 (driver 580) from ``benchmarks.gpu_direct`` on a
+process holding a model: checkpointed to 0 MiB of VRAM in under a second, restored in
+about 0.4 s, its generation unchanged (README, GPU section). This module's own path,
+the transcription worker suspended through it, has not run on a GPU yet. Every failure
+is reported as CheckpointFailed, and callers fall back to ending the worker.
 """
 
 from __future__ import annotations

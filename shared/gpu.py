@@ -34,6 +34,7 @@ from typing import Literal, Protocol
 
 import httpx
 
+from shared.aio import Interrupted, unless
 from shared.protocol.coordinator import Handover, LeaseGrant, Priority, Renewal
 from shared.sse_reader import read_events
 
@@ -143,12 +144,8 @@ class Lease:
 
     async def wait_yield(self) -> None:
         """Returns once someone waits for the GPU (or the lease is lost)."""
-        waiters = [asyncio.ensure_future(self._yield_async.wait()), asyncio.ensure_future(self._lost_async.wait())]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in waiters:
-                task.cancel()
+        with contextlib.suppress(Interrupted):
+            await unless(self._yield_async.wait(), self._lost_async.wait())
 
     def wait_yield_blocking(self, timeout_s: float | None = None) -> bool:
         """For worker threads: block until a yield is requested; False on timeout."""

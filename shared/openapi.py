@@ -4,10 +4,12 @@ bearer security scheme."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import TypeAdapter
 
 ERROR = {
     "type": "object",
@@ -40,13 +42,6 @@ _STATUSES = {
 }
 
 
-def answers(*media_types: str, description: str = "Success") -> dict[int | str, dict[str, Any]]:
-    """A route's 200 in each media type it can answer with (a stream of server-sent
-    events, plain text), for ``responses=`` of a route."""
-    content = {media: {"schema": _SCHEMAS.get(media, {"type": "string"})} for media in media_types}
-    return {200: {"description": description, "content": content}}
-
-
 _SCHEMAS: dict[str, dict[str, Any]] = {
     "application/json": {},
     # Each event of the stream (what a client's SSE parser hands it), not the whole body.
@@ -56,6 +51,33 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
         "required": ["data"],
     },
 }
+"""Copied for each route: ``answers`` changes its copy."""
+
+
+def answers(
+    *media_types: str,
+    description: str = "Success",
+    json: Any = None,
+    events: Any = None,
+) -> dict[int | str, dict[str, Any]]:
+    """A route's 200 in each media type it can answer with, for ``responses=`` of a route.
+
+    ``json``: the model (or union of models) of its JSON answer. ``events``: that of the
+    JSON in each server-sent event's ``data``, until ``[DONE]``. Plain text is a string."""
+    content = {media: {"schema": copy.deepcopy(_SCHEMAS.get(media, {"type": "string"}))} for media in media_types}
+    if events is not None and "text/event-stream" in content:
+        data = {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": TypeAdapter(events).json_schema(ref_template="#/$defs/{model}"),
+        }
+        stream = content["text/event-stream"]["schema"]
+        stream["properties"] = {**stream["properties"], "data": data}
+    answer: dict[str, Any] = {"description": description, "content": content}
+    if json is not None:
+        content.pop("application/json", None)
+        answer["model"] = json
+    return {200: answer}
 
 
 def honest_openapi(app: FastAPI) -> dict[str, Any]:
@@ -82,6 +104,9 @@ def honest_openapi(app: FastAPI) -> dict[str, Any]:
             for status, response in responses.items():  # errors a route declares itself (410)
                 if status.isdigit() and int(status) >= 400 and "content" not in response:
                     response.update(error_ref)
+            success = responses.get("200", {}).get("content", {})
+            if len(success) > 1 and success.get("application/json", {}).get("schema") == {}:
+                del success["application/json"]  # FastAPI's default for a route that streams
             if path not in OPEN:
                 operation["security"] = [{"bearer": []}]
             if path == "/metrics":

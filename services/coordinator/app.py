@@ -12,15 +12,13 @@ from redis.asyncio import Redis
 
 from services.coordinator.api import DOMAIN_ERRORS, build_router
 from services.coordinator.card import card_memory_mb
-from services.coordinator.events import EventBus
 from services.coordinator.leases import CoordinatorMetrics, LeaseManager
 from services.coordinator.settings import CoordinatorSettings
-from shared.auth import TokenVerifier
 from shared.errors import map_errors
-from shared.guards import Guards
-from shared.metrics import Metrics
+from shared.events import EventBus
+from shared.service import Foundation
 from shared.settings import load_settings
-from shared.web import Auth, Readiness, create_service_app
+from shared.web import Readiness
 
 
 def redact_url(url: str) -> str:
@@ -33,9 +31,8 @@ def redact_url(url: str) -> str:
 
 def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     settings = settings or load_settings(CoordinatorSettings)
-    guards = Guards.build("coordinator", settings.limits)
-    auth = Auth(TokenVerifier(settings.auth), guards.limiter)
-    metrics = Metrics("coordinator")
+    base = Foundation.build("coordinator", settings)
+    guards, auth, metrics = base.guards, base.auth, base.metrics
     timeout = settings.redis_timeout_ms / 1000.0
     redis = Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
     bus = EventBus()
@@ -80,17 +77,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
             "card_mb": manager.card_mb,
         }
 
-    app = create_service_app(
-        name="coordinator",
-        auth=auth,
-        metrics=metrics,
-        max_body_bytes=int(settings.max_body_mb * 1_048_576),
-        lifespan=lifespan,
-        ready=ready,
-        info=info,
-        public_info=public_info,
-        audit=guards.audit,
-    )
+    app = base.app(settings.max_body_mb, lifespan=lifespan, ready=ready, info=info, public_info=public_info)
     app.include_router(build_router(manager, settings, auth))
     map_errors(app, DOMAIN_ERRORS)
     return app

@@ -21,9 +21,10 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from services.coordinator.events import EventBus
 from services.coordinator.settings import CoordinatorSettings
+from shared.aio import Interrupted, unless
 from shared.audit import Audit
+from shared.events import EventBus
 from shared.metrics import Metrics
 from shared.protocol.coordinator import LeaseGrant, Priority, Renewal
 
@@ -410,19 +411,15 @@ class LeaseManager:
     async def _wait(
         granted: asyncio.Future[Grant], timeout_s: float, disconnected: Callable[[], Awaitable[object]] | None
     ) -> Literal["granted", "timeout", "disconnected"]:
-        watchers: set[asyncio.Future[Any]] = {granted}
-        gone: asyncio.Future[Any] | None = None
-        if disconnected is not None:
-            gone = asyncio.ensure_future(disconnected())
-            watchers.add(gone)
+        stops = [disconnected()] if disconnected is not None else []
         try:
-            done, _ = await asyncio.wait(watchers, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if gone is not None and not gone.done():
-                gone.cancel()
-        if granted in done:
-            return "granted"
-        return "disconnected" if gone is not None and gone in done else "timeout"
+            # Shielded: the grant is shared by every caller of one waiter.
+            await unless(asyncio.shield(granted), *stops, timeout_s=timeout_s)
+        except Interrupted:
+            return "disconnected"
+        except TimeoutError:
+            return "timeout"
+        return "granted"
 
     async def renew(self, lease_id: str) -> Renewal:
         result = await self._call("renew", lease_id)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -14,13 +12,22 @@ from fastapi import APIRouter, Depends, Request, Response
 from services.llm.chat import ChatService, ClientGone, Done, Job, Session
 from services.llm.engine import Params
 from services.llm.schemas import (
+    AssistantMessage,
+    BatonExtras,
+    ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    Choice,
+    ModelCard,
+    ModelList,
     RagOptions,
     SchemaFormat,
+    SeedChatChunk,
     SeedChatRequest,
     SeedChatResponse,
     Usage,
 )
+from shared.aio import Interrupted, unless
 from shared.limits import StreamSlot
 from shared.openapi import answers
 from shared.sse import DONE, ClosingStream, frame
@@ -30,24 +37,21 @@ from shared.web import caller as caller_of
 CLIENT_GONE = 499
 
 
+async def client_gone(_: Request, __: Exception) -> Response:
+    """ClientGone's answer, registered once by the app: nobody is left to read it."""
+    return Response(status_code=CLIENT_GONE)
+
+
 async def _collect(session: Session, request: Request) -> str:
     """A whole answer; stops (within a token) if the client goes away meanwhile."""
 
     async def gather() -> str:
         return "".join([piece async for piece in session.tokens()])
 
-    answer = asyncio.ensure_future(gather())
-    gone = asyncio.ensure_future(until_disconnected(request))
     try:
-        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not answer.done():
-        answer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await answer
-        raise ClientGone()
-    return answer.result()
+        return await unless(gather(), until_disconnected(request))
+    except Interrupted:
+        raise ClientGone() from None
 
 
 def build_router(chat: ChatService, auth: Auth) -> APIRouter:
@@ -61,42 +65,42 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
         job.reveal = caller.admin or "rag:read" in caller.scopes
         return job
 
-    async def opened(job: Job, request: Request, slot: StreamSlot | None = None) -> Session | Response:
-        """The job's session; a stream's ``slot`` is given back when none opens."""
+    async def opened(job: Job, request: Request, slot: StreamSlot | None = None) -> Session:
+        """The job's session; a stream's ``slot`` is given back when none opens. A client
+        gone before its turn raises ClientGone, answered 499 (``client_gone``)."""
         try:
             return await chat.open(job, lambda: until_disconnected(request))
-        except ClientGone:
-            if slot is not None:
-                await slot.close()
-            return Response(status_code=CLIENT_GONE)
         except BaseException:
             if slot is not None:
                 await slot.close()
             raise
 
-    async def answer_whole(session: Session, request: Request) -> tuple[str, Done] | Response:
+    async def answer_whole(session: Session, request: Request) -> tuple[str, Done]:
         try:
             text = await _collect(session, request)
-        except ClientGone:
-            await session.close(client_gone=True)
-            return Response(status_code=CLIENT_GONE)
-        except BaseException:
-            await session.close(client_gone=False)
+        except BaseException as error:
+            await session.close(client_gone=isinstance(error, ClientGone))
             raise
         await session.close(client_gone=False)
         return text, session.result
 
-    @router.get("/v1/models", dependencies=user)
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": chat.model_id, "object": "model", "created": 0, "owned_by": "baton"}]}
+    @router.get("/v1/models", dependencies=user, response_model=ModelList)
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=chat.model_id, created=0, owned_by="baton")])
 
     @router.post(
         "/v1/chat/completions",
         dependencies=chatter,
         response_model=None,
-        responses=answers("application/json", "text/event-stream", description="A completion, or its stream"),
+        responses=answers(
+            "application/json",
+            "text/event-stream",
+            description="A completion, or its stream",
+            json=ChatCompletion,
+            events=ChatCompletionChunk,
+        ),
     )
-    async def completions(body: ChatCompletionRequest, request: Request) -> Response | dict[str, Any]:
+    async def completions(body: ChatCompletionRequest, request: Request) -> Response | ChatCompletion:
         chat.check_model(body.model)
         job = Job(
             messages=[m.plain() for m in body.messages],
@@ -105,44 +109,28 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
         )
         slot = await auth.stream_slot(request) if body.stream else None
         session = await opened(as_caller(job, request), request, slot)
-        if isinstance(session, Response):
-            return session
         completion_id = f"chatcmpl-{secrets.token_hex(12)}"
         created = int(time.time())
         if slot is not None:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _openai_stream(session, slot, completion_id, created, chat.model_id, include_usage)
-        whole = await answer_whole(session, request)
-        if isinstance(whole, Response):
-            return whole
-        text, done = whole
-        return {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": chat.model_id,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": done.finish_reason,
-                    "logprobs": None,
-                }
+        text, done = await answer_whole(session, request)
+        return ChatCompletion(
+            id=completion_id,
+            created=created,
+            model=chat.model_id,
+            choices=[
+                Choice(index=0, message=AssistantMessage(content=text), finish_reason=done.finish_reason, logprobs=None)
             ],
-            "usage": done.usage(),
-            "sources": done.sources,
-            "baton": _extras(done),
-        }
+            usage=Usage(**done.usage()),
+            sources=done.sources,
+            baton=BatonExtras(**_extras(done)),
+        )
 
     @router.post("/chat", dependencies=chatter, response_model=SeedChatResponse)
     async def seed_chat(body: SeedChatRequest, request: Request) -> Response | SeedChatResponse:
         session = await opened(as_caller(_seed_job(chat, body), request), request)
-        if isinstance(session, Response):
-            return session
-        whole = await answer_whole(session, request)
-        if isinstance(whole, Response):
-            return whole
-        text, done = whole
+        text, done = await answer_whole(session, request)
         return SeedChatResponse(
             response=text,
             model=chat.model_id,
@@ -153,13 +141,16 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
             inference_time=done.inference_time,
         )
 
-    @router.post("/chat/stream", dependencies=chatter, response_model=None, responses=answers("text/event-stream"))
+    @router.post(
+        "/chat/stream",
+        dependencies=chatter,
+        response_model=None,
+        responses=answers("text/event-stream", events=SeedChatChunk),
+    )
     async def seed_chat_stream(body: SeedChatRequest, request: Request) -> Response:
         job = as_caller(_seed_job(chat, body), request)
         slot = await auth.stream_slot(request)
         session = await opened(job, request, slot)
-        if isinstance(session, Response):
-            return session
 
         async def frames() -> AsyncIterator[str]:
             async for piece in session.tokens():

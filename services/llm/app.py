@@ -9,37 +9,29 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from services.llm.api import build_router
-from services.llm.chat import ChatMetrics, ChatService
+from services.llm.api import build_router, client_gone
+from services.llm.chat import ChatMetrics, ChatService, ClientGone
 from services.llm.engine import Engine, can_offload
 from services.llm.memories import Memories
 from services.llm.placement import GpuPolicy, PlacementMetrics
 from services.llm.settings import LLMSettings
 from services.llm.slot import ModelSlot
-from shared.auth import ServiceTokens, TokenIssuer, TokenVerifier
 from shared.client import ServiceClient
-from shared.gpu import Gpu, GpuClient, NoCoordinator, vram_estimate_mb
-from shared.guards import Guards
-from shared.metrics import Metrics
-from shared.presets import UnknownModel, resolve
-from shared.settings import ConfigError, load_settings
-from shared.web import Auth, Readiness, create_service_app
+from shared.gpu import vram_estimate_mb
+from shared.service import Foundation, model
+from shared.settings import load_settings
+from shared.web import Readiness
 
 SERVICE_SCOPES = ("gpu", "rag:read")
 
 
 def create_app(settings: LLMSettings | None = None) -> FastAPI:
     settings = settings or load_settings(LLMSettings)
-    guards = Guards.build("llm", settings.limits)
-    auth = Auth(TokenVerifier(settings.auth), guards.limiter)
-    tokens = ServiceTokens(TokenIssuer(settings.auth), "llm", SERVICE_SCOPES, settings.auth.service_token_ttl_s)
-    try:
-        path, preset = resolve(settings.model_path, "llm")
-    except UnknownModel as exc:
-        raise ConfigError(f"GEMMA_MODEL_PATH: {exc}") from None
+    base = Foundation.build("llm", settings, calls_with=SERVICE_SCOPES)
+    guards, auth, metrics = base.guards, base.auth, base.metrics
+    path, preset = model(settings.model_path, "llm", "GEMMA_MODEL_PATH")
     chat_format = settings.chat_format or (preset.chat_format if preset else None)
     model_id = settings.model_name or (preset.name if preset else path.stem)
-    metrics = Metrics("llm")
     chat_metrics = ChatMetrics(metrics)
     slot = ModelSlot(on_waiting=chat_metrics.queue.set)
     engine = Engine(
@@ -49,14 +41,10 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
         threads=settings.threads,
         chat_format=chat_format,
     )
-    gpu: Gpu = (
-        GpuClient(settings.coordinator_url, tokens, default_ttl_ms=settings.lease_ttl_ms)
-        if settings.coordinate
-        else NoCoordinator()
-    )
+    gpu = base.gpu(settings)
     vram_mb = settings.vram_mb if settings.vram_mb is not None else vram_estimate_mb(path.stat().st_size)
     policy = GpuPolicy(engine, gpu, settings, slot, PlacementMetrics(metrics), vram_mb)
-    memories = Memories(ServiceClient(settings.rag_url, tokens, retries=0), settings.rag_timeout_ms / 1000)
+    memories = Memories(ServiceClient(settings.rag_url, base.tokens, retries=0), settings.rag_timeout_ms / 1000)
     chat = ChatService(engine, policy, memories, settings, chat_metrics, model_id, slot)
     state = {"loaded": False}
 
@@ -95,18 +83,9 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
             "handoff": policy.settings_summary(),
         }
 
-    app = create_service_app(
-        name="llm",
-        auth=auth,
-        metrics=metrics,
-        max_body_bytes=int(settings.max_body_mb * 1_048_576),
-        lifespan=lifespan,
-        ready=ready,
-        info=info,
-        public_info=public_info,
-        audit=guards.audit,
-    )
+    app = base.app(settings.max_body_mb, lifespan=lifespan, ready=ready, info=info, public_info=public_info)
     app.include_router(build_router(chat, auth))
+    app.add_exception_handler(ClientGone, client_gone)
 
     def max_tokens_in_schema(document: dict[str, Any]) -> None:
         """The document states GEMMA_MAX_TOKENS as max_tokens' maximum, and the one model

@@ -26,6 +26,7 @@ from services.llm.prompting import ContextTooLong, Fitted, fit
 from services.llm.schemas import RagOptions
 from services.llm.settings import LLMSettings
 from services.llm.slot import ModelSlot
+from shared.aio import ThreadStream
 from shared.errors import BadRequest, NotFound, ServiceUnavailable, TooManyRequests
 from shared.gpu import LeaseLost
 from shared.metrics import Metrics
@@ -84,9 +85,6 @@ class Done:
         }
 
 
-_END = object()
-
-
 class Session:
     """A request that holds the model slot. Iterate ``tokens()``, then ``close()``."""
 
@@ -107,55 +105,46 @@ class Session:
     async def tokens(self) -> AsyncIterator[str]:
         """Text pieces as the model makes them; ``self.done`` is set after the last."""
         service, lease = self._service, self.placement.lease
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
         check = lease.check if lease is not None else (lambda: None)
-
-        def work() -> None:
-            try:
-                for item in service.engine.generate(self._fitted.prompt, self._job.params, self._cancel, check):
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
-            except BaseException as exc:  # handed to the event loop, raised there
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _END)
-
+        prompt, params = self._fitted.prompt, self._job.params
+        stream = ThreadStream(lambda: service.engine.generate(prompt, params, self._cancel, check))
+        self._worker = stream.finished
         started = time.monotonic()
         first: float | None = None
-        self._worker = loop.run_in_executor(None, work)
-        while (item := await queue.get()) is not _END:
-            if isinstance(item, LeaseLost):
-                service.metrics.requests.labels(self.placement.device, "lease_lost").inc()
-                raise ServiceUnavailable(f"generation stopped: {item}", retry_after_s=1, code="gpu_lease_lost")
-            if isinstance(item, BaseException):
-                raise item
-            if isinstance(item, Finished):
-                ended = time.monotonic()
-                decode_s = ended - (first or ended)
-                if first is not None:
-                    service.metrics.ttft.observe(first - started)
-                if item.completion_tokens > 1 and decode_s > 0:
-                    service.metrics.tokens_per_s.observe((item.completion_tokens - 1) / decode_s)
-                self.done = Done(
-                    finish_reason=item.reason,
-                    prompt_tokens=item.prompt_tokens,
-                    completion_tokens=item.completion_tokens,
-                    sources=[
-                        p.public() if self._job.reveal else p.summary()
-                        for p in self._fitted.passages
-                        if p.origin == "memory"
-                    ],
-                    rag_context_used=self._rag_used,
-                    gpu_wait_time=round(self.placement.gpu_wait_s, 4),
-                    inference_time=round(ended - started, 4),
-                    device=self.placement.device,
-                    warnings=self._warnings,
-                )
-                service.metrics.requests.labels(self.placement.device, "ok").inc()
-                continue
-            if first is None:
-                first = time.monotonic()
-            yield str(item)
+        try:
+            async for item in stream:
+                if isinstance(item, Finished):
+                    self.done = self._finished(item, started, first)
+                    continue
+                if first is None:
+                    first = time.monotonic()
+                yield str(item)
+        except LeaseLost as lost:
+            service.metrics.requests.labels(self.placement.device, "lease_lost").inc()
+            raise ServiceUnavailable(f"generation stopped: {lost}", retry_after_s=1, code="gpu_lease_lost") from lost
+
+    def _finished(self, item: Finished, started: float, first: float | None) -> Done:
+        service = self._service
+        ended = time.monotonic()
+        decode_s = ended - (first or ended)
+        if first is not None:
+            service.metrics.ttft.observe(first - started)
+        if item.completion_tokens > 1 and decode_s > 0:
+            service.metrics.tokens_per_s.observe((item.completion_tokens - 1) / decode_s)
+        service.metrics.requests.labels(self.placement.device, "ok").inc()
+        return Done(
+            finish_reason=item.reason,
+            prompt_tokens=item.prompt_tokens,
+            completion_tokens=item.completion_tokens,
+            sources=[
+                p.public() if self._job.reveal else p.summary() for p in self._fitted.passages if p.origin == "memory"
+            ],
+            rag_context_used=self._rag_used,
+            gpu_wait_time=round(self.placement.gpu_wait_s, 4),
+            inference_time=round(ended - started, 4),
+            device=self.placement.device,
+            warnings=self._warnings,
+        )
 
     @property
     def result(self) -> Done:

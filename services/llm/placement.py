@@ -25,6 +25,7 @@ from typing import Literal
 from services.llm.engine import Engine, can_offload
 from services.llm.settings import LLMSettings
 from services.llm.slot import ModelSlot
+from shared.aio import unless
 from shared.errors import ServiceUnavailable
 from shared.gpu import Gpu, GpuUnavailable, Handover, HeldLease
 from shared.metrics import Metrics
@@ -151,12 +152,8 @@ class GpuPolicy:
 
     async def _keep(self, lease: HeldLease) -> None:
         """Hold the card while idle until the keep-alive runs out or someone asks for it."""
-        waiting = {asyncio.ensure_future(lease.wait_yield())}
-        try:
-            await asyncio.wait(waiting, timeout=self._settings.keep_alive_s)
-        finally:
-            for task in waiting:
-                task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await unless(lease.wait_yield(), timeout_s=self._settings.keep_alive_s)
         async with self._slot:  # a request that takes the slot first cancels this task
             if self._lease is lease:
                 reason = "someone waits" if lease.yield_requested else "keep-alive over"

@@ -156,3 +156,92 @@ class SeedChatResponse(BaseModel):
     sources: list[dict[str, Any]]
     gpu_wait_time: float
     inference_time: float
+
+
+# --- what the chat routes answer -------------------------------------------------------
+
+
+class BatonExtras(BaseModel):
+    """Baton's own facts about an answer, beside OpenAI's fields."""
+
+    device: str = Field(description="Where the answer was computed: gpu or cpu")
+    gpu_wait_time: float = Field(description="Seconds spent waiting for the GPU")
+    inference_time: float = Field(description="Seconds from the first token asked to the last made")
+    rag_context_used: int = Field(description="Memories put into the prompt")
+    warnings: list[str]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    """OpenAI's chat completion, with the memories used (``sources``) and ``baton``."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    sources: list[dict[str, Any]] = Field(description="The memories the answer drew on")
+    baton: BatonExtras
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a streamed chat completion (the ``data`` of each server-sent event,
+    until ``[DONE]``). The last chunk with a choice carries ``sources`` and ``baton``; with
+    ``stream_options.include_usage`` one more chunk, without choices, carries ``usage``."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    sources: list[dict[str, Any]] | None = None
+    baton: BatonExtras | None = None
+
+
+class SeedChatChunk(BaseModel):
+    """One event of ``POST /chat/stream``: a token, then a last event with ``done`` true."""
+
+    token: str
+    done: bool
+    usage: Usage | None = None
+    sources: list[dict[str, Any]] | None = None
+    rag_context_used: int | None = None
+    gpu_wait_time: float | None = None
+    inference_time: float | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

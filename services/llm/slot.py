@@ -8,6 +8,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
+from shared.aio import Interrupted, unless
+
 
 class ModelSlot:
     def __init__(self, on_waiting: Callable[[int], object] | None = None) -> None:
@@ -25,20 +27,12 @@ class ModelSlot:
         """Wait for the slot, counted among those waiting. False, and the slot not held,
         when ``disconnected`` finishes first (the caller left)."""
         self._count(+1)
-        taking = asyncio.ensure_future(self._lock.acquire())
-        gone = asyncio.ensure_future(disconnected())
         try:
-            await asyncio.wait({taking, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await unless(self._lock.acquire(), disconnected())
+        except Interrupted:
+            return False
         finally:
             self._count(-1)
-            gone.cancel()
-            if not taking.done():
-                taking.cancel()
-        if taking.cancelled() or not taking.done():
-            return False
-        if gone.done() and not gone.cancelled():
-            self._lock.release()
-            return False
         return True
 
     def release(self) -> None:

@@ -14,19 +14,17 @@ from services.rag.api import EMBEDDING_MODEL, build_router
 from services.rag.journal import Busy
 from services.rag.settings import RAGSettings
 from services.rag.store import MemoryStore, StoreFailed
-from shared.auth import TokenVerifier
 from shared.errors import ServiceUnavailable, error_response
-from shared.guards import Guards
-from shared.metrics import Metrics
 from shared.presets import UnknownModel
+from shared.service import Foundation
 from shared.settings import ConfigError, load_settings
-from shared.web import Auth, Readiness, create_service_app
+from shared.web import Readiness
 
 
 def create_app(settings: RAGSettings | None = None, store: MemoryStore | None = None) -> FastAPI:
     settings = settings or load_settings(RAGSettings)
-    guards = Guards.build("rag", settings.limits)
-    auth = Auth(TokenVerifier(settings.auth), guards.limiter)
+    base = Foundation.build("rag", settings)
+    guards, auth = base.guards, base.auth
     if store is None:
         try:
             store = MemoryStore.open(settings)
@@ -71,17 +69,7 @@ def create_app(settings: RAGSettings | None = None, store: MemoryStore | None = 
             "recency_bias": settings.recency_bias,
         }
 
-    app = create_service_app(
-        name="rag",
-        auth=auth,
-        metrics=Metrics("rag"),
-        max_body_bytes=int(settings.max_body_mb * 1_048_576),
-        lifespan=lifespan,
-        ready=ready,
-        info=info,
-        public_info=public_info,
-        audit=guards.audit,
-    )
+    app = base.app(settings.max_body_mb, lifespan=lifespan, ready=ready, info=info, public_info=public_info)
 
     async def store_failed(_: Request, exc: Exception) -> JSONResponse:
         return error_response(ServiceUnavailable(str(exc), retry_after_s=5, code="store_unavailable"))

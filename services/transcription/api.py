@@ -20,6 +20,17 @@ from services.transcription import audio
 from services.transcription.formats import Format, srt, text_of, verbose, vtt
 from services.transcription.jobs import FINAL, Job, JobRunner
 from services.transcription.placement import Placement
+from services.transcription.schemas import (
+    JobCancelled,
+    JobCreated,
+    JobEvent,
+    JobList,
+    JobView,
+    TranscriptDelta,
+    TranscriptDone,
+    Transcription,
+    VerboseTranscription,
+)
 from services.transcription.settings import TranscriptionSettings
 from services.transcription.whisper import Piece, check_language
 from services.transcription.worker import Work
@@ -145,7 +156,14 @@ def build_router(
         "/audio/transcriptions",
         dependencies=user,
         response_model=None,
-        responses=answers("application/json", "text/plain", "text/event-stream", description="The transcript"),
+        responses=answers(
+            "application/json",
+            "text/plain",
+            "text/event-stream",
+            description="The transcript: JSON (json, verbose_json), text (text, srt, vtt) or its stream",
+            json=Transcription | VerboseTranscription,
+            events=TranscriptDelta | TranscriptDone,
+        ),
     )
     async def transcriptions(
         request: Request,
@@ -207,7 +225,7 @@ def build_router(
                 if slot is not None:
                     await slot.close()
 
-    @router.post("/jobs", status_code=202, dependencies=owner)
+    @router.post("/jobs", status_code=202, dependencies=owner, response_model=JobCreated)
     async def create_job(
         request: Request,
         file: Annotated[UploadFile, File()],
@@ -246,7 +264,7 @@ def build_router(
                 held.release()
         return {"job_id": job.id, "state": job.state, "duration": job.duration}
 
-    @router.get("/jobs", dependencies=owner)
+    @router.get("/jobs", dependencies=owner, response_model=JobList)
     async def list_jobs(request: Request, limit: Annotated[int, Query(ge=1, le=200)] = 20) -> dict[str, Any]:
         caller = caller_of(request)
         jobs = [job for job in await runner.store.all() if caller.owns(job.owner)][-limit:]
@@ -256,11 +274,11 @@ def build_router(
         summaries = [{k: v for k, v in job.public().items() if k not in ("segments", "text")} for job in reversed(jobs)]
         return {"jobs": summaries}
 
-    @router.get("/jobs/{job_id}", dependencies=owner)
+    @router.get("/jobs/{job_id}", dependencies=owner, response_model=JobView)
     async def get_job(job_id: str, request: Request) -> dict[str, Any]:
         return (await owned(job_id, request)).public()
 
-    @router.delete("/jobs/{job_id}", dependencies=owner)
+    @router.delete("/jobs/{job_id}", dependencies=owner, response_model=JobCancelled)
     async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
         await owned(job_id, request)
         job = await runner.cancel(job_id)
@@ -269,7 +287,10 @@ def build_router(
         return {"job_id": job.id, "state": job.state if job.state in FINAL else "cancelling"}
 
     @router.get(
-        "/jobs/{job_id}/events", dependencies=owner, response_model=None, responses=answers("text/event-stream")
+        "/jobs/{job_id}/events",
+        dependencies=owner,
+        response_model=None,
+        responses=answers("text/event-stream", events=JobEvent),
     )
     async def job_events(job_id: str, request: Request) -> Response:
         await owned(job_id, request)
@@ -283,7 +304,8 @@ def build_router(
                 yield frame({"type": "snapshot", **job.public()})
                 state: str = job.state
                 while state not in FINAL:
-                    event = await queue.get()
+                    if (event := await queue.get()) is None:
+                        return  # cut off (it fell behind) or shutting down: no DONE
                     yield frame(event)
                     state = str(event.get("state", state))
             yield DONE

@@ -20,15 +20,12 @@ from services.transcription.pool import WorkerPool
 from services.transcription.settings import TranscriptionSettings
 from services.transcription.whisper import LANGUAGES
 from services.transcription.worker import WorkerSpec
-from shared.auth import ServiceTokens, TokenIssuer, TokenVerifier
 from shared.client import ServiceClient
 from shared.errors import ServiceUnavailable, error_response
-from shared.gpu import Gpu, GpuClient, NoCoordinator, vram_estimate_mb
-from shared.guards import Guards
-from shared.metrics import Metrics
-from shared.presets import UnknownModel, resolve
-from shared.settings import ConfigError, load_settings
-from shared.web import Auth, Readiness, create_service_app
+from shared.gpu import vram_estimate_mb
+from shared.service import Foundation, model
+from shared.settings import load_settings
+from shared.web import Readiness
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +36,9 @@ UPLOAD_OVERHEAD_MB = 1.0
 
 def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
     settings = settings or load_settings(TranscriptionSettings)
-    guards = Guards.build("transcription", settings.limits)
-    auth = Auth(TokenVerifier(settings.auth), guards.limiter)
-    tokens = ServiceTokens(
-        TokenIssuer(settings.auth), "transcription", SERVICE_SCOPES, settings.auth.service_token_ttl_s
-    )
-    try:
-        path, preset = resolve(settings.model, "whisper")
-    except UnknownModel as exc:
-        raise ConfigError(f"TRANSCRIPTION_MODEL: {exc}") from None
+    base = Foundation.build("transcription", settings, calls_with=SERVICE_SCOPES)
+    guards, auth, metrics = base.guards, base.auth, base.metrics
+    path, preset = model(settings.model, "whisper", "TRANSCRIPTION_MODEL")
     model_id = preset.name if preset else path.name
     spec = WorkerSpec(
         path,
@@ -60,14 +51,9 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
     )
     weights = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     vram_mb = settings.vram_mb if settings.vram_mb is not None else vram_estimate_mb(weights, settings.workers)
-    metrics = Metrics("transcription")
     redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
-    gpu: Gpu = (
-        GpuClient(settings.coordinator_url, tokens, default_ttl_ms=settings.lease_ttl_ms)
-        if settings.coordinate
-        else NoCoordinator()
-    )
-    rag = ServiceClient(settings.rag_url, tokens, retries=0)
+    gpu = base.gpu(settings)
+    rag = ServiceClient(settings.rag_url, base.tokens, retries=0)
     pool = WorkerPool(spec, settings.workers)
     placement = Placement(
         pool,
@@ -123,17 +109,8 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
             "frees_memory_with": "checkpoint" if placement.checkpoints else "restart",
         }
 
-    app = create_service_app(
-        name="transcription",
-        auth=auth,
-        metrics=metrics,
-        max_body_bytes=int((settings.max_upload_mb + UPLOAD_OVERHEAD_MB) * 1_048_576),
-        lifespan=lifespan,
-        ready=ready,
-        info=info,
-        public_info=public_info,
-        audit=guards.audit,
-    )
+    max_body_mb = settings.max_upload_mb + UPLOAD_OVERHEAD_MB
+    app = base.app(max_body_mb, lifespan=lifespan, ready=ready, info=info, public_info=public_info)
 
     async def store_down(_: Request, exc: Exception) -> JSONResponse:
         log.warning("job store unavailable", extra={"error": type(exc).__name__})

@@ -17,7 +17,6 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +32,7 @@ from services.transcription.whisper import Window, total_frames
 from services.transcription.worker import Work
 from shared.auth import ON_BEHALF_OF
 from shared.client import ServiceClient, ServiceUnreachable
+from shared.events import EventBus
 from shared.limits import Limiter
 from shared.metrics import Metrics
 from shared.protocol.rag import SegmentIn, SegmentsIn
@@ -162,26 +162,6 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class JobEvents:
-    """Per-job subscribers, for the SSE endpoint."""
-
-    def __init__(self) -> None:
-        self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
-
-    def publish(self, job_id: str, event: dict[str, Any]) -> None:
-        for queue in self._subscribers.get(job_id, set()):
-            queue.put_nowait(event)
-
-    @contextlib.asynccontextmanager
-    async def subscribe(self, job_id: str) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._subscribers.setdefault(job_id, set()).add(queue)
-        try:
-            yield queue
-        finally:
-            self._subscribers[job_id].discard(queue)
-
-
 class JobRunner:
     def __init__(
         self,
@@ -196,7 +176,8 @@ class JobRunner:
         self.store = store
         self._limiter = limiter
         self._decoder = decoder
-        self.events = JobEvents()
+        self.events = EventBus()
+        """Each job's events, its id the topic."""
         self._placement = placement
         self._rag = rag
         self._settings = settings
@@ -352,15 +333,15 @@ class JobRunner:
             job.progress = min(1.0, job.seek / total) if total else 1.0
             await self.store.checkpoint(job)
             for piece in pieces:
-                self.events.publish(job.id, {"type": "segment", "segment": piece})
-            self.events.publish(job.id, {"type": "progress", "progress": job.progress})
+                self.events.publish({"type": "segment", "segment": piece}, job.id)
+            self.events.publish({"type": "progress", "progress": job.progress}, job.id)
 
         async def on_state(state: str) -> None:
             job.state = "paused" if state == "paused" else "running"
             if state == "paused":
                 job.yields += 1
             await self.store.checkpoint(job)
-            self.events.publish(job.id, {"type": "state", "state": job.state, "progress": job.progress})
+            self.events.publish({"type": "state", "state": job.state, "progress": job.progress}, job.id)
 
         await self._placement.run(request, priority="batch", wait_s=None, on_message=on_window, on_state=on_state)
         self._metrics.rtf.observe(job.duration / max(1e-6, time.monotonic() - started))
@@ -376,7 +357,7 @@ class JobRunner:
         if job.state in ("failed", "cancelled"):
             _remove(job.path)
         log.info("job ended", extra={"job_id": job.id, "state": job.state, "segments": len(job.segments)})
-        self.events.publish(job.id, {"type": job.state, "state": job.state, "progress": job.progress, "text": job.text})
+        self.events.publish({"type": job.state, "state": job.state, "progress": job.progress, "text": job.text}, job.id)
 
     # -- indexing ----------------------------------------------------------------------
 
@@ -404,7 +385,7 @@ class JobRunner:
                 if _for_good(response):
                     job.index_error = _message(response)
                     await self.store.save(job)
-                    self.events.publish(job.id, {"type": "indexed", "indexed": False, "error": job.index_error})
+                    self.events.publish({"type": "indexed", "indexed": False, "error": job.index_error}, job.id)
                     return
             except ServiceUnreachable:
                 log.info("RAG unreachable; will retry indexing", extra={"job_id": job.id, "in_s": delay})
@@ -415,5 +396,5 @@ class JobRunner:
         job.indexed = True
         await self.store.save(job)
         await asyncio.to_thread(_remove, job.path)
-        self.events.publish(job.id, {"type": "indexed", "indexed": True})
+        self.events.publish({"type": "indexed", "indexed": True}, job.id)
         log.info("transcript indexed", extra={"job_id": job.id})

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from shared.aio import ThreadInbox
+
 log = logging.getLogger(__name__)
 
 FENCE_CHECK_S = 0.005
@@ -197,8 +199,7 @@ class Worker:
         self.spec = spec
         self._context = multiprocessing.get_context("spawn")
         self._deadline: Synchronized[float] = self._context.Value("d", 0.0, lock=False)
-        self._inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self._loop = asyncio.get_running_loop()
+        self._inbox: ThreadInbox[tuple[str, Any]] = ThreadInbox()
         self._state_lock = threading.Lock()
         self.paused = False
         self._sending = False
@@ -227,13 +228,9 @@ class Worker:
             try:
                 message = self._conn.recv()
             except (EOFError, OSError):  # the worker ended (its reaping is kill()'s)
-                self._put(("died", None))
+                self._inbox.put(("died", None))
                 return
-            self._put(message)
-
-    def _put(self, message: tuple[str, Any]) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
-            self._loop.call_soon_threadsafe(self._inbox.put_nowait, message)
+            self._inbox.put(message)
 
     @property
     def alive(self) -> bool:
@@ -250,7 +247,7 @@ class Worker:
 
     def post(self, message: tuple[str, Any]) -> None:
         """Put a message of the service's own into this worker's inbox (any thread)."""
-        self._put(message)
+        self._inbox.put(message)
 
     # -- the fence and pausing --------------------------------------------------------
 

@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from services.llm.schemas import ChatCompletionChunk
 from shared.sse_reader import read_events
 from tests.services.llm.conftest import Llm, StartLlm, closed_url
 from tests.support.servers import RedisServer, ServiceProcess, wait_until
@@ -41,6 +42,16 @@ def test_openai_client_streams_and_completes(llm: Llm) -> None:
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+    # The same stream, raw: every event's JSON is what /openapi.json says it is.
+    body = {"model": llm.model, "messages": messages, "stream": True, "max_tokens": 8}
+    with httpx.stream(
+        "POST", f"{llm.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {llm.token}"}
+    ) as response:
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    raw = [ChatCompletionChunk.model_validate_json(data) for data in events[:-1]]
+    assert raw[-1].baton is not None and raw[-1].choices[0].finish_reason in ("stop", "length")
 
     whole = client.chat.completions.create(model=llm.model, messages=messages, max_tokens=40, temperature=0, seed=7)
     assert (whole.choices[0].message.content or "").strip()
@@ -251,9 +262,9 @@ def test_a_client_that_disconnects_stops_generation_and_frees_the_gpu(start_llm:
         seen = [next(lines) for _ in range(6)]
         assert any('"content"' in line for line in seen)
         assert llm.gpu()["holder"] == "llm"
-    left_at = time.monotonic()
-    wait_until(lambda: llm.gpu()["holder"] is None, 1.0, "the LLM to release the GPU")
-    assert time.monotonic() - left_at <= 1.0
+    # Released because the client left, not because the 60 s keep-alive ran out: a
+    # generous bound that a busy 2-core machine still meets (it took ~0.1 s when idle).
+    wait_until(lambda: llm.gpu()["holder"] is None, 30, "the LLM to release the GPU")
     wait_until(lambda: llm.metric("llm_requests_total", device="cpu", outcome="client_gone") == 1, 5, "the metric")
     assert llm.metric("llm_tokens_per_second_count") == 0  # no answer ran to its end
 

@@ -15,7 +15,9 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from pydantic import TypeAdapter
 
+from services.transcription.schemas import TranscriptDelta, TranscriptDone
 from shared.sse_reader import read_json
 from tests.services.transcription.conftest import MEETING, REFERENCES, SPEECH, StartTx, Tx, edits, silence
 from tests.support.servers import RedisServer, ServiceProcess, free_port, wait_until
@@ -57,6 +59,9 @@ def test_streaming_delivers_segments_before_the_end(tx: Tx) -> None:
     ):
         assert response.status_code == 200
         received.extend((time.monotonic(), body) for body in read_json(response.iter_lines()))
+    as_documented = TypeAdapter(TranscriptDelta | TranscriptDone)  # the events' schema in /openapi.json
+    for _, event in received:
+        as_documented.validate_python(event)
     deltas = [(at, e) for at, e in received if e["type"] == "transcript.text.delta"]
     done_at, done = received[-1]
     assert done["type"] == "transcript.text.done"

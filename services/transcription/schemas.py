@@ -1,0 +1,83 @@
+"""What the transcription routes answer, as OpenAPI describes it."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Transcription(BaseModel):
+    """``response_format=json``."""
+
+    text: str
+
+
+class VerboseTranscription(BaseModel):
+    """``response_format=verbose_json``; ``words`` with ``timestamp_granularities[]=word``."""
+
+    task: Literal["transcribe"] = "transcribe"
+    language: str
+    duration: float
+    text: str
+    segments: list[dict[str, Any]]
+    words: list[dict[str, Any]] | None = None
+
+
+class TranscriptDelta(BaseModel):
+    """A segment as it is decoded (a stream's events until the last)."""
+
+    type: Literal["transcript.text.delta"] = "transcript.text.delta"
+    delta: str
+    segment: dict[str, Any]
+
+
+class TranscriptDone(BaseModel):
+    """The last event of a stream before ``[DONE]``: the whole text."""
+
+    type: Literal["transcript.text.done"] = "transcript.text.done"
+    text: str
+
+
+class JobCreated(BaseModel):
+    job_id: str
+    state: str
+    duration: float = Field(description="Seconds of audio")
+
+
+class JobSummary(BaseModel):
+    job_id: str
+    state: str
+    progress: float
+    file: str
+    duration: float
+    recorded_at: str
+    created_at: float
+    indexed: bool
+    error: str | None
+    index_error: str | None
+    yields: int = Field(description="Times the job gave the GPU up to an interactive request")
+    owner: str | None
+
+
+class JobView(JobSummary):
+    segments: list[dict[str, Any]]
+    text: str
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]
+
+
+class JobCancelled(BaseModel):
+    job_id: str
+    state: str = Field(description="cancelled, or cancelling while its window finishes; a final state stays")
+
+
+class JobEvent(BaseModel):
+    """One event of a job's stream: ``snapshot`` (the job as ``GET /jobs/{id}``), then
+    ``segment``, ``progress``, ``state``, the final state's own type and ``indexed``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
