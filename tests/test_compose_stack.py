@@ -316,6 +316,7 @@ def test_a_question_interrupts_a_job_across_containers(stack: Stack, mint: Mint,
         asked_at = time.time()
         chat = http.post(
             f"{urls['llm']}/v1/chat/completions",
+            headers={"Cache-Control": "no-cache"},  # it must run on the model: it interrupts the job
             json={
                 "model": "smollm2-135m-instruct",
                 "messages": [{"role": "user", "content": "What is the new deadline for the Harbor report?"}],

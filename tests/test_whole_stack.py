@@ -76,7 +76,11 @@ def test_a_question_interrupts_a_transcription_and_nothing_is_lost(
     }
     asked_at = time.time()
     pieces, final = [], {}
-    with launched.client("llm") as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
+    fresh = {"Cache-Control": "no-cache"}  # it must run on the model: it interrupts the job
+    with (
+        launched.client("llm") as http,
+        http.stream("POST", "/v1/chat/completions", json=body, headers=fresh) as response,
+    ):
         assert response.status_code == 200
         for event in read_json(response.iter_lines()):
             assert "error" not in event, event

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from services.llm.chat import ChatService, ClientGone, Done, Job, Session
+from services.llm.chat import Answering, ChatService, ClientGone, Done, Job
+from services.llm.conversations import ConversationStore
 from services.llm.engine import Params
 from services.llm.schemas import (
     AssistantMessage,
@@ -18,6 +19,10 @@ from services.llm.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ConversationCard,
+    ConversationCreate,
+    ConversationList,
+    ConversationView,
     ModelCard,
     ModelList,
     RagOptions,
@@ -36,13 +41,26 @@ from shared.web import caller as caller_of
 
 CLIENT_GONE = 499
 
+Remember = Callable[[str], Awaitable[None]]
+CACHE_HEADER = "X-Baton-Cache"
+
+
+def fresh_wanted(request: Request) -> bool:
+    """``Cache-Control: no-cache``: the client wants an answer computed now."""
+    return "no-cache" in request.headers.get("cache-control", "").lower()
+
+
+def marked(response: Response, session: Answering) -> Response:
+    response.headers[CACHE_HEADER] = "hit" if session.cached else "miss"
+    return response
+
 
 async def client_gone(_: Request, __: Exception) -> Response:
     """ClientGone's answer, registered once by the app: nobody is left to read it."""
     return Response(status_code=CLIENT_GONE)
 
 
-async def _collect(session: Session, request: Request) -> str:
+async def _collect(session: Answering, request: Request) -> str:
     """A whole answer; stops (within a token) if the client goes away meanwhile."""
 
     async def gather() -> str:
@@ -54,7 +72,7 @@ async def _collect(session: Session, request: Request) -> str:
         raise ClientGone() from None
 
 
-def build_router(chat: ChatService, auth: Auth) -> APIRouter:
+def build_router(chat: ChatService, auth: Auth, conversations: ConversationStore) -> APIRouter:
     router = APIRouter(tags=["chat"])
     user = [Depends(auth.require("chat"))]
     chatter = [Depends(auth.caller("chat"))]
@@ -65,7 +83,25 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
         job.reveal = caller.admin or "rag:read" in caller.scopes
         return job
 
-    async def opened(job: Job, request: Request, slot: StreamSlot | None = None) -> Session:
+    async def continuing(job: Job, conversation_id: str | None) -> Job:
+        """The stored conversation the job continues (404 if it is not the caller's),
+        checked for room for the turn and its answer before any work."""
+        if conversation_id is not None:
+            conversation = await conversations.get(job.subject, conversation_id)
+            conversations.check_room(conversation, len(job.messages) + 1)
+            job.conversation = conversation
+        return job
+
+    def remembering(job: Job) -> Remember:
+        """Appends the turn and its answer to the job's conversation, if it has one."""
+
+        async def remember(answer: str) -> None:
+            if job.conversation is not None:
+                await conversations.append(job.conversation, [*job.messages, {"role": "assistant", "content": answer}])
+
+        return remember
+
+    async def opened(job: Job, request: Request, slot: StreamSlot | None = None) -> Answering:
         """The job's session; a stream's ``slot`` is given back when none opens. A client
         gone before its turn raises ClientGone, answered 499 (``client_gone``)."""
         try:
@@ -75,7 +111,7 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
                 await slot.close()
             raise
 
-    async def answer_whole(session: Session, request: Request) -> tuple[str, Done]:
+    async def answer_whole(session: Answering, request: Request) -> tuple[str, Done]:
         try:
             text = await _collect(session, request)
         except BaseException as error:
@@ -100,21 +136,28 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
             events=ChatCompletionChunk,
         ),
     )
-    async def completions(body: ChatCompletionRequest, request: Request) -> Response | ChatCompletion:
+    async def completions(
+        body: ChatCompletionRequest, request: Request, response: Response
+    ) -> Response | ChatCompletion:
         chat.check_model(body.model)
         job = Job(
             messages=[m.plain() for m in body.messages],
             params=_params(body, chat.max_tokens(body.max_completion_tokens or body.max_tokens, also=body.max_tokens)),
             rag=body.rag,
         )
+        job = await continuing(as_caller(job, request), body.conversation)
+        job.use_cache = not fresh_wanted(request)
         slot = await auth.stream_slot(request) if body.stream else None
-        session = await opened(as_caller(job, request), request, slot)
+        session = await opened(job, request, slot)
         completion_id = f"chatcmpl-{secrets.token_hex(12)}"
         created = int(time.time())
         if slot is not None:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _openai_stream(session, slot, completion_id, created, chat.model_id, include_usage)
+            stream = _openai_stream(session, completion_id, created, chat.model_id, include_usage, remembering(job))
+            return marked(_stream(stream, session, slot), session)
         text, done = await answer_whole(session, request)
+        await remembering(job)(text)
+        marked(response, session)
         return ChatCompletion(
             id=completion_id,
             created=created,
@@ -128,9 +171,13 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
         )
 
     @router.post("/chat", dependencies=chatter, response_model=SeedChatResponse)
-    async def seed_chat(body: SeedChatRequest, request: Request) -> Response | SeedChatResponse:
-        session = await opened(as_caller(_seed_job(chat, body), request), request)
+    async def seed_chat(body: SeedChatRequest, request: Request, response: Response) -> Response | SeedChatResponse:
+        job = await continuing(as_caller(_seed_job(chat, body), request), body.conversation_id)
+        job.use_cache = not fresh_wanted(request)
+        session = await opened(job, request)
         text, done = await answer_whole(session, request)
+        await remembering(job)(text)
+        marked(response, session)
         return SeedChatResponse(
             response=text,
             model=chat.model_id,
@@ -148,14 +195,18 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
         responses=answers("text/event-stream", events=SeedChatChunk),
     )
     async def seed_chat_stream(body: SeedChatRequest, request: Request) -> Response:
-        job = as_caller(_seed_job(chat, body), request)
+        job = await continuing(as_caller(_seed_job(chat, body), request), body.conversation_id)
+        job.use_cache = not fresh_wanted(request)
         slot = await auth.stream_slot(request)
         session = await opened(job, request, slot)
 
         async def frames() -> AsyncIterator[str]:
+            pieces = []
             async for piece in session.tokens():
+                pieces.append(piece)
                 yield frame({"token": piece, "done": False})
             done = session.result
+            await remembering(job)("".join(pieces))
             yield frame(
                 {
                     "token": "",
@@ -168,7 +219,26 @@ def build_router(chat: ChatService, auth: Auth) -> APIRouter:
                 }
             )
 
-        return _stream(frames(), session, slot)
+        return marked(_stream(frames(), session, slot), session)
+
+    @router.post("/v1/conversations", dependencies=chatter, status_code=201, response_model=ConversationCard)
+    async def create_conversation(body: ConversationCreate, request: Request) -> dict[str, Any]:
+        created = await conversations.create(caller_of(request).subject, body.title)
+        return created.public(with_messages=False)
+
+    @router.get("/v1/conversations", dependencies=chatter, response_model=ConversationList)
+    async def list_conversations(request: Request) -> dict[str, Any]:
+        owned = await conversations.owned(caller_of(request).subject)
+        return {"data": [c.public(with_messages=False) for c in owned]}
+
+    @router.get("/v1/conversations/{conversation_id}", dependencies=chatter, response_model=ConversationView)
+    async def get_conversation(conversation_id: str, request: Request) -> dict[str, Any]:
+        return (await conversations.get(caller_of(request).subject, conversation_id)).public()
+
+    @router.delete("/v1/conversations/{conversation_id}", dependencies=chatter, status_code=204)
+    async def delete_conversation(conversation_id: str, request: Request) -> Response:
+        await conversations.delete(caller_of(request).subject, conversation_id)
+        return Response(status_code=204)
 
     return router
 
@@ -211,8 +281,8 @@ def _extras(done: Done) -> dict[str, Any]:
 
 
 def _openai_stream(
-    session: Session, slot: StreamSlot, completion_id: str, created: int, model: str, include_usage: bool
-) -> Response:
+    session: Answering, completion_id: str, created: int, model: str, include_usage: bool, remember: Remember
+) -> AsyncIterator[str]:
     def chunk(delta: dict[str, str], finish: str | None = None, **extra: Any) -> str:
         return frame(
             {
@@ -227,9 +297,12 @@ def _openai_stream(
 
     async def frames() -> AsyncIterator[str]:
         yield chunk({"role": "assistant", "content": ""})
+        pieces = []
         async for piece in session.tokens():
+            pieces.append(piece)
             yield chunk({"content": piece})
         done = session.result
+        await remember("".join(pieces))
         yield chunk({}, done.finish_reason, sources=done.sources, baton=_extras(done))
         if include_usage:
             yield frame(
@@ -244,10 +317,10 @@ def _openai_stream(
             )
         yield DONE
 
-    return _stream(frames(), session, slot)
+    return frames()
 
 
-def _stream(frames: AsyncIterator[str], session: Session, slot: StreamSlot) -> Response:
+def _stream(frames: AsyncIterator[str], session: Answering, slot: StreamSlot) -> Response:
     """The session is closed however the stream ends (the client gone unless it
     finished), and the user's stream slot given back."""
 

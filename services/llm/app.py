@@ -10,7 +10,9 @@ from typing import Any
 from fastapi import FastAPI
 
 from services.llm.api import build_router, client_gone
+from services.llm.cache import ResponseCache
 from services.llm.chat import ChatMetrics, ChatService, ClientGone
+from services.llm.conversations import ConversationStore
 from services.llm.engine import Engine, can_offload
 from services.llm.memories import Memories
 from services.llm.placement import GpuPolicy, PlacementMetrics
@@ -40,12 +42,17 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
         batch_size=settings.batch_size,
         threads=settings.threads,
         chat_format=chat_format,
+        prefix_budget_bytes=int(settings.prefix_cache_mb * 1_048_576),
     )
     gpu = base.gpu(settings)
     vram_mb = settings.vram_mb if settings.vram_mb is not None else vram_estimate_mb(path.stat().st_size)
     policy = GpuPolicy(engine, gpu, settings, slot, PlacementMetrics(metrics), vram_mb)
     memories = Memories(ServiceClient(settings.rag_url, base.tokens, retries=0), settings.rag_timeout_ms / 1000)
-    chat = ChatService(engine, policy, memories, settings, chat_metrics, model_id, slot)
+    conversations = ConversationStore(
+        guards.redis, settings.limits.key_prefix, settings.max_conversations, settings.max_conversation_messages
+    )
+    cache = ResponseCache(settings.cache_ttl_s, settings.cache_entries)
+    chat = ChatService(engine, policy, memories, settings, chat_metrics, model_id, slot, conversations, cache)
     state = {"loaded": False}
 
     @asynccontextmanager
@@ -81,10 +88,12 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
             "gpu_layers_loaded": engine.gpu_layers,
             "can_offload": can_offload(),
             "handoff": policy.settings_summary(),
+            "response_cache": cache.info(),
+            "prefix_states": engine.prefixes.info(),
         }
 
     app = base.app(settings.max_body_mb, lifespan=lifespan, ready=ready, info=info, public_info=public_info)
-    app.include_router(build_router(chat, auth))
+    app.include_router(build_router(chat, auth, conversations))
     app.add_exception_handler(ClientGone, client_gone)
 
     def max_tokens_in_schema(document: dict[str, Any]) -> None:

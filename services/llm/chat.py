@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.llm.cache import Cached, ResponseCache
+from services.llm.conversations import Conversation, ConversationStore
 from services.llm.engine import BadSchema, Engine, Finished, Message, Params, grammar_for
 from services.llm.memories import Memories, Passage
 from services.llm.placement import GpuPolicy, Placement
@@ -32,6 +34,14 @@ from shared.gpu import LeaseLost
 from shared.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+SUMMARY_INSTRUCTION = (
+    "Write the facts stated in the conversation above as a short list, one per line. Keep every "
+    "name, number and date exactly as written."
+)
+SUMMARY_TOKENS = 200
+"""The longest summary the model may write."""
 
 
 class ClientGone(Exception):
@@ -49,6 +59,10 @@ class ChatMetrics:
             "llm_requests_total", "Chat requests, by device and outcome.", ("device", "outcome")
         )
         self.rag = metrics.counter("llm_rag_lookups_total", "Memory lookups, by outcome.", ("outcome",))
+        self.summaries = metrics.counter("llm_conversation_summaries_total", "Summaries of conversations written.")
+        self.cache = metrics.counter(
+            "llm_response_cache_total", "Chat requests by what the response cache did.", ("result",)
+        )
 
 
 @dataclass
@@ -63,6 +77,12 @@ class Job:
     """Whose memories the answer may use (the caller's own and shared ones)."""
     reveal: bool = True
     """Whether ``sources`` may show the memories' text and metadata (scope rag:read)."""
+    conversation: Conversation | None = None
+    """The stored conversation this turn continues: its summary and the turns the
+    summary does not cover go in front of ``messages``."""
+    use_cache: bool = True
+    """False: answer afresh (the request said ``Cache-Control: no-cache``)."""
+    cache_key: str | None = None
 
 
 @dataclass
@@ -76,13 +96,18 @@ class Done:
     inference_time: float
     device: str
     warnings: list[str]
+    summarized_messages: int | None = None
+    """In a conversation: how many of its messages the prompt carried as a summary."""
 
     def usage(self) -> dict[str, int]:
-        return {
+        usage = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+        if self.summarized_messages is not None:
+            usage["summarized_messages"] = self.summarized_messages
+        return usage
 
 
 class Session:
@@ -102,22 +127,30 @@ class Session:
         self._closed = False
         self.done: Done | None = None
 
+    cached = False
+    """Whether the answer comes from the response cache (it never does here)."""
+
     async def tokens(self) -> AsyncIterator[str]:
         """Text pieces as the model makes them; ``self.done`` is set after the last."""
         service, lease = self._service, self.placement.lease
         check = lease.check if lease is not None else (lambda: None)
         prompt, params = self._fitted.prompt, self._job.params
-        stream = ThreadStream(lambda: service.engine.generate(prompt, params, self._cancel, check))
+        keep_as = self._job.conversation.id if self._job.conversation is not None else None
+        stream = ThreadStream(lambda: service.engine.generate(prompt, params, self._cancel, check, keep_as))
         self._worker = stream.finished
         started = time.monotonic()
         first: float | None = None
+        pieces: list[str] = []
         try:
             async for item in stream:
                 if isinstance(item, Finished):
                     self.done = self._finished(item, started, first)
+                    if self._job.cache_key is not None and service.cache is not None:
+                        service.cache.put(self._job.cache_key, pieces, self.done)
                     continue
                 if first is None:
                     first = time.monotonic()
+                pieces.append(str(item))
                 yield str(item)
         except LeaseLost as lost:
             service.metrics.requests.labels(self.placement.device, "lease_lost").inc()
@@ -144,6 +177,7 @@ class Session:
             inference_time=round(ended - started, 4),
             device=self.placement.device,
             warnings=self._warnings,
+            summarized_messages=self._job.conversation.summarized if self._job.conversation else None,
         )
 
     @property
@@ -171,6 +205,33 @@ class Session:
             self._service.admitted -= 1
 
 
+class CachedSession:
+    """An answer from the response cache, with a Session's face: no slot, no lease."""
+
+    cached = True
+
+    def __init__(self, hit: Cached) -> None:
+        self._hit = hit
+        self.done: Done | None = None
+
+    async def tokens(self) -> AsyncIterator[str]:
+        for piece in self._hit.pieces:
+            yield piece
+        self.done = self._hit.done
+
+    @property
+    def result(self) -> Done:
+        if self.done is None:
+            raise RuntimeError("the answer has not finished")
+        return self.done
+
+    async def close(self, *, client_gone: bool) -> None:
+        return None
+
+
+Answering = Session | CachedSession
+
+
 class ChatService:
     def __init__(
         self,
@@ -181,6 +242,8 @@ class ChatService:
         metrics: ChatMetrics,
         model_id: str,
         slot: ModelSlot,
+        conversations: ConversationStore | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.engine = engine
         self.policy = policy
@@ -189,6 +252,8 @@ class ChatService:
         self.metrics = metrics
         self.model_id = model_id
         self.slot = slot
+        self.conversations = conversations
+        self.cache = cache
         self.admitted = 0
         """Requests between admission and close: the one running and those waiting. Taken
         before the first await, so a simultaneous burst cannot slip past the limit."""
@@ -226,39 +291,95 @@ class ChatService:
         except BadSchema as exc:
             raise BadRequest(str(exc), param="response_format", code="invalid_schema") from None
 
-    async def open(self, job: Job, disconnected: Callable[[], Awaitable[object]]) -> Session:
+    async def open(self, job: Job, disconnected: Callable[[], Awaitable[object]]) -> Answering:
         self.check(job)
         if self.admitted > self.settings.max_queue:  # one running and max_queue waiting
             raise TooManyRequests("the model is busy and its queue is full", retry_after_s=2)
         self.admitted += 1
         try:
-            return await self._open(job, disconnected)
+            answering = await self._open(job, disconnected)
         except BaseException:
             self.admitted -= 1
             raise
+        if answering.cached:
+            self.admitted -= 1
+        return answering
 
-    async def _open(self, job: Job, disconnected: Callable[[], Awaitable[object]]) -> Session:
+    async def _open(self, job: Job, disconnected: Callable[[], Awaitable[object]]) -> Answering:
         passages, warnings = await self._memories(job)
         passages = [
             Passage(f"context-{i}", text, 2.0, {"source": "request"}, origin="request")
             for i, text in enumerate(job.context)
         ] + passages
-        try:
-            fitted = await asyncio.to_thread(fit, self.engine, job.messages, passages, job.params.max_tokens)
-        except ContextTooLong as exc:
-            raise BadRequest(str(exc), param="messages", code="context_length_exceeded") from None
-        if fitted.dropped_turns:
-            warnings.append(f"dropped the {fitted.dropped_turns} oldest turns to fit the context window")
-        rag_used = sum(1 for p in fitted.passages if p.origin == "memory")
+        if self.cache is not None:
+            job.cache_key = self.cache.key(self.model_id, job, passages)
+            if job.cache_key is None:
+                self.metrics.cache.labels("uncacheable").inc()
+            elif not job.use_cache:
+                self.metrics.cache.labels("bypass").inc()
+            elif (hit := self.cache.get(job.cache_key)) is not None:
+                self.metrics.cache.labels("hit").inc()
+                return CachedSession(hit)
+            else:
+                self.metrics.cache.labels("miss").inc()
+        fitted = await self._fit(job, passages)
         await self._take_slot(disconnected)
         try:
             placement = await self.policy.place()
+            if job.conversation is not None and fitted.dropped_turns:
+                # Too long for the window: the model summarizes the oldest turns, while
+                # it holds the slot anyway, and the prompt carries that summary instead.
+                await self._summarize(job.conversation, fitted.dropped_turns, placement)
+                fitted = await self._fit(job, passages)
         except BaseException:
             self.slot.release()
             raise
+        if fitted.dropped_turns:
+            warnings.append(f"dropped the {fitted.dropped_turns} oldest turns to fit the context window")
         if placement.fallback:
             warnings.append("the GPU was busy: answered on the CPU")
+        rag_used = sum(1 for p in fitted.passages if p.origin == "memory")
         return Session(self, job, fitted, placement, warnings, rag_used)
+
+    async def _fit(self, job: Job, passages: list[Passage]) -> Fitted:
+        history = job.conversation.history() if job.conversation is not None else []
+        try:
+            return await asyncio.to_thread(fit, self.engine, history + job.messages, passages, job.params.max_tokens)
+        except ContextTooLong as exc:
+            raise BadRequest(str(exc), param="messages", code="context_length_exceeded") from None
+
+    async def _summarize(self, conversation: Conversation, dropped: int, placement: Placement) -> None:
+        """Fold the oldest uncovered turns (at least ``dropped``, at least half of them, so
+        that the next turns fit without another summary) into the stored summary."""
+        uncovered = conversation.messages[conversation.summarized :]
+        count = min(len(uncovered) - 1, max(dropped, len(uncovered) // 2))
+        if count <= 0 or self.conversations is None:
+            return
+        lease = placement.lease
+        check = lease.check if lease is not None else (lambda: None)
+        transcript = "\n".join(f"{m['role']}: {m['content']}" for m in uncovered[:count])
+        # Extended, not rewritten: what an earlier summary kept stays word for word...
+        summary = " ".join(filter(None, [conversation.summary, await self._summary_of(transcript, check)]))
+        if self.engine.count(summary) > self.engine.n_ctx // 3:  # ...until it is itself too long
+            summary = await self._summary_of(summary, check)
+        await self.conversations.summarize(conversation, summary, conversation.summarized + count)
+        self.metrics.summaries.inc()
+
+    async def _summary_of(self, text: str, check: Callable[[], None]) -> str:
+        # The instruction after the text: small models follow what they read last, and
+        # a conversation before an instruction is not mistaken for one to continue.
+        messages: list[Message] = [{"role": "user", "content": f"Conversation:\n{text}\n\n{SUMMARY_INSTRUCTION}"}]
+        return await asyncio.to_thread(self._complete, messages, check)
+
+    def _complete(self, messages: list[Message], check: Callable[[], None]) -> str:
+        """A short greedy answer, on the model the slot holds (a summary)."""
+        prompt = self.engine.prompt(messages)
+        budget = self.engine.n_ctx - SUMMARY_TOKENS
+        if len(prompt.tokens) > budget:  # keep the most recent part of what is summarized
+            prompt = type(prompt)(prompt.tokens[-budget:], prompt.stop)
+        params = Params(max_tokens=SUMMARY_TOKENS, temperature=0.0)
+        pieces = self.engine.generate(prompt, params, threading.Event(), check)
+        return "".join(p for p in pieces if isinstance(p, str)).strip()
 
     async def _memories(self, job: Job) -> tuple[list[Passage], list[str]]:
         if job.rag is None:

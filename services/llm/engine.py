@@ -20,6 +20,8 @@ import llama_cpp
 from llama_cpp import llama_grammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from services.llm.prefixes import PrefixStates
+
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
@@ -104,8 +106,10 @@ class Engine:
         batch_size: int,
         threads: int | None = None,
         chat_format: str | None = None,
+        prefix_budget_bytes: int = 0,
     ) -> None:
         self.path = path
+        self.prefixes = PrefixStates(prefix_budget_bytes)
         self._batch_size = batch_size
         self._threads = threads
         self._lock = threading.Lock()
@@ -144,6 +148,7 @@ class Engine:
             if self._llama is not None:
                 self._llama.close()
                 self._llama = None
+            self.prefixes.clear()  # a saved state belongs to the context it came from
             on_card = gpu_layers > 0
             self._llama = llama_cpp.Llama(
                 model_path=str(self.path),
@@ -188,14 +193,23 @@ class Engine:
         return Prompt(tokens, [s for s in stops if s])
 
     def generate(
-        self, prompt: Prompt, params: Params, cancelled: threading.Event, check: Callable[[], None] = lambda: None
+        self,
+        prompt: Prompt,
+        params: Params,
+        cancelled: threading.Event,
+        check: Callable[[], None] = lambda: None,
+        keep_as: str | None = None,
     ) -> Iterator[str | Finished]:
         """Pieces of text, then one Finished. ``check`` runs before each token (the lease
-        fence); it and ``cancelled`` stop the generation within one token."""
+        fence); it and ``cancelled`` stop the generation within one token. ``keep_as``:
+        a conversation whose saved state may start this prompt, and which keeps the
+        state this answer ends in (prefix reuse)."""
         grammar = grammar_for(params)
         with self._lock:
             llama = self.llama
             check()
+            if keep_as is not None:
+                self.prefixes.restore(llama, keep_as, prompt.tokens)
             stream = llama.create_completion(
                 prompt=prompt.tokens,
                 max_tokens=params.max_tokens,
@@ -222,4 +236,6 @@ class Engine:
             finally:
                 stream.close()  # type: ignore[union-attr]
             completion = max(0, llama.n_tokens - len(prompt.tokens))
+            if keep_as is not None:
+                self.prefixes.keep(llama, keep_as)
             yield Finished(reason, len(prompt.tokens), completion)

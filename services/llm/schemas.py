@@ -101,6 +101,12 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: Number = Field(default=0.0, ge=-2, le=2)
     n: Integer = Field(default=1, ge=1, le=1)
     rag: RagOptions | None = None
+    conversation: str | None = Field(
+        default=None,
+        max_length=64,
+        description="A stored conversation (POST /v1/conversations) this turn continues: its history goes "
+        "in front of messages, and the turn and the answer are appended to it",
+    )
     # Not supported: the schema says which values pass (a validator below says why the rest do not).
     logprobs: Boolean | None = Field(default=None, json_schema_extra={"enum": [False, None]})
     top_logprobs: Integer | None = Field(default=None, json_schema_extra={"enum": [0, None]})
@@ -140,12 +146,16 @@ class SeedChatRequest(BaseModel):
     context: list[str] = Field(default_factory=list, max_length=50)
     use_rag: Boolean = True
     rag_top_k: Integer = Field(default=5, ge=1, le=50)
+    conversation_id: str | None = Field(default=None, max_length=64)
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    summarized_messages: int | None = Field(
+        default=None, description="In a conversation: its messages the prompt carried as a summary"
+    )
 
 
 class SeedChatResponse(BaseModel):
@@ -245,3 +255,34 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# --- conversations -----------------------------------------------------------------------
+
+
+class ConversationCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    title: str = Field(default="", max_length=200)
+
+
+class ConversationCard(BaseModel):
+    id: str
+    title: str
+    created_at: float
+
+
+class ConversationList(BaseModel):
+    data: list[ConversationCard] = Field(description="The caller's own, newest first")
+
+
+class StoredMessage(BaseModel):
+    role: str
+    content: str
+    created_at: float
+
+
+class ConversationView(ConversationCard):
+    messages: list[StoredMessage]
+    summary: str | None = Field(description="The model's summary of the oldest messages, once they no longer fit")
+    summarized_messages: int

@@ -38,6 +38,16 @@ class LLMSettings(ServiceSettings):
     """Requests with more messages get 400 before any work."""
     max_queue: int = Field(default=8, ge=0)
     """Requests waiting for the model beyond this many get 429."""
+    max_conversations: int = Field(default=100, ge=1, le=100_000)
+    """Conversations each subject may keep (429 past it)."""
+    max_conversation_messages: int = Field(default=2000, ge=2, le=1_000_000)
+    """Messages one conversation may hold (429 past it)."""
+    cache_ttl_s: float = Field(default=300.0, ge=0, le=86_400)
+    """How long an answer to a deterministic request is served again from the cache (0: no cache)."""
+    cache_entries: int = Field(default=1000, ge=0, le=1_000_000)
+    """Answers the cache keeps at most, the least recently used going first."""
+    prefix_cache_mb: float = Field(default=256.0, ge=0, le=1_048_576)
+    """Host memory for saved llama.cpp states of recent conversations (prefix reuse; 0: off)."""
 
     coordinator_url: str = Field(
         default="http://127.0.0.1:8002",

@@ -95,7 +95,12 @@ StartLlm = Callable[..., Llm]
 def start_llm(gpu_stack: dict[str, ServiceProcess], log_dir: Path, mint: Mint) -> Iterator[StartLlm]:
     started: list[ServiceProcess] = []
 
-    def start(rag_url: str | None = None, coordinator: ServiceProcess | None = None, **settings: object) -> Llm:
+    def start(
+        rag_url: str | None = None,
+        coordinator: ServiceProcess | None = None,
+        env_extra: dict[str, str] | None = None,
+        **settings: object,
+    ) -> Llm:
         coordinator = coordinator or gpu_stack["coordinator"]
         env = {
             "GPU_COORDINATOR_URL": coordinator.url,
@@ -108,6 +113,7 @@ def start_llm(gpu_stack: dict[str, ServiceProcess], log_dir: Path, mint: Mint) -
             "GEMMA_LEASE_TTL_MS": "10000",
         }
         env.update({f"GEMMA_{k.upper()}": str(v) for k, v in settings.items()})
+        env.update(env_extra or {})
         service = ServiceProcess("llm", env, log_dir).start()
         started.append(service)
         return Llm(service, mint("chat", "rag:read", sub="tester"), coordinator, mint("admin", "gpu", sub="ops"), mint)
