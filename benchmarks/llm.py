@@ -88,7 +88,7 @@ def sse_pieces(response: httpx.Response) -> Any:
 def over_http(http: httpx.Client, model: str, messages: list[dict[str, str]], max_tokens: int) -> tuple[float, float]:
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     sent = time.monotonic()
-    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+    with http.stream("POST", "/v1/chat/completions", json=body, headers={"Cache-Control": "no-cache"}) as response:
         response.raise_for_status()
         return timed_pieces(sse_pieces(response), sent)
 

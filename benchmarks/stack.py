@@ -54,7 +54,8 @@ def ask(http: httpx.Client, question: str, max_tokens: int) -> tuple[float, floa
     sent = time.monotonic()
     first = last = 0.0
     count = 0
-    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+    # Every chat runs on the model: a question asked again would come from the response cache.
+    with http.stream("POST", "/v1/chat/completions", json=body, headers={"Cache-Control": "no-cache"}) as response:
         response.raise_for_status()
         for body in read_json(response.iter_lines()):
             choices = body.get("choices") or [{}]
