@@ -86,6 +86,7 @@ def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
         load_settings(LLMSettings)
 
 
+@pytest.mark.slow  # starts each service's process
 @pytest.mark.parametrize("service", ["coordinator", "rag", "llm", "transcription"])
 @pytest.mark.parametrize("secret", [None, "changeme"])
 def test_services_refuse_to_start_without_a_real_secret(service: str, secret: str | None) -> None:

@@ -13,6 +13,8 @@ from tests.conftest import Mint
 from tests.services.coordinator.conftest import Api, Events, StartCoordinator
 from tests.support.servers import ServiceProcess
 
+pytestmark = pytest.mark.slow  # real processes: a coordinator and Redis
+
 ApiFactory = Callable[[ServiceProcess], Api]
 
 

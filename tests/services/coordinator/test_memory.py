@@ -8,8 +8,12 @@ import contextlib
 import math
 from collections.abc import Callable
 
+import pytest
+
 from tests.services.coordinator.conftest import Api, Events, StartCoordinator
 from tests.support.servers import ServiceProcess
+
+pytestmark = pytest.mark.slow  # real processes: a coordinator and Redis
 
 ApiFactory = Callable[[ServiceProcess], Api]
 EventsFor = Callable[[ServiceProcess], Events]

@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from chromadb.utils.embedding_functions import ONNXMiniLM_L6_V2
 
 from services.rag.store import MiniLM
 from shared.presets import PRESETS
+
+pytestmark = pytest.mark.slow  # the real embedding model and Chroma
 
 
 def test_same_vectors_as_chromas_own_function() -> None:
