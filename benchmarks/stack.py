@@ -2,7 +2,15 @@
 
     .venv/bin/python -m benchmarks.stack [--job-chats 20] [--upload-chats 10] [--max-tokens 48]
 
-One run, SmolLM2 and tiny.en on the CPU, RAG off, one coordinator:
+On a CUDA box, both models on the card (scripts/gpu-measure.sh runs this):
+
+    .venv/bin/python -m benchmarks.stack --model gemma-3-270m --gpu-layers 99 --whisper-device cuda \
+        --job-repeat 20 --upload-repeat 10
+
+(``--gpu-memory-mb`` below what the two services declare makes every hand-over free the
+device memory, with the CUDA checkpoint API where the driver has it.)
+
+One run, SmolLM2 and tiny.en on the CPU by default, RAG off, one coordinator:
 - idle: chats with nothing else running;
 - coordinated: chats asked at random moments while a job runs (the meeting, repeated),
   then while long interactive uploads run; each chat takes the GPU lease, the
@@ -42,10 +50,14 @@ MAX_BATCH_WAIT_MS = 5000
 BATCH_SLICE_MS = 2000
 
 
+MODEL = "smollm2-135m-instruct"
+"""The id chats ask for: the LLM's model, set by ``--model``."""
+
+
 def ask(http: httpx.Client, question: str, max_tokens: int) -> tuple[float, float]:
     """(time to first token, decode tokens/s) of one streamed chat."""
     body = {
-        "model": "smollm2-135m-instruct",
+        "model": MODEL,
         "messages": [{"role": "user", "content": question}],
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -180,6 +192,10 @@ def storm(llm_url: str, tx: httpx.Client, headers: dict[str, str], path: Path, m
     return {"job_wall_s": round(job.runs[0]["wall_s"], 1), "chats": asked[0], "segments": job.runs[0]["segments"]}
 
 
+PLACEMENT: dict[str, str] = {}
+"""Where the models run (``GEMMA_MODEL_PATH``, ``TRANSCRIPTION_DEVICE``...), from the arguments."""
+
+
 @contextlib.contextmanager
 def services(
     work: Path, redis_url: str, coordinator_url: str, name: str, coordinate: bool, headers: dict[str, str]
@@ -187,13 +203,13 @@ def services(
     """The LLM and transcription on one coordinator; (llm, chat client, transcription client).
     Every process shares the secret of the run's one ``dev_token()``."""
     env = {
+        **PLACEMENT,
         "GPU_COORDINATOR_URL": coordinator_url,
         "RAG_SERVICE_URL": f"http://127.0.0.1:{free_port()}",
         "REDIS_URL": redis_url,
         "GEMMA_CONTEXT_SIZE": "2048",
         "GEMMA_LOG_LEVEL": "warning",
         "TRANSCRIPTION_LOG_LEVEL": "warning",
-        "TRANSCRIPTION_MAX_UPLOAD_MB": "100",
         "GEMMA_COORDINATE": str(coordinate).lower(),
         "TRANSCRIPTION_COORDINATE": str(coordinate).lower(),
         "TRANSCRIPTION_DATA_DIR": str(work / name),
@@ -215,17 +231,30 @@ def main() -> None:
     parser.add_argument("--job-chats", type=int, default=20)
     parser.add_argument("--upload-chats", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--model", default=MODEL, help="the LLM's model: a preset name or a GGUF file")
+    parser.add_argument("--gpu-layers", type=int, default=None, help="GEMMA_GPU_LAYERS (default: the service's)")
+    parser.add_argument("--whisper-device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--compute-type", default=None, help="default: int8 on the CPU, float16 on CUDA")
+    parser.add_argument("--job-repeat", type=int, default=2, help="the job's audio: the meeting this many times")
+    parser.add_argument("--upload-repeat", type=int, default=4, help="the upload's audio: the meeting this many times")
+    parser.add_argument("--gpu-memory-mb", type=int, default=None, help="COORDINATOR_GPU_MEMORY_MB (default: NVML's)")
+    parser.add_argument(
+        "--cublas-shim", type=Path, default=None, help="a libcublas.so.12 for CTranslate2 (see benchmarks.whisper_gpu)"
+    )
+    parser.add_argument("--skip-storm", action="store_true")
     args = parser.parse_args()
+    place(args)
 
     headers = {"Authorization": f"Bearer {dev_token()}"}
-    results: dict[str, Any] = {}
+    placement = {k: v for k, v in PLACEMENT.items() if k != "LD_LIBRARY_PATH"}
+    results: dict[str, Any] = {"placement": {**placement, **COORDINATOR}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        job_path, job_s = long_meeting(work, 2)
-        upload_path, upload_s = long_meeting(work, 4)
+        job_path, job_s = long_meeting(work, args.job_repeat)
+        upload_path, upload_s = long_meeting(work, args.upload_repeat)
         results["audio_s"] = {"job": round(job_s, 1), "upload": round(upload_s, 1)}
         # The hand-over, on the coordinator's default settings.
-        with coordinated(work / "handover") as (redis, coordinator):
+        with coordinated(work / "handover", **COORDINATOR) as (redis, coordinator):
             for mode in ("coordinated", "bypassed"):
                 with services(work, redis.url, coordinator.url, mode, mode == "coordinated", headers) as (
                     _,
@@ -250,20 +279,54 @@ def main() -> None:
             results["yield_ms"] = {
                 kind: yields(history, results["coordinated"][kind]["samples"]) for kind in ("job", "upload")
             }
-            results["handovers"] = sorted(
-                h["handover_ms"] for h in history if h["holder"] == "transcription" and h.get("handover") == "pause"
-            )
+            results["handovers"] = {
+                path: sorted(
+                    h["handover_ms"] for h in history if h["holder"] == "transcription" and h.get("handover") == path
+                )
+                for path in ("pause", "checkpoint", "restart")
+            }
         # Anti-starvation, with a short batch wait and slice so that it shows in minutes.
         starving = {
             "COORDINATOR_MAX_BATCH_WAIT_MS": str(MAX_BATCH_WAIT_MS),
             "COORDINATOR_BATCH_SLICE_MS": str(BATCH_SLICE_MS),
         }
+        if args.skip_storm:
+            report(results)
+            return
         with (
-            coordinated(work / "storm", **starving) as (redis, coordinator),
+            coordinated(work / "storm", **COORDINATOR, **starving) as (redis, coordinator),
             services(work, redis.url, coordinator.url, "storm", True, headers) as (llm, _, jobs),
         ):
             results["storm"] = storm(llm.url, jobs, headers, job_path, args.max_tokens)
     report(results)
+
+
+COORDINATOR: dict[str, str] = {}
+
+
+def place(args: argparse.Namespace) -> None:
+    """The models' placement and the coordinator's card, from the arguments."""
+    global MODEL
+    MODEL = Path(args.model).stem if args.model.endswith(".gguf") else args.model
+    PLACEMENT["GEMMA_MODEL_PATH"] = args.model
+    if args.gpu_layers is not None:
+        PLACEMENT["GEMMA_GPU_LAYERS"] = str(args.gpu_layers)
+    PLACEMENT["TRANSCRIPTION_DEVICE"] = args.whisper_device
+    PLACEMENT["TRANSCRIPTION_COMPUTE_TYPE"] = args.compute_type or (
+        "float16" if args.whisper_device == "cuda" else "int8"
+    )
+    # The service takes at most this much audio in one upload.
+    PLACEMENT["TRANSCRIPTION_MAX_UPLOAD_MB"] = "100"
+    if args.gpu_memory_mb is not None:
+        COORDINATOR["COORDINATOR_GPU_MEMORY_MB"] = str(args.gpu_memory_mb)
+    if args.cublas_shim is not None:
+        from benchmarks.whisper_gpu import cublas_shim
+
+        shim = cublas_shim(args.cublas_shim)
+        if shim is None:
+            raise SystemExit("--cublas-shim: no cuBLAS among NVIDIA's Python packages")
+        print(f"libcublas.so.12 -> {shim.pop('_target')} (an experiment, not a supported set-up)")
+        PLACEMENT.update(shim)
 
 
 def report(results: dict[str, Any]) -> None:
@@ -325,11 +388,12 @@ def report(results: dict[str, Any]) -> None:
         )
     rows.append(["all", str(len(everything)), *(f"{percentile(everything, q):.0f} ms" for q in (50, 90, 99, 100))])
     print(table(rows))
-    pauses = results["handovers"]
-    print(
-        f"yield heard -> released, as transcription reported it: p50 {percentile(pauses, 50):.2f} ms, "
-        f"max {percentile(pauses, 100):.2f} ms, n={len(pauses)}"
-    )
+    for path, times in results["handovers"].items():
+        if times:
+            print(
+                f"yield heard -> released, as transcription reported it ({path}): "
+                f"p50 {percentile(times, 50):.2f} ms, max {percentile(times, 100):.2f} ms, n={len(times)}"
+            )
     verdicts.append(("yield p99 <= 20 ms", percentile(everything, 99) <= 20))
 
     print()
@@ -346,15 +410,17 @@ def report(results: dict[str, Any]) -> None:
             verdicts.append((f"{kind}, {mode}: every transcript equals the unpreempted one", equal == len(runs)))
         rows[-2][0] += f" ({alone['wall_s']:.1f} s alone)"
     print(table(rows))
-    storm = results["storm"]
-    equal = storm["segments"] == results["unpreempted_job"]["segments"]
-    print(
-        f"storm: a job of {results['audio_s']['job']:.0f} s of audio under 3 looping chat clients finished in "
-        f"{storm['job_wall_s']:.1f} s ({storm['job_wall_s'] / results['unpreempted_job']['wall_s']:.1f}x alone; "
-        f"{storm['chats']} chats answered meanwhile; batch wait {MAX_BATCH_WAIT_MS} ms, slice {BATCH_SLICE_MS} ms), "
-        f"transcript {'equal' if equal else 'DIFFERENT'}"
-    )
-    verdicts.append(("storm: the job finished with its transcript", equal))
+    storm = results.get("storm")
+    if storm is not None:
+        equal = storm["segments"] == results["unpreempted_job"]["segments"]
+        print(
+            f"storm: a job of {results['audio_s']['job']:.0f} s of audio under 3 looping chat clients finished in "
+            f"{storm['job_wall_s']:.1f} s ({storm['job_wall_s'] / results['unpreempted_job']['wall_s']:.1f}x alone; "
+            f"{storm['chats']} chats answered meanwhile; batch wait {MAX_BATCH_WAIT_MS} ms, "
+            f"slice {BATCH_SLICE_MS} ms), transcript {'equal' if equal else 'DIFFERENT'}"
+        )
+        verdicts.append(("storm: the job finished with its transcript", equal))
+        storm.pop("segments")
 
     print()
     for what, ok in verdicts:
@@ -363,7 +429,6 @@ def report(results: dict[str, Any]) -> None:
         for kind in ("job", "upload"):
             for run in results[mode][kind]["runs"]:
                 run.pop("segments")
-    results["storm"].pop("segments")
     for kind in ("job", "upload"):
         results[f"unpreempted_{kind}"].pop("segments")
     print(f"written to {save('stack', results)}")

@@ -5,6 +5,7 @@
 #                                         into docker/wheels/ (ARCH: CUDA architectures,
 #                                         default 90 = H100; SDIST=path to skip the download)
 #   scripts/gpu-measure.sh run            every measurement, logs in benchmarks/results/
+#   scripts/gpu-measure.sh stack          only the chats during transcription (benchmarks.stack)
 #
 # PYTHON (default .venv/bin/python) runs both; it needs the project's dependencies with
 # the CUDA wheel installed in place of the CPU one (`build` installs it into PYTHON's
@@ -54,6 +55,19 @@ run() {
     "$PYTHON" -m benchmarks.llm --model gemma-3-270m --gpu-layers 99 --prompts 20
   step "the service's reload and offload, VRAM" gpu-service \
     "$PYTHON" -m benchmarks.gpu --model gemma-3-270m
+  stack
+}
+
+# A chat during a transcription job and during an upload, both models on the card: the
+# hand-over pausing the worker (the card holds both), then freeing its memory (a card
+# declared too small for both: the CUDA checkpoint API, or a restart without it).
+stack() {
+  local card
+  for card in "" 1000; do
+    step "chats during transcription, both on the card${card:+, a card of ${card} MB}" "stack-gpu${card:+-$card}" \
+      "$PYTHON" -m benchmarks.stack --model gemma-3-270m --gpu-layers 99 --whisper-device cuda \
+      --job-repeat 20 --upload-repeat 10 --skip-storm --cublas-shim "$RESULTS/cublas-shim" ${card:+--gpu-memory-mb $card}
+  done
 }
 
 # One measurement: its output to the screen and to a log; a failure is reported, not fatal.
@@ -73,5 +87,6 @@ step() {
 case "${1:-}" in
   build) shift; build "$@" ;;
   run) run ;;
-  *) sed -n '2,11p' "$0"; exit 2 ;;
+  stack) stack ;;
+  *) sed -n '2,12p' "$0"; exit 2 ;;
 esac
