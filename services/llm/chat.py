@@ -37,9 +37,13 @@ log = logging.getLogger(__name__)
 
 
 SUMMARY_INSTRUCTION = (
-    "Write the facts stated in the conversation above as a short list, one per line. Keep every "
-    "name, number and date exactly as written."
+    "Write down what the user told you about themselves and their things, in full sentences. "
+    "Keep every name exactly as written."
 )
+"""Asked after what the user said. Full sentences, not a list: a list item ("1. Blue
+Heron") loses what the name was of."""
+SUMMARY_REPEAT_PENALTY = 1.3
+"""Small models loop in summaries ("I have a dog named Biscuit." four times) without it."""
 SUMMARY_TOKENS = 200
 """The longest summary the model may write."""
 
@@ -357,9 +361,14 @@ class ChatService:
             return
         lease = placement.lease
         check = lease.check if lease is not None else (lambda: None)
-        transcript = "\n".join(f"{m['role']}: {m['content']}" for m in uncovered[:count])
+        # What the user said: the facts to carry are theirs, and the model's own earlier
+        # answers are what derails a small model's summary (on the bundled SmolLM2-135M,
+        # four facts in a 30-turn conversation: whole transcripts kept 0 to 2 in their
+        # summaries, the user's messages 4).
+        transcript = "\n".join(m["content"] for m in uncovered[:count] if m["role"] == "user")
         # Extended, not rewritten: what an earlier summary kept stays word for word...
-        summary = " ".join(filter(None, [conversation.summary, await self._summary_of(transcript, check)]))
+        added = await self._summary_of(transcript, check) if transcript else ""
+        summary = " ".join(filter(None, [conversation.summary, added]))
         if self.engine.count(summary) > self.engine.n_ctx // 3:  # ...until it is itself too long
             summary = await self._summary_of(summary, check)
         await self.conversations.summarize(conversation, summary, conversation.summarized + count)
@@ -368,7 +377,7 @@ class ChatService:
     async def _summary_of(self, text: str, check: Callable[[], None]) -> str:
         # The instruction after the text: small models follow what they read last, and
         # a conversation before an instruction is not mistaken for one to continue.
-        messages: list[Message] = [{"role": "user", "content": f"Conversation:\n{text}\n\n{SUMMARY_INSTRUCTION}"}]
+        messages: list[Message] = [{"role": "user", "content": f"The user said:\n{text}\n\n{SUMMARY_INSTRUCTION}"}]
         return await asyncio.to_thread(self._complete, messages, check)
 
     def _complete(self, messages: list[Message], check: Callable[[], None]) -> str:
@@ -377,7 +386,7 @@ class ChatService:
         budget = self.engine.n_ctx - SUMMARY_TOKENS
         if len(prompt.tokens) > budget:  # keep the most recent part of what is summarized
             prompt = type(prompt)(prompt.tokens[-budget:], prompt.stop)
-        params = Params(max_tokens=SUMMARY_TOKENS, temperature=0.0)
+        params = Params(max_tokens=SUMMARY_TOKENS, temperature=0.0, repeat_penalty=SUMMARY_REPEAT_PENALTY)
         pieces = self.engine.generate(prompt, params, threading.Event(), check)
         return "".join(p for p in pieces if isinstance(p, str)).strip()
 

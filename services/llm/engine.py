@@ -47,6 +47,8 @@ class Params:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    """llama.cpp's own penalty on recent tokens (1.0: none); the service's summaries use it."""
     json_schema: dict[str, Any] | None = None
     json_object: bool = False
 
@@ -219,6 +221,7 @@ class Engine:
                 seed=params.seed,
                 presence_penalty=params.presence_penalty,
                 frequency_penalty=params.frequency_penalty,
+                repeat_penalty=params.repeat_penalty,
                 grammar=grammar,
                 stream=True,
             )

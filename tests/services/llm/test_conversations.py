@@ -103,29 +103,47 @@ def test_conversations_and_their_messages_are_bounded(
     assert len(user.get(f"/v1/conversations/{ids[0]}").json()["messages"]) == 2  # nothing half-stored
 
 
+FACTS = [
+    ("Remember this: my boat is called Blue Heron.", "What is my boat called?", "heron"),
+    ("Remember this: my dog is named Biscuit.", "What is my dog's name?", "biscuit"),
+    ("Remember this: my sister lives in Lisbon.", "Where does my sister live?", "lisbon"),
+    ("Remember this: my favourite colour is green.", "What is my favourite colour?", "green"),
+]
+"""A fact stated in turn 1, the question at turn 30, and the word its answer must hold."""
+
+
 def test_a_long_conversation_is_summarized_never_cut(
     start_llm: StartLlm, redis_server: RedisServer, mint: Mint
 ) -> None:
     llm = start_llm(env_extra=stored(redis_server), context_size=768)
     user = as_user(llm, mint, "talker")
-    conversation = user.post("/v1/conversations", json={"title": "long"}).json()["id"]
-    assert say(user, llm.model, conversation, "Remember this: my boat is called Blue Heron.").status_code == 200
-    for turn in range(2, 30):
-        answer = say(user, llm.model, conversation, f"Count from {turn} to {turn + 3}.", max_tokens=24)
-        assert answer.status_code == 200, answer.text  # never 400 context_length_exceeded: summarized instead
-        assert "dropped" not in str(answer.json()["baton"]["warnings"])
-    last = say(user, llm.model, conversation, "What is my boat called?", max_tokens=16)
-    assert last.status_code == 200
-    kept = user.get(f"/v1/conversations/{conversation}").json()
-    assert len(kept["messages"]) == 60  # every turn stored, none cut
-    assert 0 < kept["summarized_messages"] < 60 and kept["summary"]
-    assert last.json()["usage"]["summarized_messages"] == kept["summarized_messages"]
-    assert llm.metric("llm_conversation_summaries_total") >= 1
-    answered = last.json()["choices"][0]["message"]["content"]
-    # Whether the fact of turn 1 survives is the model's doing: the bundled SmolLM2-135M
-    # writes poor summaries (it drops the fact; seen 0 times in 3 tries on 2026-11-23),
-    # so this is reported, not asserted; the mechanism above is.
+    kept_in_summary, answered = [], []
+    for fact, question, word in FACTS:
+        conversation = user.post("/v1/conversations", json={"title": word}).json()["id"]
+        assert say(user, llm.model, conversation, fact).status_code == 200
+        for turn in range(2, 30):
+            answer = say(user, llm.model, conversation, f"Count from {turn} to {turn + 3}.", max_tokens=24)
+            assert answer.status_code == 200, answer.text  # never 400 context_length_exceeded: summarized
+            assert "dropped" not in str(answer.json()["baton"]["warnings"])
+        last = say(user, llm.model, conversation, question, max_tokens=16)
+        assert last.status_code == 200
+        kept = user.get(f"/v1/conversations/{conversation}").json()
+        assert len(kept["messages"]) == 60  # every turn stored, none cut
+        assert 0 < kept["summarized_messages"] < 60 and kept["summary"]
+        assert last.json()["usage"]["summarized_messages"] == kept["summarized_messages"]
+        if word in kept["summary"].lower():
+            kept_in_summary.append(word)
+        if word in last.json()["choices"][0]["message"]["content"].lower():
+            answered.append(word)
+        print(f"{word}: summary of {kept['summarized_messages']} messages: {kept['summary'][:200]!r}")
+    assert llm.metric("llm_conversation_summaries_total") >= len(FACTS)
     print(
-        f"fact of turn 1 in the summary: {'heron' in kept['summary'].lower()}, in the answer at turn 30: "
-        f"{'heron' in answered.lower()}; summary of {kept['summarized_messages']} messages: {kept['summary'][:300]!r}"
+        f"facts of turn 1 kept in the summary: {len(kept_in_summary)} of {len(FACTS)} {kept_in_summary}; "
+        f"answered at turn 30: {len(answered)} of {len(FACTS)} {answered}"
     )
+    # The bundled SmolLM2-135M carries the facts into its summaries (4 of 4 here on
+    # 2026-11-23) but answers from them less often (2 of 4: the dog and the sister). That
+    # is the model's doing (it has a thirtieth of the parameters of the Gemma 3 4B the
+    # stack serves), so the bounds leave it room.
+    assert len(kept_in_summary) >= 3
+    assert answered
