@@ -114,7 +114,20 @@ class Done:
         return usage
 
 
-class Session:
+class Answer:
+    """What Session and CachedSession share: how the answer ended."""
+
+    done: Done | None = None
+
+    @property
+    def result(self) -> Done:
+        """How the answer ended; only once ``tokens()`` has run to its end."""
+        if self.done is None:
+            raise RuntimeError("the answer has not finished")
+        return self.done
+
+
+class Session(Answer):
     """A request that holds the model slot. Iterate ``tokens()``, then ``close()``."""
 
     def __init__(
@@ -184,13 +197,6 @@ class Session:
             summarized_messages=self._job.conversation.summarized if self._job.conversation else None,
         )
 
-    @property
-    def result(self) -> Done:
-        """How the answer ended; only once ``tokens()`` has run to its end."""
-        if self.done is None:
-            raise RuntimeError("the answer has not finished")
-        return self.done
-
     async def close(self, *, client_gone: bool) -> None:
         """Stop the generation (within one token), settle the GPU, give the slot back."""
         if self._closed:
@@ -209,7 +215,7 @@ class Session:
             self._service.admitted -= 1
 
 
-class CachedSession:
+class CachedSession(Answer):
     """An answer from the response cache, with a Session's face: no slot, no lease."""
 
     cached = True
@@ -222,12 +228,6 @@ class CachedSession:
         for piece in self._hit.pieces:
             yield piece
         self.done = self._hit.done
-
-    @property
-    def result(self) -> Done:
-        if self.done is None:
-            raise RuntimeError("the answer has not finished")
-        return self.done
 
     async def close(self, *, client_gone: bool) -> None:
         return None
