@@ -5,9 +5,11 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel
 
 from services.llm.chat import Answering, ChatService, ClientGone, Done, Job
 from services.llm.conversations import ConversationStore
@@ -30,9 +32,13 @@ from services.llm.schemas import (
     SeedChatChunk,
     SeedChatRequest,
     SeedChatResponse,
+    ToolCallOut,
     Usage,
+    prompt_messages,
 )
+from services.llm.tools import BadTool, Tool, chosen, grammar, parse_calls, parse_tools, with_tools
 from shared.aio import Interrupted, unless
+from shared.errors import BadRequest
 from shared.limits import StreamSlot
 from shared.openapi import answers
 from shared.sse import DONE, ClosingStream, frame
@@ -140,11 +146,10 @@ def build_router(chat: ChatService, auth: Auth, conversations: ConversationStore
         body: ChatCompletionRequest, request: Request, response: Response
     ) -> Response | ChatCompletion:
         chat.check_model(body.model)
-        job = Job(
-            messages=[m.plain() for m in body.messages],
-            params=_params(body, chat.max_tokens(body.max_completion_tokens or body.max_tokens, also=body.max_tokens)),
-            rag=body.rag,
-        )
+        calling = _tooling(body)
+        params = _params(body, chat.max_tokens(body.max_completion_tokens or body.max_tokens, also=body.max_tokens))
+        params.grammar = calling.grammar
+        job = Job(messages=with_tools(prompt_messages(body.messages), calling.tools), params=params, rag=body.rag)
         job = await continuing(as_caller(job, request), body.conversation)
         job.use_cache = not fresh_wanted(request)
         slot = await auth.stream_slot(request) if body.stream else None
@@ -153,17 +158,27 @@ def build_router(chat: ChatService, auth: Auth, conversations: ConversationStore
         created = int(time.time())
         if slot is not None:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = _openai_stream(session, completion_id, created, chat.model_id, include_usage, remembering(job))
+            stream = _openai_stream(
+                session, completion_id, created, chat.model_id, include_usage, remembering(job), calling.active
+            )
             return marked(_stream(stream, session, slot), session)
         text, done = await answer_whole(session, request)
         await remembering(job)(text)
         marked(response, session)
+        calls = parse_calls(text) if calling.active else None
+        message = (
+            AssistantMessage(content=None, tool_calls=[ToolCallOut(**c.public()) for c in calls])
+            if calls
+            else AssistantMessage(content=text)
+        )
         return ChatCompletion(
             id=completion_id,
             created=created,
             model=chat.model_id,
             choices=[
-                Choice(index=0, message=AssistantMessage(content=text), finish_reason=done.finish_reason, logprobs=None)
+                Choice(
+                    index=0, message=message, finish_reason="tool_calls" if calls else done.finish_reason, logprobs=None
+                )
             ],
             usage=Usage(**done.usage()),
             sources=done.sources,
@@ -261,9 +276,35 @@ def _params(body: ChatCompletionRequest, max_tokens: int) -> Params:
     )
 
 
+@dataclass(frozen=True)
+class Calling:
+    """What a request's tools ask of the answer."""
+
+    tools: list[Tool]
+    """Those described to the model (none with tool_choice none)."""
+    grammar: str | None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.tools)
+
+
+def _tooling(body: ChatCompletionRequest) -> Calling:
+    """The request's tools and tool_choice, checked before any work (400 naming the tool and the field)."""
+    try:
+        tools = parse_tools(body.tools or [])
+        choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice
+        mode, callable_ = chosen(tools, choice)
+    except BadTool as exc:
+        raise BadRequest(str(exc), param=exc.param, code="invalid_tool") from None
+    if callable_ and body.response_format is not None and body.response_format.type != "text":
+        raise BadRequest("response_format and tools cannot constrain one answer together", param="response_format")
+    return Calling(callable_, grammar(mode, callable_, body.parallel_tool_calls is not False))
+
+
 def _seed_job(chat: ChatService, body: SeedChatRequest) -> Job:
     return Job(
-        messages=[m.plain() for m in body.messages],
+        messages=prompt_messages(body.messages),
         params=Params(max_tokens=chat.max_tokens(body.max_tokens), temperature=body.temperature),
         rag=RagOptions(top_k=body.rag_top_k) if body.use_rag else None,
         context=body.context,
@@ -281,9 +322,18 @@ def _extras(done: Done) -> dict[str, Any]:
 
 
 def _openai_stream(
-    session: Answering, completion_id: str, created: int, model: str, include_usage: bool, remember: Remember
+    session: Answering,
+    completion_id: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+    remember: Remember,
+    tooling: bool = False,
 ) -> AsyncIterator[str]:
-    def chunk(delta: dict[str, str], finish: str | None = None, **extra: Any) -> str:
+    """Content as it comes; with tools, an answer that opens with ``{`` is a call: held
+    until it is whole, then sent as ``tool_calls`` deltas, one per call."""
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         return frame(
             {
                 "id": completion_id,
@@ -297,13 +347,30 @@ def _openai_stream(
 
     async def frames() -> AsyncIterator[str]:
         yield chunk({"role": "assistant", "content": ""})
-        pieces = []
+        pieces: list[str] = []
+        held = tooling  # until the first visible character says whether this is a call
         async for piece in session.tokens():
             pieces.append(piece)
+            if held:
+                started = "".join(pieces).lstrip()
+                if not started or started.startswith("{"):
+                    continue
+                held = False
+                piece = "".join(pieces)
             yield chunk({"content": piece})
         done = session.result
-        await remember("".join(pieces))
-        yield chunk({}, done.finish_reason, sources=done.sources, baton=_extras(done))
+        text = "".join(pieces)
+        await remember(text)
+        finish = done.finish_reason
+        if held:
+            calls = parse_calls(text)
+            if calls:
+                for index, call in enumerate(calls):
+                    yield chunk({"tool_calls": [call.public(index)]})
+                finish = "tool_calls"
+            elif text:
+                yield chunk({"content": text})  # cut off by max_tokens before the call was whole
+        yield chunk({}, finish, sources=done.sources, baton=_extras(done))
         if include_usage:
             yield frame(
                 {

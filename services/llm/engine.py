@@ -51,6 +51,8 @@ class Params:
     """llama.cpp's own penalty on recent tokens (1.0: none); the service's summaries use it."""
     json_schema: dict[str, Any] | None = None
     json_object: bool = False
+    grammar: str | None = None
+    """GBNF that constrains the output (tool calls, services.llm.tools)."""
 
 
 @dataclass
@@ -75,6 +77,8 @@ def grammar_for(params: Params) -> llama_grammar.LlamaGrammar | None:
             return llama_grammar.LlamaGrammar.from_json_schema(json.dumps(params.json_schema), verbose=False)
         except Exception as exc:  # the converter raises anything from KeyError to RecursionError
             raise BadSchema(f"the json_schema cannot be used to constrain the output ({type(exc).__name__})") from None
+    if params.grammar is not None:
+        return llama_grammar.LlamaGrammar.from_string(params.grammar, verbose=False)
     if params.json_object:
         return llama_grammar.LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
     return None

@@ -6,10 +6,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from services.llm.tools import MAX_PARALLEL, rendered_calls, rendered_result
 from shared.protocol.rag import QueryFilter
 from shared.wire import Boolean, Fraction, Integer, Number, PositiveInteger, TopK
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class TextPart(BaseModel):
@@ -18,12 +19,29 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(max_length=64)
+    arguments: str = Field(description="The arguments as JSON text")
+
+
+class ToolCallIn(BaseModel):
+    """A call an earlier assistant message made, sent back with the conversation."""
+
+    id: str = Field(max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=MAX_PARALLEL)
+    """An assistant message's calls."""
+    tool_call_id: str | None = Field(default=None, max_length=128)
+    """A tool message: the call it answers."""
 
     @model_validator(mode="after")
     def _utf8(self) -> ChatMessage:
@@ -41,6 +59,25 @@ class ChatMessage(BaseModel):
     def plain(self) -> dict[str, str]:
         """For the chat template: developer speaks as system, content as one string."""
         return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+
+
+def prompt_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The messages as the chat template takes them: assistant calls and tool results in
+    the fallback format of services.llm.tools."""
+    names: dict[str, str] = {}
+    out = []
+    for message in messages:
+        if message.role == "assistant" and message.tool_calls:
+            calls = [c.model_dump() for c in message.tool_calls]
+            names |= {c.id: c.function.name for c in message.tool_calls}
+            text = "\n".join(filter(None, [message.text(), rendered_calls(calls)]))
+            out.append({"role": "assistant", "content": text})
+        elif message.role == "tool":
+            name = message.name or names.get(message.tool_call_id or "")
+            out.append({"role": "user", "content": rendered_result(name, message.tool_call_id, message.text())})
+        else:
+            out.append(message.plain())
+    return out
 
 
 class JsonSchemaFormat(BaseModel):
@@ -81,6 +118,15 @@ def _at_most_four_stops(schema: dict[str, Any]) -> None:
             branch["maxItems"] = 4
 
 
+class FunctionName(BaseModel):
+    name: str
+
+
+class ToolChoiceFunction(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(BaseModel):
     """Unknown fields are ignored, as OpenAI's API does for fields it does not use."""
 
@@ -110,16 +156,20 @@ class ChatCompletionRequest(BaseModel):
     # Not supported: the schema says which values pass (a validator below says why the rest do not).
     logprobs: Boolean | None = Field(default=None, json_schema_extra={"enum": [False, None]})
     top_logprobs: Integer | None = Field(default=None, json_schema_extra={"enum": [0, None]})
-    tools: list[dict[str, Any]] | None = Field(default=None, json_schema_extra={"maxItems": 0})
-    tool_choice: str | dict[str, Any] | None = Field(default=None, json_schema_extra={"enum": ["none", None]})
+    tools: list[dict[str, Any]] | None = Field(
+        default=None,
+        max_length=128,
+        description='[{"type": "function", "function": {"name", "description", "parameters"}}]; '
+        "each one is checked (a 400 names the tool and the field)",
+    )
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
+    parallel_tool_calls: Boolean | None = None
 
     @model_validator(mode="after")
     def _nothing_ignored_silently(self) -> ChatCompletionRequest:
         """Features this service does not have are refused, not ignored."""
         if self.logprobs or self.top_logprobs:
             raise ValueError("logprobs are not supported by this service")
-        if self.tools or (self.tool_choice not in (None, "none")):
-            raise ValueError("tool calling is not supported by this service yet")
         return self
 
     @field_validator("stop")
@@ -181,9 +231,20 @@ class BatonExtras(BaseModel):
     warnings: list[str]
 
 
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = Field(default=None, description="Present when the answer calls tools")
+
+
+class ToolCallDelta(ToolCallOut):
+    index: int
 
 
 class Choice(BaseModel):
@@ -209,6 +270,7 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):

@@ -403,7 +403,8 @@ NONSENSE = {"type": "nonsense"}
         ),
         ({"messages": [{"role": "user", "content": "hi"}] * 2000}, 400, "too_many_messages"),
         ({"logprobs": True}, 400, "invalid_value"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, 400, "invalid_value"),
+        ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, 400, "tools[0].function.name"),
+        ({"tool_choice": "required"}, 400, "tool_choice"),
     ],
 )
 def test_bad_requests(llm: Llm, change: dict[str, Any], status: int, code_or_param: str) -> None:
