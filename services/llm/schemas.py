@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from services.llm.tools import MAX_PARALLEL, rendered_calls, rendered_result
 from shared.protocol.rag import QueryFilter
@@ -118,6 +118,25 @@ def _at_most_four_stops(schema: dict[str, Any]) -> None:
             branch["maxItems"] = 4
 
 
+TOOL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "function"],
+    "properties": {
+        "type": {"enum": ["function"]},
+        "function": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"},
+                "description": {"type": "string"},
+                "parameters": {"type": "object", "description": "A JSON schema of an object"},
+            },
+        },
+    },
+}
+"""What the service checks itself (services.llm.tools.parse_tools), so that its 400 names the tool."""
+
+
 class FunctionName(BaseModel):
     name: str
 
@@ -159,6 +178,7 @@ class ChatCompletionRequest(BaseModel):
     tools: list[dict[str, Any]] | None = Field(
         default=None,
         max_length=128,
+        json_schema_extra={"items": cast(JsonValue, TOOL_SCHEMA)},
         description='[{"type": "function", "function": {"name", "description", "parameters"}}]; '
         "each one is checked (a 400 names the tool and the field)",
     )
