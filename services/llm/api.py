@@ -299,7 +299,9 @@ def _tooling(body: ChatCompletionRequest) -> Calling:
         raise BadRequest(str(exc), param=exc.param, code="invalid_tool") from None
     if callable_ and body.response_format is not None and body.response_format.type != "text":
         raise BadRequest("response_format and tools cannot constrain one answer together", param="response_format")
-    return Calling(callable_, grammar(mode, callable_, body.parallel_tool_calls is not False))
+    # One call per answer unless the request asks for more: OpenAI's default is parallel,
+    # but small models then repeat calls until max_tokens (seen with SmolLM2).
+    return Calling(callable_, grammar(mode, callable_, body.parallel_tool_calls is True))
 
 
 def _seed_job(chat: ChatService, body: SeedChatRequest) -> Job:

@@ -192,7 +192,11 @@ def rendered_calls(calls: list[dict[str, Any]]) -> str:
 
 def rendered_result(name: str | None, call_id: str | None, content: str) -> str:
     """A tool's result, as a user turn."""
-    return f"Result of the tool {name or '(unnamed)'} (call {call_id or '?'}):\n{content}"
+    # The last line: small models otherwise call the same tool again instead of answering.
+    return (
+        f"Result of the tool {name or '(unnamed)'} (call {call_id or '?'}):\n{content}\n\n"
+        "Answer with this result, in plain text, unless another tool is needed."
+    )
 
 
 def parse_calls(text: str) -> list[ToolCall] | None:
