@@ -27,6 +27,17 @@ log = logging.getLogger(__name__)
 Message = dict[str, str]
 
 
+def into_system(messages: Sequence[Message], text: str) -> list[Message]:
+    """``text`` appended to the first system message, or one made for it: every chat
+    template accepts a system message there."""
+    out = list(messages)
+    if out and out[0]["role"] == "system":
+        out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{text}"}
+    else:
+        out.insert(0, {"role": "system", "content": text})
+    return out
+
+
 def can_offload() -> bool:
     """Whether this llama.cpp build can put layers on a GPU at all."""
     return bool(llama_cpp.llama_supports_gpu_offload())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.llm.engine import Engine, Message, Prompt
+from services.llm.engine import Engine, Message, Prompt, into_system
 from services.llm.memories import Passage
 
 # The shape that even SmolLM2-135M follows (measured: passages first, then one plain
@@ -33,13 +33,7 @@ def with_memories(messages: Sequence[Message], passages: Sequence[Passage]) -> l
     if not passages:
         return list(messages)
     numbered = (f"[{i}] {p.text}\n(source: {p.label()})" for i, p in enumerate(passages, start=1))
-    memory = "Context:\n" + "\n".join(numbered) + "\n\n" + INSTRUCTION
-    out = list(messages)
-    if out and out[0]["role"] == "system":
-        out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{memory}"}
-    else:
-        out.insert(0, {"role": "system", "content": memory})
-    return out
+    return into_system(messages, "Context:\n" + "\n".join(numbered) + "\n\n" + INSTRUCTION)
 
 
 TURN_OVERHEAD = 8

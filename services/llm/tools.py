@@ -25,6 +25,8 @@ from typing import Any
 
 from llama_cpp import llama_grammar
 
+from services.llm.engine import into_system
+
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_PARALLEL = 8
 """Calls one answer may make when parallel calls are allowed."""
@@ -168,13 +170,7 @@ def with_tools(messages: list[dict[str, str]], tools: list[Tool]) -> list[dict[s
     """The tools' description in the first system message (made if there is none)."""
     if not tools:
         return messages
-    text = system_text(tools)
-    out = list(messages)
-    if out and out[0]["role"] == "system":
-        out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{text}"}
-    else:
-        out.insert(0, {"role": "system", "content": text})
-    return out
+    return into_system(messages, system_text(tools))
 
 
 def rendered_calls(calls: list[dict[str, Any]]) -> str:
