@@ -350,21 +350,23 @@ def _openai_stream(
     async def frames() -> AsyncIterator[str]:
         yield chunk({"role": "assistant", "content": ""})
         pieces: list[str] = []
-        held = tooling  # until the first visible character says whether this is a call
+        undecided = tooling  # until the first visible character says whether this is a call
+        held = False  # a call: kept until it is whole
         async for piece in session.tokens():
             pieces.append(piece)
-            if held:
+            if undecided:
                 started = "".join(pieces).lstrip()
-                if not started or started.startswith("{"):
+                if not started:
                     continue
-                held = False
+                undecided, held = False, started.startswith("{")
                 piece = "".join(pieces)
-            yield chunk({"content": piece})
+            if not held:
+                yield chunk({"content": piece})
         done = session.result
         text = "".join(pieces)
         await remember(text)
         finish = done.finish_reason
-        if held:
+        if held or undecided:
             calls = parse_calls(text)
             if calls:
                 for index, call in enumerate(calls):

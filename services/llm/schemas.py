@@ -6,11 +6,9 @@ from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
-from services.llm.tools import MAX_PARALLEL, rendered_calls, rendered_result
+from services.llm.tools import MAX_PARALLEL, NAME, rendered_calls, rendered_result
 from shared.protocol.rag import QueryFilter
 from shared.wire import Boolean, Fraction, Integer, Number, PositiveInteger, TopK
-
-ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class TextPart(BaseModel):
@@ -127,7 +125,7 @@ TOOL_SCHEMA: dict[str, Any] = {
             "type": "object",
             "required": ["name"],
             "properties": {
-                "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"},
+                "name": {"type": "string", "pattern": NAME.pattern},
                 "description": {"type": "string"},
                 "parameters": {"type": "object", "description": "A JSON schema of an object"},
             },
