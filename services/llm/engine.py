@@ -7,7 +7,6 @@ llama.cpp model cannot move its layers once loaded.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -21,6 +20,7 @@ from llama_cpp import llama_grammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from services.llm.prefixes import PrefixStates
+from services.llm.schema_grammar import Unenforceable, gbnf
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,9 @@ def grammar_for(params: Params) -> llama_grammar.LlamaGrammar | None:
     """The grammar that constrains the output, if any; BadSchema for a schema that has none."""
     if params.json_schema is not None:
         try:
-            return llama_grammar.LlamaGrammar.from_json_schema(json.dumps(params.json_schema), verbose=False)
+            return llama_grammar.LlamaGrammar.from_string(gbnf(params.json_schema), verbose=False)
+        except Unenforceable as exc:
+            raise BadSchema(f"the json_schema{exc.where}: {exc}") from None
         except Exception as exc:  # the converter raises anything from KeyError to RecursionError
             raise BadSchema(f"the json_schema cannot be used to constrain the output ({type(exc).__name__})") from None
     if params.grammar is not None:

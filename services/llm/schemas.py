@@ -62,17 +62,17 @@ class ChatMessage(BaseModel):
 def prompt_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     """The messages as the chat template takes them: assistant calls and tool results in
     the fallback format of services.llm.tools."""
-    names: dict[str, str] = {}
+    calls_by_id: dict[str, str] = {}
     out = []
     for message in messages:
         if message.role == "assistant" and message.tool_calls:
             calls = [c.model_dump() for c in message.tool_calls]
-            names |= {c.id: c.function.name for c in message.tool_calls}
+            calls_by_id |= {c.id: f"{c.function.name}({c.function.arguments})" for c in message.tool_calls}
             text = "\n".join(filter(None, [message.text(), rendered_calls(calls)]))
             out.append({"role": "assistant", "content": text})
         elif message.role == "tool":
-            name = message.name or names.get(message.tool_call_id or "")
-            out.append({"role": "user", "content": rendered_result(name, message.tool_call_id, message.text())})
+            call = calls_by_id.get(message.tool_call_id or "") or message.name
+            out.append({"role": "user", "content": rendered_result(call, message.text())})
         else:
             out.append(message.plain())
     return out

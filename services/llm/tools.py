@@ -6,8 +6,8 @@ The fallback format, the same for every model this service loads:
   ``{"tool_calls": [{"name": ..., "arguments": {...}}]}``;
 - an assistant message that called tools is rendered as that same JSON, so the model
   sees its own calls the way it is asked to make them;
-- a tool's result (``role: "tool"``) becomes a user turn that names the tool and the
-  call it answers.
+- a tool's result (``role: "tool"``) becomes a user turn that names the call it
+  answers, as ``name(arguments)``.
 
 The output is constrained by a llama.cpp grammar built from the tools' schemas: with
 ``required`` or a named tool it must be a call, whose arguments match that tool's
@@ -23,9 +23,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from llama_cpp import llama_grammar
-
 from services.llm.engine import into_system
+from services.llm.schema_grammar import Unenforceable, gbnf
 
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_PARALLEL = 8
@@ -98,7 +97,10 @@ def parse_tools(raw: list[dict[str, Any]]) -> list[Tool]:
                 f"tool {name!r}: parameters must be a JSON schema of an object", f"{where}.function.parameters"
             )
         try:
-            llama_grammar.json_schema_to_gbnf(json.dumps(parameters))
+            gbnf(parameters)
+        except Unenforceable as exc:
+            field = f"{where}.function.parameters{exc.where}"
+            raise BadTool(f"tool {name!r}: parameters{exc.where}: {exc}", field) from None
         except Exception as exc:  # the converter raises anything from KeyError to RecursionError
             raise BadTool(
                 f"tool {name!r}: its parameters schema cannot constrain the output ({type(exc).__name__})",
@@ -154,7 +156,7 @@ def grammar(mode: str, tools: list[Tool], parallel: bool) -> str | None:
     """GBNF for the answer: None for free text."""
     if mode == "none" or not tools:
         return None
-    calls = llama_grammar.json_schema_to_gbnf(json.dumps(calls_schema(tools, parallel)))
+    calls = gbnf(calls_schema(tools, parallel))
     if mode == "required":
         return calls
     # auto: the calls' grammar under another name, beside text that cannot start a call.
@@ -186,11 +188,14 @@ def rendered_calls(calls: list[dict[str, Any]]) -> str:
     return json.dumps({"tool_calls": out})
 
 
-def rendered_result(name: str | None, call_id: str | None, content: str) -> str:
-    """A tool's result, as a user turn."""
+def rendered_result(call: str | None, content: str) -> str:
+    """A tool's result, as a user turn. ``call``: the call it answers, as ``name(arguments)``.
+
+    The call's id is left out: ids are random, and a prompt that changes with them changes
+    what a small model answers (SmolLM2 did: with some ids it left the result out of its answer)."""
     # The last line: small models otherwise call the same tool again instead of answering.
     return (
-        f"Result of the tool {name or '(unnamed)'} (call {call_id or '?'}):\n{content}\n\n"
+        f"Result of {call or 'a tool'}:\n{content}\n\n"
         "Answer with this result, in plain text, unless another tool is needed."
     )
 
