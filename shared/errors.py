@@ -118,6 +118,12 @@ class TooManyRequests(APIError):
         super().__init__(message, code=code, headers=headers)
 
 
+class BadGateway(APIError):
+    status = 502
+    type = "server_error"
+    default_code = "backend_failed"
+
+
 class ServiceUnavailable(APIError):
     status = 503
     type = "service_unavailable_error"

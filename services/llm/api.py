@@ -49,6 +49,7 @@ CLIENT_GONE = 499
 
 Remember = Callable[[str], Awaitable[None]]
 CACHE_HEADER = "X-Baton-Cache"
+BACKEND_HEADER = "X-Baton-Backend"
 
 
 def fresh_wanted(request: Request) -> bool:
@@ -58,6 +59,7 @@ def fresh_wanted(request: Request) -> bool:
 
 def marked(response: Response, session: Answering) -> Response:
     response.headers[CACHE_HEADER] = "hit" if session.cached else "miss"
+    response.headers[BACKEND_HEADER] = session.backend
     return response
 
 
@@ -128,7 +130,7 @@ def build_router(chat: ChatService, auth: Auth, conversations: ConversationStore
 
     @router.get("/v1/models", dependencies=user, response_model=ModelList)
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=chat.model_id, created=0, owned_by="baton")])
+        return ModelList(data=[ModelCard(id=m, created=0, owned_by="baton") for m in chat.models()])
 
     @router.post(
         "/v1/chat/completions",
@@ -149,7 +151,13 @@ def build_router(chat: ChatService, auth: Auth, conversations: ConversationStore
         calling = _tooling(body)
         params = _params(body, chat.max_tokens(body.max_completion_tokens or body.max_tokens, also=body.max_tokens))
         params.grammar = calling.grammar
-        job = Job(messages=with_tools(prompt_messages(body.messages), calling.tools), params=params, rag=body.rag)
+        job = Job(
+            messages=with_tools(prompt_messages(body.messages), calling.tools),
+            params=params,
+            rag=body.rag,
+            model=body.model,
+            route=body.route,
+        )
         job = await continuing(as_caller(job, request), body.conversation)
         job.use_cache = not fresh_wanted(request)
         slot = await auth.stream_slot(request) if body.stream else None

@@ -10,18 +10,21 @@ from typing import Any
 from fastapi import FastAPI
 
 from services.llm.api import build_router, client_gone
+from services.llm.backends import BackendsFileError
+from services.llm.backends import load as load_backends
 from services.llm.cache import ResponseCache
 from services.llm.chat import ChatMetrics, ChatService, ClientGone
 from services.llm.conversations import ConversationStore
 from services.llm.engine import Engine, can_offload
 from services.llm.memories import Memories
 from services.llm.placement import GpuPolicy, PlacementMetrics
+from services.llm.remote import BackendMetrics, Remote
 from services.llm.settings import LLMSettings
 from services.llm.slot import ModelSlot
 from shared.client import ServiceClient
 from shared.gpu import vram_estimate_mb
 from shared.service import Foundation, model
-from shared.settings import load_settings
+from shared.settings import ConfigError, load_settings
 from shared.web import Readiness
 
 SERVICE_SCOPES = ("gpu", "rag:read")
@@ -52,7 +55,14 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
         guards.redis, settings.limits.key_prefix, settings.max_conversations, settings.max_conversation_messages
     )
     cache = ResponseCache(settings.cache_ttl_s, settings.cache_entries)
-    chat = ChatService(engine, policy, memories, settings, chat_metrics, model_id, slot, conversations, cache)
+    remote = None
+    if settings.backends_file is not None:
+        try:
+            backends = load_backends(settings.backends_file, model_id)
+        except BackendsFileError as exc:
+            raise ConfigError(f"GEMMA_BACKENDS_FILE: {exc}") from None
+        remote = Remote(backends, BackendMetrics(metrics))
+    chat = ChatService(engine, policy, memories, settings, chat_metrics, model_id, slot, conversations, cache, remote)
     state = {"loaded": False}
 
     @asynccontextmanager
@@ -65,6 +75,8 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
             await policy.close()
             await gpu.aclose()
             await memories.aclose()
+            if remote is not None:
+                await remote.aclose()
             await asyncio.to_thread(engine.close)
             await guards.aclose()
 
@@ -90,6 +102,7 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
             "handoff": policy.settings_summary(),
             "response_cache": cache.info(),
             "prefix_states": engine.prefixes.info(),
+            "backends": remote.info() if remote is not None else [],
         }
 
     app = base.app(settings.max_body_mb, lifespan=lifespan, ready=ready, info=info, public_info=public_info)
@@ -102,7 +115,7 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
         schemas = document.get("components", {}).get("schemas", {})
         model = schemas.get("ChatCompletionRequest", {}).get("properties", {}).get("model")
         if model is not None:
-            model["enum"] = [model_id]
+            model["enum"] = chat.models()
         for model in ("ChatCompletionRequest", "SeedChatRequest"):
             fields = schemas.get(model, {}).get("properties", {})
             for name in ("max_tokens", "max_completion_tokens"):

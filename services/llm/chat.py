@@ -17,14 +17,15 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+from services.llm.answer import Answer, Done
 from services.llm.cache import Cached, ResponseCache
 from services.llm.conversations import Conversation, ConversationStore
 from services.llm.engine import BadSchema, Engine, Finished, Message, Params, grammar_for
 from services.llm.memories import Memories, Passage
-from services.llm.placement import GpuPolicy, Placement
-from services.llm.prompting import ContextTooLong, Fitted, fit
+from services.llm.placement import GpuBusy, GpuPolicy, Placement
+from services.llm.prompting import ContextTooLong, Fitted, fit, with_memories
+from services.llm.remote import Remote, RemoteSession, Upstream
 from services.llm.schemas import RagOptions
 from services.llm.settings import LLMSettings
 from services.llm.slot import ModelSlot
@@ -87,48 +88,16 @@ class Job:
     use_cache: bool = True
     """False: answer afresh (the request said ``Cache-Control: no-cache``)."""
     cache_key: str | None = None
-
-
-@dataclass
-class Done:
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    sources: list[dict[str, Any]]
-    rag_context_used: int
-    gpu_wait_time: float
-    inference_time: float
-    device: str
-    warnings: list[str]
-    summarized_messages: int | None = None
-    """In a conversation: how many of its messages the prompt carried as a summary."""
-
-    def usage(self) -> dict[str, int]:
-        usage = {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
-        if self.summarized_messages is not None:
-            usage["summarized_messages"] = self.summarized_messages
-        return usage
-
-
-class Answer:
-    """What Session and CachedSession share: how the answer ended."""
-
-    done: Done | None = None
-
-    @property
-    def result(self) -> Done:
-        """How the answer ended; only once ``tokens()`` has run to its end."""
-        if self.done is None:
-            raise RuntimeError("the answer has not finished")
-        return self.done
+    model: str = ""
+    """The model the request names ("" or the local model's id: the local model)."""
+    route: str | None = None
+    """The request's routing hint, matched against the backends file's ``hint`` rules."""
 
 
 class Session(Answer):
     """A request that holds the model slot. Iterate ``tokens()``, then ``close()``."""
+
+    holds_slot = True
 
     def __init__(
         self, service: ChatService, job: Job, fitted: Fitted, placement: Placement, warnings: list[str], rag_used: int
@@ -143,9 +112,6 @@ class Session(Answer):
         self._worker: asyncio.Future[None] | None = None
         self._closed = False
         self.done: Done | None = None
-
-    cached = False
-    """Whether the answer comes from the response cache (it never does here)."""
 
     async def tokens(self) -> AsyncIterator[str]:
         """Text pieces as the model makes them; ``self.done`` is set after the last."""
@@ -233,7 +199,8 @@ class CachedSession(Answer):
         return None
 
 
-Answering = Session | CachedSession
+Answering = Answer
+"""A Session, a CachedSession or a RemoteSession."""
 
 
 class ChatService:
@@ -248,6 +215,7 @@ class ChatService:
         slot: ModelSlot,
         conversations: ConversationStore | None = None,
         cache: ResponseCache | None = None,
+        remote: Remote | None = None,
     ) -> None:
         self.engine = engine
         self.policy = policy
@@ -258,14 +226,19 @@ class ChatService:
         self.slot = slot
         self.conversations = conversations
         self.cache = cache
+        self.remote = remote
         self.admitted = 0
         """Requests between admission and close: the one running and those waiting. Taken
         before the first await, so a simultaneous burst cannot slip past the limit."""
 
+    def models(self) -> list[str]:
+        """The local model first, then every backend's."""
+        return [self.model_id, *(self.remote.models() if self.remote is not None else [])]
+
     def check_model(self, name: str) -> None:
-        if name != self.model_id:
+        if name not in self.models():
             raise NotFound(
-                f"the model {name!r} does not exist; this service serves {self.model_id!r}",
+                f"the model {name!r} does not exist; this service serves {', '.join(map(repr, self.models()))}",
                 param="model",
                 code="model_not_found",
             )
@@ -297,6 +270,11 @@ class ChatService:
 
     async def open(self, job: Job, disconnected: Callable[[], Awaitable[object]]) -> Answering:
         self.check(job)
+        if self.remote is not None and job.model not in ("", self.model_id):  # a backend's model
+            if job.params.grammar is not None:
+                raise BadRequest("tools are served by the local model only", param="tools", code="invalid_tool")
+            passages, warnings = await self._passages(job)
+            return await self._remote_answer(job, passages, warnings, self.remote.for_model(job.model))
         if self.admitted > self.settings.max_queue:  # one running and max_queue waiting
             raise TooManyRequests("the model is busy and its queue is full", retry_after_s=2)
         self.admitted += 1
@@ -305,16 +283,26 @@ class ChatService:
         except BaseException:
             self.admitted -= 1
             raise
-        if answering.cached:
+        if not answering.holds_slot:
             self.admitted -= 1
         return answering
 
-    async def _open(self, job: Job, disconnected: Callable[[], Awaitable[object]]) -> Answering:
+    async def _passages(self, job: Job) -> tuple[list[Passage], list[str]]:
+        """The request's own context, then the caller's memories."""
         passages, warnings = await self._memories(job)
-        passages = [
+        given = [
             Passage(f"context-{i}", text, 2.0, {"source": "request"}, origin="request")
             for i, text in enumerate(job.context)
-        ] + passages
+        ]
+        return given + passages, warnings
+
+    async def _open(self, job: Job, disconnected: Callable[[], Awaitable[object]]) -> Answering:
+        passages, warnings = await self._passages(job)
+        remote = self.remote if job.params.grammar is None else None  # tools stay local
+        if remote is not None:
+            moved = remote.routed(job.route, lambda: self._prompt_size(job, passages))
+            if moved:
+                return await self._remote_answer(job, passages, warnings, moved)
         if self.cache is not None:
             job.cache_key = self.cache.key(self.model_id, job, passages)
             if job.cache_key is None:
@@ -328,13 +316,18 @@ class ChatService:
                 self.metrics.cache.labels("miss").inc()
         fitted = await self._fit(job, passages)
         await self._take_slot(disconnected)
+        rule = remote.gpu_wait_rule() if remote is not None else None
         try:
-            placement = await self.policy.place()
+            placement = await self.policy.place(budget_s=rule[0] if rule else None)
             if job.conversation is not None and fitted.dropped_turns:
                 # Too long for the window: the model summarizes the oldest turns, while
                 # it holds the slot anyway, and the prompt carries that summary instead.
                 await self._summarize(job.conversation, fitted.dropped_turns, placement)
                 fitted = await self._fit(job, passages)
+        except GpuBusy:  # past the rule's budget: the rule's backend rather than the CPU
+            self.slot.release()
+            assert rule is not None
+            return await self._remote_answer(job, passages, warnings, rule[1])
         except BaseException:
             self.slot.release()
             raise
@@ -344,6 +337,25 @@ class ChatService:
             warnings.append("the GPU was busy: answered on the CPU")
         rag_used = sum(1 for p in fitted.passages if p.origin == "memory")
         return Session(self, job, fitted, placement, warnings, rag_used)
+
+    def _prompt_size(self, job: Job, passages: list[Passage]) -> int:
+        """The prompt's tokens by the local model's tokenizer (for prompt-size rules)."""
+        history = job.conversation.history() if job.conversation is not None else []
+        messages = with_memories(history + job.messages, passages)
+        return sum(self.engine.count(m["content"]) for m in messages)
+
+    async def _remote_answer(
+        self, job: Job, passages: list[Passage], warnings: list[str], candidates: list[tuple[Upstream, str]]
+    ) -> RemoteSession:
+        """The answer from the first candidate that gives a first token. The whole
+        conversation goes with the memories; fitting it is the backend's business."""
+        assert self.remote is not None
+        history = job.conversation.history() if job.conversation is not None else []
+        messages = with_memories(history + job.messages, passages)
+        rag_used = sum(1 for p in passages if p.origin == "memory")
+        session = RemoteSession(self.remote.metrics, passages, job.reveal, warnings, rag_used)
+        await session.open(candidates, messages, job.params)
+        return session
 
     async def _fit(self, job: Job, passages: list[Passage]) -> Fitted:
         history = job.conversation.history() if job.conversation is not None else []

@@ -44,6 +44,10 @@ class PlacementMetrics:
         self.lease_held = metrics.gauge("llm_gpu_lease_held", "1 while the LLM holds the GPU lease.")
 
 
+class GpuBusy(Exception):
+    """The lease was not granted within the budget the caller gave (a backend answers instead)."""
+
+
 @dataclass
 class Placement:
     device: Literal["gpu", "cpu"]
@@ -94,8 +98,9 @@ class GpuPolicy:
             "holding_lease": self._lease is not None and not self._lease.lost,
         }
 
-    async def place(self) -> Placement:
-        """Called holding the slot, before generating."""
+    async def place(self, budget_s: float | None = None) -> Placement:
+        """Called holding the slot, before generating. ``budget_s``: wait at most this long
+        for the lease (below GEMMA_GPU_WAIT_MS), then raise GpuBusy instead of the fallback."""
         if self._keeper is not None:
             self._keeper.cancel()
             self._keeper = None
@@ -108,13 +113,15 @@ class GpuPolicy:
                 self._lease = await self._gpu.acquire(
                     HOLDER,
                     "interactive",
-                    wait_s=self._settings.gpu_wait_ms / 1000,
+                    wait_s=min(self._settings.gpu_wait_ms / 1000, budget_s if budget_s is not None else 1e9),
                     ttl_ms=self._settings.lease_ttl_ms,
                     vram_mb=self.vram_mb,
                 )
             except GpuUnavailable as exc:
                 waited = time.monotonic() - started
                 self._metrics.gpu_wait.observe(waited)
+                if budget_s is not None:
+                    raise GpuBusy(exc.reason) from None
                 self._metrics.fallbacks.inc()
                 if self._settings.gpu_fallback == "fail":
                     raise ServiceUnavailable(

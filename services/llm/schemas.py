@@ -170,6 +170,11 @@ class ChatCompletionRequest(BaseModel):
         description="A stored conversation (POST /v1/conversations) this turn continues: its history goes "
         "in front of messages, and the turn and the answer are appended to it",
     )
+    route: str | None = Field(
+        default=None,
+        max_length=64,
+        description="A routing hint (e.g. complex) matched against the hint rules of GEMMA_BACKENDS_FILE",
+    )
     # Not supported: the schema says which values pass (a validator below says why the rest do not).
     logprobs: Boolean | None = Field(default=None, json_schema_extra={"enum": [False, None]})
     top_logprobs: Integer | None = Field(default=None, json_schema_extra={"enum": [0, None]})
@@ -242,7 +247,7 @@ class SeedChatResponse(BaseModel):
 class BatonExtras(BaseModel):
     """Baton's own facts about an answer, beside OpenAI's fields."""
 
-    device: str = Field(description="Where the answer was computed: gpu or cpu")
+    device: str = Field(description="Where the answer was computed: gpu, cpu, or backend:<name> (a remote backend)")
     gpu_wait_time: float = Field(description="Seconds spent waiting for the GPU")
     inference_time: float = Field(description="Seconds from the first token asked to the last made")
     rag_context_used: int = Field(description="Memories put into the prompt")

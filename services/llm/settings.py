@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field
@@ -69,6 +70,8 @@ class LLMSettings(ServiceSettings):
     """Device memory this service declares in its leases (weights, KV cache, CUDA context).
     Unset: estimated from the GGUF's size (shared.gpu.vram_estimate_mb), which leaves out
     a long context's KV cache: set it on a card where memory is tight."""
+    backends_file: Path | None = None
+    """A YAML file of remote OpenAI-compatible backends and routing rules (services/llm/backends.py)."""
     force_reload: bool = False
     """Reload the model to move layers even on a llama.cpp build that cannot offload (tests)."""
 

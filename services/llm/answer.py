@@ -1,0 +1,59 @@
+"""What every answer shares, local, cached or remote: how it ended and who answered."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Done:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    sources: list[dict[str, Any]]
+    rag_context_used: int
+    gpu_wait_time: float
+    inference_time: float
+    device: str
+    warnings: list[str]
+    summarized_messages: int | None = None
+    """In a conversation: how many of its messages the prompt carried as a summary."""
+
+    def usage(self) -> dict[str, int]:
+        usage = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+        if self.summarized_messages is not None:
+            usage["summarized_messages"] = self.summarized_messages
+        return usage
+
+
+class Answer:
+    """What every answer (Session, CachedSession, RemoteSession) shares: how it ended,
+    who answered, and whether it holds the local model slot."""
+
+    done: Done | None = None
+    backend = "local"
+    """Who answered: ``local`` or a backend's name (X-Baton-Backend)."""
+    holds_slot = False
+    cached = False
+    """Whether the answer comes from the response cache."""
+
+    @property
+    def result(self) -> Done:
+        """How the answer ended; only once ``tokens()`` has run to its end."""
+        if self.done is None:
+            raise RuntimeError("the answer has not finished")
+        return self.done
+
+    async def tokens(self) -> AsyncIterator[str]:
+        """Text pieces as they come; ``done`` is set after the last."""
+        raise NotImplementedError
+        yield ""
+
+    async def close(self, *, client_gone: bool) -> None:
+        raise NotImplementedError
