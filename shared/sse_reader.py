@@ -4,6 +4,7 @@ services, the CLI, the tests and the benchmarks use.
     with http.stream("GET", url) as response:
         for event in read_events(response.iter_lines()): ...
         for body in read_json(response.iter_lines()): ...   # data as JSON, up to [DONE]
+    async for body in aread_json(response.aiter_lines()): ...
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ async def aread_events(lines: AsyncIterable[str]) -> AsyncIterator[Event]:
 def read_json(lines: Iterable[str]) -> Iterator[Any]:
     """The data of each event as JSON, until ``[DONE]``."""
     for event in read_events(lines):
+        if event.data == DONE:
+            return
+        yield event.json()
+
+
+async def aread_json(lines: AsyncIterable[str]) -> AsyncIterator[Any]:
+    """``read_json`` over an async stream of lines."""
+    async for event in aread_events(lines):
         if event.data == DONE:
             return
         yield event.json()

@@ -22,7 +22,7 @@ from services.llm.answer import Answer, Done
 from services.llm.cache import Cached, ResponseCache
 from services.llm.conversations import Conversation, ConversationStore
 from services.llm.engine import BadSchema, Engine, Finished, Message, Params, grammar_for
-from services.llm.memories import Memories, Passage
+from services.llm.memories import Memories, Passage, sources
 from services.llm.placement import GpuBusy, GpuPolicy, Placement
 from services.llm.prompting import ContextTooLong, Fitted, fit, with_memories
 from services.llm.remote import Remote, RemoteSession, Upstream
@@ -152,9 +152,7 @@ class Session(Answer):
             finish_reason=item.reason,
             prompt_tokens=item.prompt_tokens,
             completion_tokens=item.completion_tokens,
-            sources=[
-                p.public() if self._job.reveal else p.summary() for p in self._fitted.passages if p.origin == "memory"
-            ],
+            sources=sources(self._fitted.passages, self._job.reveal),
             rag_context_used=self._rag_used,
             gpu_wait_time=round(self.placement.gpu_wait_s, 4),
             inference_time=round(ended - started, 4),

@@ -40,6 +40,12 @@ class Passage:
         return {"id": self.id, "score": self.score, "title": self.label()}
 
 
+def sources(passages: list[Passage], reveal: bool) -> list[dict[str, Any]]:
+    """An answer's ``sources``: the memories among its passages, whole when the caller
+    may read them (``reveal``), else which ones."""
+    return [p.public() if reveal else p.summary() for p in passages if p.origin == "memory"]
+
+
 def _clock(seconds: Any) -> str:
     try:
         total = int(float(seconds))

@@ -9,7 +9,6 @@ event and ``[DONE]``. Each backend has a circuit breaker and a concurrency limit
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -20,9 +19,10 @@ import httpx
 from services.llm.answer import Answer, Done
 from services.llm.backends import Backend, Backends
 from services.llm.engine import Message, Params
-from services.llm.memories import Passage
+from services.llm.memories import Passage, sources
 from shared.errors import BadGateway, BadRequest, ServiceUnavailable, TooManyRequests
 from shared.metrics import Metrics
+from shared.sse_reader import aread_json
 
 
 class UpstreamFailed(Exception):
@@ -124,8 +124,6 @@ def upstream_body(model: str, messages: list[Message], params: Params) -> dict[s
 class RemoteSession(Answer):
     """Iterate ``tokens()``, then ``close()``; ``backend`` names who answers."""
 
-    cached = False
-
     def __init__(
         self, metrics: BackendMetrics, passages: list[Passage], reveal: bool, warnings: list[str], rag_used: int
     ) -> None:
@@ -138,8 +136,9 @@ class RemoteSession(Answer):
         self.done: Done | None = None
         self._upstream: Upstream | None = None
         self._response: httpx.Response | None = None
-        self._lines: AsyncIterator[str] | None = None
-        self._first: list[str] = []
+        self._chunks: AsyncIterator[Any] | None = None
+        self._pending: list[str] = []
+        """Pieces read but not yet given out (the first ones, read before committing)."""
         self._usage: dict[str, int] = {}
         self._finish = "stop"
         self._started = 0.0
@@ -196,8 +195,8 @@ class RemoteSession(Answer):
                 if status >= 400:
                     await self._response.aread()
                     raise BadRequest(f"the backend {backend.name!r} refused the request: {refusal(self._response)}")
-                self._lines = self._response.aiter_lines()
-                while not self._first:
+                self._chunks = aread_json(self._response.aiter_lines())
+                while not self._pending:
                     if not await self._read():
                         break
         except (UpstreamFailed, BadRequest):
@@ -214,30 +213,25 @@ class RemoteSession(Answer):
     async def _discard(self) -> None:
         if self._response is not None:
             await self._response.aclose()
-        self._response = self._lines = None
+        self._response = self._chunks = None
 
     async def _read(self) -> bool:
-        """One SSE line into ``_first``/usage; False at the end of the stream."""
-        assert self._lines is not None
-        async for line in self._lines:
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                return False
-            chunk = json.loads(data)  # ValueError: malformed
-            if not isinstance(chunk, dict):
-                raise ValueError("a chunk is not an object")
-            if isinstance(chunk.get("usage"), dict):
-                self._usage = {k: int(v) for k, v in chunk["usage"].items() if isinstance(v, int)}
-            for choice in chunk.get("choices") or []:
-                delta = choice.get("delta") or {}
-                if delta.get("content"):
-                    self._first.append(str(delta["content"]))
-                if choice.get("finish_reason"):
-                    self._finish = str(choice["finish_reason"])
-            return True
-        return False
+        """One chunk into ``_pending`` and the usage; False at the end of the stream."""
+        assert self._chunks is not None
+        chunk = await anext(self._chunks, None)  # ValueError: not JSON
+        if chunk is None:
+            return False
+        if not isinstance(chunk, dict):
+            raise ValueError("a chunk is not an object")
+        if isinstance(chunk.get("usage"), dict):
+            self._usage = {k: int(v) for k, v in chunk["usage"].items() if isinstance(v, int)}
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                self._pending.append(str(delta["content"]))
+            if choice.get("finish_reason"):
+                self._finish = str(choice["finish_reason"])
+        return True
 
     async def tokens(self) -> AsyncIterator[str]:
         upstream = self._upstream
@@ -245,10 +239,10 @@ class RemoteSession(Answer):
         pieces = 0
         try:
             while True:
-                while self._first:
+                while self._pending:
                     pieces += 1
-                    yield self._first.pop(0)
-                if self._lines is None or not await self._read():
+                    yield self._pending.pop(0)
+                if self._chunks is None or not await self._read():
                     break
         except (httpx.HTTPError, ValueError) as exc:
             upstream.breaker.failed()
@@ -264,7 +258,7 @@ class RemoteSession(Answer):
             finish_reason=self._finish,
             prompt_tokens=self._usage.get("prompt_tokens", 0),
             completion_tokens=completion,
-            sources=[p.public() if self._reveal else p.summary() for p in self._passages if p.origin == "memory"],
+            sources=sources(self._passages, self._reveal),
             rag_context_used=self._rag_used,
             gpu_wait_time=0.0,
             inference_time=round(ended - self._started, 4),

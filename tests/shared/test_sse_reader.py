@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from shared.sse_reader import Event, aread_events, read_events, read_json
+from shared.sse_reader import Event, aread_events, aread_json, read_events, read_json
 
 LINES = [
     ": a comment, skipped",
@@ -48,3 +48,9 @@ async def test_the_async_reader_gives_the_same_events() -> None:
             yield line
 
     assert [event async for event in aread_events(lines())] == list(read_events(LINES))
+
+    async def json_lines() -> AsyncIterator[str]:
+        for line in LINES[11:]:
+            yield line
+
+    assert [body async for body in aread_json(json_lines())] == [{"n": 1}]
