@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -344,20 +345,36 @@ def test_a_backend_at_its_concurrency_limit_is_a_429_with_retry_after(
     start_llm: StartLlm, llama_server: LlamaServer, tmp_path: Path
 ) -> None:
     path = backends_file(
-        tmp_path, {"name": "smol", "url": llama_server.url, "models": [REMOTE_MODEL], "max_concurrency": 1}
+        tmp_path,
+        {"name": "smol", "url": llama_server.url, "models": [REMOTE_MODEL], "max_concurrency": 1, "timeout_s": 60},
     )
     baton = start_llm(backends_file=str(path), keep_alive_s=0)
-    body = {"model": REMOTE_MODEL, "messages": [{"role": "user", "content": "Tell a story."}], "max_tokens": 200}
-    with baton.http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as first:
-        next(first.iter_lines())  # the first answer is under way
+    body = {"model": REMOTE_MODEL, "messages": [{"role": "user", "content": "Tell a story."}], "max_tokens": 8}
+    in_flight = lambda: baton.info()["backends"][0]["in_flight"]  # noqa: E731
+    answers: list[httpx.Response] = []
+    llama_server.process.send_signal(signal.SIGSTOP)  # the backend holds every request it gets
+    try:
+        first = threading.Thread(target=lambda: answers.append(baton.http.post("/v1/chat/completions", json=body)))
+        first.start()
+        wait_until(lambda: in_flight() == 1, 30, "the first request sent to the backend")
         second = baton.http.post("/v1/chat/completions", json=body)
         assert second.status_code == 429 and int(second.headers["Retry-After"]) >= 1
         assert second.json()["error"]["type"] == "rate_limit_error"
-    # The client left mid-answer: the upstream request is closed and its slot given back.
-    wait_until(lambda: baton.metric("llm_backend_requests_total", backend="smol", outcome="client_gone") == 1, 30, "")
-    assert baton.info()["backends"][0]["in_flight"] == 0
-    third = baton.http.post("/v1/chat/completions", json={**body, "max_tokens": 4})
-    assert third.status_code == 200
+    finally:
+        llama_server.process.send_signal(signal.SIGCONT)
+    first.join(60)
+    assert answers and answers[0].status_code == 200
+
+    # A client that leaves while its answer is under way: the upstream request is closed.
+    llama_server.process.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            baton.http.post("/v1/chat/completions", json={**body, "stream": True}, timeout=1)
+    finally:
+        llama_server.process.send_signal(signal.SIGCONT)
+    wait_until(lambda: baton.metric("llm_backend_requests_total", backend="smol", outcome="client_gone") == 1, 60, "")
+    assert in_flight() == 0
+    assert baton.http.post("/v1/chat/completions", json=body).status_code == 200
 
 
 @pytest.mark.slow
