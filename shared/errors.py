@@ -107,6 +107,14 @@ class PayloadTooLarge(APIError):
     default_code = "payload_too_large"
 
 
+class Unprocessable(APIError):
+    """Well-formed, but what it asks for cannot be done (SQL the checks refuse)."""
+
+    status = 422
+    type = "invalid_request_error"
+    default_code = "unprocessable"
+
+
 class TooManyRequests(APIError):
     status = 429
     type = "rate_limit_error"

@@ -1,5 +1,5 @@
 """The OpenAPI document as the services really answer: errors in OpenAI's envelope
-with 400 (never FastAPI's 422), the statuses every authenticated route can give, and a
+with 400 (never FastAPI's 422 for validation), the statuses every authenticated route can give, and a
 bearer security scheme."""
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def honest_openapi(app: FastAPI) -> dict[str, Any]:
     for path, operations in document.get("paths", {}).items():
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
-            responses.pop("422", None)
+            if responses.get("422", {}).get("description") == "Validation Error":
+                del responses["422"]  # FastAPI's: its validation errors are answered 400
             statuses = ["400"] if path in OPEN else list(_STATUSES)
             for status in statuses:
                 responses.setdefault(status, {"description": _STATUSES[status], **error_ref})

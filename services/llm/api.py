@@ -80,6 +80,17 @@ async def _collect(session: Answering, request: Request) -> str:
         raise ClientGone() from None
 
 
+async def answer_whole(session: Answering, request: Request) -> tuple[str, Done]:
+    """The whole answer and how it ended; the session is closed either way."""
+    try:
+        text = await _collect(session, request)
+    except BaseException as error:
+        await session.close(client_gone=isinstance(error, ClientGone))
+        raise
+    await session.close(client_gone=False)
+    return text, session.result
+
+
 def build_router(chat: ChatService, auth: Auth, conversations: ConversationStore) -> APIRouter:
     router = APIRouter(tags=["chat"])
     user = [Depends(auth.require("chat"))]
@@ -118,15 +129,6 @@ def build_router(chat: ChatService, auth: Auth, conversations: ConversationStore
             if slot is not None:
                 await slot.close()
             raise
-
-    async def answer_whole(session: Answering, request: Request) -> tuple[str, Done]:
-        try:
-            text = await _collect(session, request)
-        except BaseException as error:
-            await session.close(client_gone=isinstance(error, ClientGone))
-            raise
-        await session.close(client_gone=False)
-        return text, session.result
 
     @router.get("/v1/models", dependencies=user, response_model=ModelList)
     async def models() -> ModelList:

@@ -21,6 +21,10 @@ from services.llm.placement import GpuPolicy, PlacementMetrics
 from services.llm.remote import BackendMetrics, Remote
 from services.llm.settings import LLMSettings
 from services.llm.slot import ModelSlot
+from services.llm.sql.api import build_router as build_sql_router
+from services.llm.sql.databases import BadDatabaseUrl, Database, open_database
+from services.llm.sql.service import SqlService
+from shared import __version__
 from shared.client import ServiceClient
 from shared.gpu import vram_estimate_mb
 from shared.service import Foundation, model
@@ -63,6 +67,9 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
             raise ConfigError(f"GEMMA_BACKENDS_FILE: {exc}") from None
         remote = Remote(backends, BackendMetrics(metrics))
     chat = ChatService(engine, policy, memories, settings, chat_metrics, model_id, slot, conversations, cache, remote)
+    sql = SqlService(_databases(settings), settings.sql_default_database, settings.sql_timeout_s)
+    if sql.default is None and sql.databases:
+        sql.default = next(iter(sql.databases))
     state = {"loaded": False}
 
     @asynccontextmanager
@@ -103,10 +110,16 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
             "response_cache": cache.info(),
             "prefix_states": engine.prefixes.info(),
             "backends": remote.info() if remote is not None else [],
+            "sql_databases": sql.info(),
         }
+
+    def seed_info() -> dict[str, Any]:
+        """The seed's ``GET /info``."""
+        return {"model": model_id, "threads": engine.threads, "context_size": engine.n_ctx, "version": __version__}
 
     app = base.app(settings.max_body_mb, lifespan=lifespan, ready=ready, info=info, public_info=public_info)
     app.include_router(build_router(chat, auth, conversations))
+    app.include_router(build_sql_router(chat, sql, auth, seed_info))
     app.add_exception_handler(ClientGone, client_gone)
 
     def max_tokens_in_schema(document: dict[str, Any]) -> None:
@@ -125,3 +138,17 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
 
     app.state.openapi_refinements = [max_tokens_in_schema]
     return app
+
+
+def _databases(settings: LLMSettings) -> dict[str, Database]:
+    """GEMMA_SQL_DATABASES, each SQLite file read now; a bad entry stops the start."""
+    databases = {}
+    for name, url in settings.sql_databases.items():
+        try:
+            databases[name] = open_database(name, url)
+        except BadDatabaseUrl as exc:
+            raise ConfigError(f"GEMMA_SQL_DATABASES: {exc}") from None
+    default = settings.sql_default_database
+    if default is not None and default not in databases:
+        raise ConfigError(f"GEMMA_SQL_DEFAULT_DATABASE: {default!r} is not in GEMMA_SQL_DATABASES")
+    return databases

@@ -160,6 +160,11 @@ class Engine:
             raise RuntimeError("the model is not loaded")
         return self._llama
 
+    @property
+    def threads(self) -> int | None:
+        """CPU threads llama.cpp decodes with (its own choice unless GEMMA_THREADS says)."""
+        return self._llama.n_threads if self._llama is not None else self._threads
+
     def load(self, gpu_layers: int) -> float:
         """(Re)load with ``gpu_layers`` layers on the GPU; returns the seconds it took."""
         with self._lock:

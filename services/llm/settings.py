@@ -72,6 +72,14 @@ class LLMSettings(ServiceSettings):
     a long context's KV cache: set it on a card where memory is tight."""
     backends_file: Path | None = None
     """A YAML file of remote OpenAI-compatible backends and routing rules (services/llm/backends.py)."""
+    sql_databases: dict[str, str] = Field(default_factory=dict)
+    """Databases ``POST /v1/sql`` may name, as JSON: ``{"inventory": "sqlite:////data/inventory.db",
+    "sales": "postgresql://reader@db/sales"}``. SQLite files are opened read-only; on
+    PostgreSQL give a read-only role and keep its password in a pgpass file (PGPASSFILE)."""
+    sql_default_database: str | None = None
+    """The database the seed's ``POST /query`` uses (default: the first one)."""
+    sql_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    """A statement running longer is stopped (422 query_timeout)."""
     force_reload: bool = False
     """Reload the model to move layers even on a llama.cpp build that cannot offload (tests)."""
 

@@ -1,0 +1,87 @@
+"""Routes of text-to-SQL: ``POST /v1/sql``, and the seed's ``POST /query`` and ``GET /info``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from services.llm.api import answer_whole
+from services.llm.chat import ChatService
+from services.llm.engine import Params
+from services.llm.sql.schemas import SeedInfo, SeedQueryRequest, SeedQueryResponse, SqlRequest, SqlResponse
+from services.llm.sql.service import Result, SqlService, Target
+from shared.web import Auth, until_disconnected
+
+REFUSED: dict[int | str, dict[str, Any]] = {
+    422: {
+        "description": "The statement the model wrote was refused (invalid_sql), or the database refused "
+        "or stopped it (query_failed, query_timeout); nothing was changed"
+    }
+}
+DEFAULT_MAX_TOKENS = 256
+"""A statement's tokens when the request gives none: room for a three-table join."""
+
+
+def build_router(chat: ChatService, sql: SqlService, auth: Auth, about: Callable[[], dict[str, Any]]) -> APIRouter:
+    router = APIRouter(tags=["sql"])
+    chatter = [Depends(auth.caller("chat"))]
+
+    async def answer(
+        target: Target,
+        question: str,
+        temperature: float,
+        max_tokens: int | None,
+        request: Request,
+        execute: bool = False,
+        max_rows: int = 100,
+    ) -> tuple[Result, int]:
+        """The checked statement (run when asked) and the tokens the model spent on it."""
+        limit = chat.max_tokens(
+            max_tokens if max_tokens is not None else min(DEFAULT_MAX_TOKENS, chat.settings.max_tokens)
+        )
+        job = sql.job(target, question, Params(max_tokens=limit, temperature=temperature))
+        session = await chat.open(job, lambda: until_disconnected(request))
+        text, done = await answer_whole(session, request)
+        return await sql.finish(text, target, execute, max_rows), done.completion_tokens
+
+    @router.post("/v1/sql", dependencies=chatter, response_model=SqlResponse, responses=REFUSED)
+    async def to_sql(body: SqlRequest, request: Request) -> SqlResponse:
+        started = time.monotonic()
+        sql.check_question(body.question)
+        target = sql.target(body.schema_, body.database)
+        result, tokens = await answer(
+            target,
+            body.question,
+            body.temperature,
+            body.max_tokens,
+            request,
+            execute=body.execute,
+            max_rows=body.max_rows,
+        )
+        return SqlResponse(
+            sql=result.sql,
+            tables=result.tables,
+            columns=result.columns,
+            rows=result.rows,
+            truncated=result.truncated,
+            tokens=tokens,
+            latency_ms=round((time.monotonic() - started) * 1000),
+        )
+
+    @router.post("/query", dependencies=chatter, response_model=SeedQueryResponse, responses=REFUSED)
+    async def seed_query(body: SeedQueryRequest, request: Request) -> SeedQueryResponse:
+        started = time.monotonic()
+        sql.check_question(body.prompt, param="prompt")
+        result, tokens = await answer(sql.default_target(), body.prompt, body.temperature, body.max_tokens, request)
+        return SeedQueryResponse(
+            response=result.sql, tokens=tokens, latency_ms=round((time.monotonic() - started) * 1000)
+        )
+
+    @router.get("/info", dependencies=[Depends(auth.require())], response_model=SeedInfo)
+    async def seed_info() -> dict[str, Any]:
+        return about()
+
+    return router
