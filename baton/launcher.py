@@ -33,6 +33,7 @@ import redis
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from baton.demo.databases import build as build_databases
 from baton.stack import SERVICES
 from shared.auth import SCOPES, TokenIssuer
 from shared.settings import AuthSettings, BatonSettings
@@ -109,6 +110,10 @@ class Paths:
     @property
     def chroma_dir(self) -> Path:
         return self.root / "chroma"
+
+    @property
+    def sql_dir(self) -> Path:
+        return self.root / "sql"
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -303,6 +308,11 @@ class Supervisor:
             PYTHONUNBUFFERED="1",
         )
         env.setdefault("RAG_CHROMA_PATH", str(self.paths.chroma_dir.resolve()))
+        if "GEMMA_SQL_DATABASES" not in env:
+            # The two example databases, for POST /v1/sql and /query out of the box.
+            made = build_databases(self.paths.sql_dir)
+            env["GEMMA_SQL_DATABASES"] = json.dumps({n: f"sqlite:///{p.resolve()}" for n, p in made.items()})
+            env.setdefault("GEMMA_SQL_DEFAULT_DATABASE", "inventory")
         for name in START_ORDER:
             env[PORT_VARIABLES[name]] = str(self.settings.port(name))
             env[HOST_VARIABLES[name]] = self.settings.host
