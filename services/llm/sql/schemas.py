@@ -13,7 +13,7 @@ MAX_ROWS = 1000
 class SqlRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    question: str = Field(max_length=MAX_QUESTION_BYTES, description="In plain language; at most 4 KB")
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_BYTES, description="In plain language; at most 4 KB")
     schema_: str | None = Field(
         default=None,
         alias="schema",
@@ -42,7 +42,7 @@ class SeedQueryRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(max_length=MAX_QUESTION_BYTES)
+    prompt: str = Field(min_length=1, max_length=MAX_QUESTION_BYTES, description="The question; at most 4 KB")
     temperature: Number = Field(default=0.0, ge=0, le=2)
     max_tokens: PositiveInteger | None = None
 
