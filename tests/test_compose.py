@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -243,3 +244,15 @@ def test_docker_compose_config_validates(tmp_path: Path) -> None:
         check=False,
     )
     assert missing.returncode != 0 and "set JWT_SECRET_FILE" in missing.stderr
+
+
+def test_the_llm_reads_the_example_databases_compose_names(compose: dict[str, Any]) -> None:
+    """The JSON survives YAML (one line, as GEMMA_SQL_DATABASES is read); the image builds the files."""
+    environment = compose["services"]["llm"]["environment"]
+    databases = json.loads(environment["GEMMA_SQL_DATABASES"])
+    assert databases == {
+        "inventory": "sqlite:////opt/baton/sql/inventory.db",
+        "shop": "sqlite:////opt/baton/sql/shop.db",
+    }
+    assert environment["GEMMA_SQL_DEFAULT_DATABASE"] in databases
+    assert "python -m baton.demo.databases /opt/baton/sql" in Path("docker/Dockerfile").read_text()

@@ -35,6 +35,9 @@ def secret(monkeypatch: pytest.MonkeyPatch) -> None:
                 "/chat/stream",
                 "/v1/conversations",
                 "/v1/conversations/{conversation_id}",
+                "/v1/sql",
+                "/query",
+                "/info",
             },
         ),
         (

@@ -125,3 +125,18 @@ def test_the_demo_runs_on_a_running_stack(launched: LaunchedStack) -> None:
     assert "Sources:" in out and "meeting.ogg" in out
     assert "The answer cites" in out and "cites 0 " not in out
     assert "Stopping the stack" not in out  # it did not start this one, so it leaves it running
+
+
+def test_the_seed_text_to_sql_answers_on_the_launched_stack(launched: LaunchedStack) -> None:
+    """The launcher built the example databases and named them: /query needs no setup."""
+    with launched.client("llm") as http:
+        seed = http.post("/query", json={"prompt": "Show me all active workspaces"})
+        assert seed.status_code == 200, seed.text
+        assert seed.json()["response"].startswith("SELECT ") and "FROM workspaces" in seed.json()["response"]
+        answer = http.post(
+            "/v1/sql", json={"question": "How many products are there?", "database": "shop", "execute": True}
+        )
+        assert answer.status_code in (200, 422), answer.text
+        if answer.status_code == 200:
+            assert answer.json()["columns"] and answer.json()["rows"] is not None
+    assert (launched.run_dir / "sql" / "inventory.db").is_file()
