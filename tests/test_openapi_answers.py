@@ -42,7 +42,7 @@ def secret(monkeypatch: pytest.MonkeyPatch) -> None:
         ),
         (
             transcription_app,
-            {"/v1/audio/transcriptions", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events"},
+            {"/v1/audio/transcriptions", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/models"},
         ),
     ],
 )

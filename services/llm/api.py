@@ -25,8 +25,6 @@ from services.llm.schemas import (
     ConversationCreate,
     ConversationList,
     ConversationView,
-    ModelCard,
-    ModelList,
     RagOptions,
     SchemaFormat,
     SeedChatChunk,
@@ -41,6 +39,7 @@ from shared.aio import Interrupted, unless
 from shared.errors import BadRequest
 from shared.limits import StreamSlot
 from shared.openapi import answers
+from shared.protocol.models import ModelList
 from shared.sse import DONE, ClosingStream, frame
 from shared.web import Auth, until_disconnected
 from shared.web import caller as caller_of
@@ -132,7 +131,7 @@ def build_router(chat: ChatService, auth: Auth, conversations: ConversationStore
 
     @router.get("/v1/models", dependencies=user, response_model=ModelList)
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=m, created=0, owned_by="baton") for m in chat.models()])
+        return ModelList.of(*chat.models())
 
     @router.post(
         "/v1/chat/completions",

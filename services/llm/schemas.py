@@ -330,18 +330,6 @@ class SeedChatChunk(BaseModel):
     inference_time: float | None = None
 
 
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
 # --- conversations -----------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from services.rag.store import InputTooLong, MemoryStore, NotFound, Stored
 from shared.auth import SERVICE_SUBJECT_PREFIX
 from shared.errors import BadRequest, Forbidden
 from shared.errors import NotFound as NotFoundError
+from shared.protocol.models import ModelList
 from shared.protocol.rag import (
     CollectionName,
     DocumentsIn,
@@ -95,6 +96,10 @@ def build_router(store: MemoryStore, auth: Auth, max_items: int) -> APIRouter:
     async def stats(request: Request) -> dict[str, object]:
         counts = await run_in_threadpool(store.stats, caller_of(request))
         return {"collections": counts, "total": sum(counts.values())}
+
+    @router.get("/models", dependencies=reader, response_model=ModelList)
+    async def models() -> ModelList:
+        return ModelList.of(EMBEDDING_MODEL)
 
     @router.post("/embeddings", dependencies=reader)
     async def embeddings(body: EmbeddingsIn) -> dict[str, object]:

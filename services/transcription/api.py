@@ -39,6 +39,7 @@ from shared.gpu import GpuUnavailable, HeldLease
 from shared.limits import StreamSlot
 from shared.metrics import Metrics
 from shared.openapi import answers
+from shared.protocol.models import ModelList
 from shared.sse import DONE, ClosingStream, frame
 from shared.web import Auth, audit_note
 from shared.web import caller as caller_of
@@ -89,6 +90,11 @@ def build_router(
     router = APIRouter(prefix="/v1", tags=["transcription"])
     user = [Depends(auth.require("transcribe"))]
     owner = [Depends(auth.caller("transcribe"))]
+
+    @router.get("/models", dependencies=user, response_model=ModelList)
+    async def models() -> ModelList:
+        """The model served, then the names accepted for it (whisper-1)."""
+        return ModelList.of(model_id, *ALIASES)
 
     async def owned(job_id: str, request: Request) -> Job:
         """The caller's job; another user's is not found (404, never 403). An admin's

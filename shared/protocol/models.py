@@ -1,0 +1,24 @@
+"""OpenAI's model list, as every service's ``GET /v1/models`` answers it (the gateway
+merges them into one)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "baton"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+    @classmethod
+    def of(cls, *ids: str) -> ModelList:
+        return cls(data=[ModelCard(id=i) for i in ids])
