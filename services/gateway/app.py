@@ -1,0 +1,87 @@
+"""The gateway's app: ``create_app(settings)``; one address for every service.
+
+Paths go to the service the routing table (services/gateway/routes.py) names;
+``/v1/models`` merges the services' models; ``/health`` and ``/ready`` are the
+gateway's own. Authentication stays in the services: a request's ``Authorization``
+travels untouched, and the gateway itself holds no secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from services.gateway.proxy import Proxy
+from services.gateway.routes import MODELS_FROM, service_for
+from services.gateway.settings import GatewaySettings
+from shared import __version__
+from shared.errors import NotFound, install_error_handlers
+from shared.metrics import Metrics
+from shared.settings import load_settings
+from shared.web import RequestContextMiddleware
+
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or load_settings(GatewaySettings)
+    proxy = Proxy(settings.upstreams(), settings.connect_timeout_s)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await proxy.aclose()
+
+    app = FastAPI(
+        title="baton gateway", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    install_error_handlers(app)
+    app.add_middleware(
+        RequestContextMiddleware, metrics=Metrics("gateway"), max_body_bytes=int(settings.max_body_mb * 1_048_576)
+    )
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "service": "gateway", "version": __version__}
+
+    @app.get("/ready")
+    async def ready() -> dict[str, Any]:
+        """The gateway can route as soon as it runs (a service that is down is that
+        request's 502); the services' own readiness is shown beside."""
+        names = list(settings.upstreams())
+        answers = await asyncio.gather(*(proxy.get_json(name, "/ready", {}) for name in names))
+        states = {
+            name: "ready" if status == 200 else "not ready" for name, (status, _) in zip(names, answers, strict=True)
+        }
+        return {"status": "ready", "service": "gateway", "services": states}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        """Every service's models, the LLM's first. The caller's token goes to each; an
+        answer the LLM refuses (401, 403) is the gateway's answer too."""
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "x-request-id")}
+        answers = await asyncio.gather(*(proxy.get_json(name, "/v1/models", headers) for name in MODELS_FROM))
+        first_status, first_body = answers[0]
+        if first_status != 200:
+            return JSONResponse(first_body or {}, status_code=first_status)
+        data: list[Any] = []
+        for status, body in answers:
+            if status == 200 and isinstance(body, dict) and isinstance(body.get("data"), list):
+                data.extend(m for m in body["data"] if m not in data)
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.api_route("/{path:path}", methods=METHODS, include_in_schema=False)
+    async def relay(path: str, request: Request) -> Response:
+        service = service_for("/" + path)
+        if service is None:
+            raise NotFound(f"no service answers /{path}", code="not_found")
+        return await proxy.forward(service, request)
+
+    return app
