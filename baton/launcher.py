@@ -38,7 +38,7 @@ from baton.stack import SERVICES
 from shared.auth import SCOPES, TokenIssuer
 from shared.settings import AuthSettings, BatonSettings
 
-START_ORDER = ("coordinator", "rag", "llm", "transcription")
+START_ORDER = ("coordinator", "rag", "llm", "transcription", "gateway")
 """The services (baton.stack.SERVICES) in the order they start; they stop in the reverse order."""
 
 PORT_VARIABLES = {
@@ -46,12 +46,14 @@ PORT_VARIABLES = {
     "coordinator": "COORDINATOR_PORT",
     "transcription": "TRANSCRIPTION_PORT",
     "rag": "RAG_PORT",
+    "gateway": "GATEWAY_PORT",
 }
 HOST_VARIABLES = {
     "llm": "GEMMA_HOST",
     "coordinator": "COORDINATOR_HOST",
     "transcription": "TRANSCRIPTION_HOST",
     "rag": "RAG_HOST",
+    "gateway": "GATEWAY_HOST",
 }
 
 TOKEN_LIFETIME_S = 24 * 3600
@@ -74,6 +76,8 @@ class LauncherSettings(BatonSettings):
     coordinator_port: int = Field(default=8002, ge=1, le=65535)
     transcription_port: int = Field(default=8003, ge=1, le=65535)
     rag_port: int = Field(default=8004, ge=1, le=65535)
+    gateway_port: int = Field(default=8000, ge=1, le=65535)
+    """One address for every service (services/gateway)."""
     redis_port: int = Field(default=6390, ge=1, le=65535)
     """Port of the Redis the launcher starts (when REDIS_URL is not set)."""
     ready_timeout_s: float = Field(default=300, gt=0)
@@ -305,6 +309,10 @@ class Supervisor:
             BATON_REDIS_URL=self.redis_url,  # per-user limits and the audit log, shared by all
             GPU_COORDINATOR_URL=self.url("coordinator"),
             RAG_SERVICE_URL=self.url("rag"),
+            GATEWAY_LLM_URL=self.url("llm"),
+            GATEWAY_COORDINATOR_URL=self.url("coordinator"),
+            GATEWAY_TRANSCRIPTION_URL=self.url("transcription"),
+            GATEWAY_RAG_URL=self.url("rag"),
             PYTHONUNBUFFERED="1",
         )
         env.setdefault("RAG_CHROMA_PATH", str(self.paths.chroma_dir.resolve()))

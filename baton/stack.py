@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-SERVICES = ("llm", "coordinator", "transcription", "rag")
+SERVICES = ("llm", "coordinator", "transcription", "rag", "gateway")
 
 PATIENCE_S = 60.0
 """How long, in all, one read waits out the stack's rate limit (429 with Retry-After)."""

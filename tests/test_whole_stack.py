@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openai
 import pytest
 
 from baton.demo.speech.make_speech import write_ogg
@@ -140,3 +141,21 @@ def test_the_seed_text_to_sql_answers_on_the_launched_stack(launched: LaunchedSt
         if answer.status_code == 200:
             assert answer.json()["columns"] and answer.json()["rows"] is not None
     assert (launched.run_dir / "sql" / "inventory.db").is_file()
+
+
+def test_one_openai_client_reaches_every_service_through_the_gateway(launched: LaunchedStack) -> None:
+    """One base_url: the gateway. Chat streamed, the bundled meeting transcribed, an
+    embedding, and every service's models in one list."""
+    client = openai.OpenAI(base_url=f"{launched.url('gateway')}/v1", api_key=launched.info["token"])
+    ids = [m.id for m in client.models.list()]
+    assert "whisper-1" in ids and "all-minilm-l6-v2" in ids and len(ids) >= 4
+    stream = client.chat.completions.create(
+        model=ids[0], messages=[{"role": "user", "content": "Say hello."}], max_tokens=16, stream=True
+    )
+    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1  # streamed, not one buffered piece
+    with (SPEECH / "meeting.ogg").open("rb") as recording:
+        transcript = client.audio.transcriptions.create(model="whisper-1", file=recording)
+    assert "harbor" in transcript.text.lower()
+    embedded = client.embeddings.create(model="all-minilm-l6-v2", input=["the Harbor report"])
+    assert len(embedded.data[0].embedding) == 384

@@ -1,4 +1,4 @@
-"""The native launcher brings the four services up, hands out a token, and leaves nothing behind."""
+"""The native launcher brings the four services and the gateway up, hands out a token, and leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -19,9 +19,12 @@ pytestmark = pytest.mark.slow
 
 
 def assert_every_service_accepts_the_token(stack: dict[str, object]) -> None:
-    services = stack["services"]
-    assert isinstance(services, dict)
-    assert set(services) == {"llm", "coordinator", "transcription", "rag"}
+    assert isinstance(stack["services"], dict)
+    services = dict(stack["services"])
+    assert set(services) == {"llm", "coordinator", "transcription", "rag", "gateway"}
+    gateway = services.pop("gateway")
+    behind = httpx.get(f"{gateway}/ready").json()["services"]
+    assert behind == {"llm": "ready", "coordinator": "ready", "transcription": "ready", "rag": "ready"}
     for name, url in services.items():
         response = httpx.get(f"{url}/v1/info", headers={"Authorization": f"Bearer {stack['token']}"})
         assert response.status_code == 200, (name, response.text)
@@ -37,10 +40,10 @@ def test_detached_stack_up_and_down(tmp_path: Path) -> None:
     assert "Baton is up." in up.stdout
     stack = json.loads((tmp_path / "run" / "stack.json").read_text())
     pids = json.loads((tmp_path / "run" / "pids.json").read_text())
-    assert set(pids) == {"launcher", "redis", "coordinator", "rag", "llm", "transcription"}
+    assert set(pids) == {"launcher", "redis", "coordinator", "rag", "llm", "transcription", "gateway"}
     assert stack["redis_url"] == f"redis://127.0.0.1:{launched.env['BATON_REDIS_PORT']}/0"
     assert_every_service_accepts_the_token(stack)
-    for name in ("redis", "coordinator", "rag", "llm", "transcription"):
+    for name in ("redis", "coordinator", "rag", "llm", "transcription", "gateway"):
         assert (tmp_path / "run" / "logs" / f"{name}.log").exists()
 
     again = launched.baton("up", "--detach", "--no-fetch")

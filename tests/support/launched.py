@@ -24,6 +24,7 @@ class LaunchedStack:
             BATON_COORDINATOR_PORT=str(free_port()),
             BATON_TRANSCRIPTION_PORT=str(free_port()),
             BATON_RAG_PORT=str(free_port()),
+            BATON_GATEWAY_PORT=str(free_port()),
             BATON_REDIS_PORT=str(free_port()),
         )
         self.info: dict[str, Any] = {}

@@ -132,7 +132,13 @@ class ServiceProcess:
         self.name = name
         self.port = port or free_port()
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        prefix = {"llm": "GEMMA", "coordinator": "COORDINATOR", "transcription": "TRANSCRIPTION", "rag": "RAG"}[name]
+        prefix = {
+            "llm": "GEMMA",
+            "coordinator": "COORDINATOR",
+            "transcription": "TRANSCRIPTION",
+            "rag": "RAG",
+            "gateway": "GATEWAY",
+        }[name]
         self.env[f"{prefix}_PORT"] = str(self.port)
         self.env[f"{prefix}_HOST"] = "127.0.0.1"
         self.log_path = log_dir / f"{name}-{self.port}.log"
