@@ -17,6 +17,7 @@ import yaml
 from pydantic import SecretStr
 
 from services.coordinator.settings import CoordinatorSettings
+from services.gateway.settings import GatewaySettings
 from services.llm.settings import LLMSettings
 from services.rag.settings import RAGSettings
 from services.transcription.settings import TranscriptionSettings
@@ -29,7 +30,10 @@ SETTINGS: dict[str, type[BatonSettings]] = {
     "rag": RAGSettings,
     "llm": LLMSettings,
     "transcription": TranscriptionSettings,
+    "gateway": GatewaySettings,
 }
+SERVICES = ("coordinator", "rag", "llm", "transcription")
+"""Those that check tokens and read models (the gateway does neither)."""
 GPU_SERVICES = {"llm", "transcription"}
 
 
@@ -154,7 +158,9 @@ def test_gpu_services_reserve_the_gpu_and_the_cpu_variant_removes_it(compose: di
 
 
 def test_models_are_read_only_and_the_secret_is_a_compose_secret(compose: dict[str, Any]) -> None:
-    for name in SETTINGS:
+    gateway = compose["services"]["gateway"]
+    assert "secrets" not in gateway and "volumes" not in gateway  # it checks no token and loads no model
+    for name in SERVICES:
         service = compose["services"][name]
         assert "./models:/models:ro" in service["volumes"]
         assert service["secrets"] == ["jwt_secret"]

@@ -34,13 +34,13 @@ from services.transcription import audio
 from tests.conftest import Mint
 from tests.support.containers import Podman, Unavailable, ensure_installed
 from tests.support.servers import REPO_ROOT, free_port, wait_until
-from tests.test_compose import SETTINGS, load
+from tests.test_compose import SERVICES, SETTINGS, load
 
 # The first test builds the images: about 4 minutes without a cache, under 1 with one.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 PROJECT = "batontest"
-PORTS = {"coordinator": 8002, "rag": 8004, "llm": 8001, "transcription": 8003}
+PORTS = {"coordinator": 8002, "rag": 8004, "llm": 8001, "transcription": 8003, "gateway": 8000}
 MEETING = REPO_ROOT / "baton" / "demo" / "speech" / "meeting.ogg"
 FIGURES: dict[str, object] = {}
 """What the fixtures measured; the first test prints them ("measured" section)."""
@@ -201,7 +201,7 @@ def stack(
             assert up.returncode == 0, f"{up.stdout}{up.stderr}\n{compose.health()}\n{compose.logs()}"
             try:
                 wait_until(
-                    lambda: set(compose.health().values()) == {"healthy"} and len(compose.health()) == 6,
+                    lambda: list(compose.health().values()) == ["healthy"] * (len(SETTINGS) + 2),
                     600,
                     "every container to be healthy",
                     1.0,
@@ -231,13 +231,19 @@ def test_every_service_answers_a_token_signed_with_the_compose_secret(
     compose, urls = stack
     assert set(compose.health().values()) == {"healthy"}
     token = mint()
-    for name, url in urls.items():
+    for name in SERVICES:
+        url = urls[name]
         info = get(f"{url}/v1/info", token)
         assert info.status_code == 200, (name, info.text)
         assert info.json()["service"] == name
         assert get(f"{url}/v1/info", "not-a-token").status_code == 401
     gpu = get(f"{urls['coordinator']}/v1/gpu", token).json()
     assert gpu["holder"] is None
+    # The gateway: every service's models at one address, the token checked behind it.
+    models = get(f"{urls['gateway']}/v1/models", token)
+    assert models.status_code == 200 and {"whisper-1", "all-minilm-l6-v2"} <= {m["id"] for m in models.json()["data"]}
+    assert get(f"{urls['gateway']}/v1/models", "not-a-token").status_code == 401
+    assert get(f"{urls['gateway']}/v1/gpu", token).json()["holder"] is None
 
 
 def test_nothing_runs_as_root_models_are_read_only_and_data_is_owned(stack: Stack) -> None:
@@ -247,7 +253,7 @@ def test_nothing_runs_as_root_models_are_read_only_and_data_is_owned(stack: Stac
         container = compose.container(service)
         users = podman("top", container, "huser").split()[1:]
         assert users and "root" not in users and "0" not in users, (service, users)
-    for service in SETTINGS:
+    for service in SERVICES:
         container = compose.container(service)
         writing = subprocess.run(
             ["podman", "exec", container, "sh", "-c", "touch /models/written-by-a-service"],
