@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,8 +26,8 @@ from typing import Any
 
 import httpx
 
-from benchmarks.llm import CONTEXT, over_http, prompts
-from benchmarks.support import coordinated, dev_token, save, table
+from benchmarks.llm import CONTEXT, two_paths, two_paths_report
+from benchmarks.support import coordinated, dev_token, save
 from shared.presets import resolve
 from tests.support.servers import ServiceProcess, free_port, wait_until
 
@@ -92,52 +91,17 @@ def main() -> None:
 def compare(args: argparse.Namespace, token: str, ours_url: str, server_url: str) -> dict[str, Any]:
     baton = httpx.Client(base_url=ours_url, headers={"Authorization": f"Bearer {token}"}, timeout=300)
     direct = httpx.Client(base_url=server_url, timeout=300)
-    runners = {
-        "direct": lambda m: over_http(direct, args.remote_model, m, args.max_tokens),
-        "through_baton": lambda m: over_http(baton, args.remote_model, m, args.max_tokens),
-    }
-    for messages in prompts(2, run=98):  # warm both paths and their connections
-        for run in runners.values():
-            run(messages)
-    samples: dict[str, dict[str, list[float]]] = {name: {"ttft": [], "rate": []} for name in runners}
-    # Both paths reach the same server, which keeps the last prompt's KV cache: a prompt
-    # sent twice in a row is read only once. So each path gets its own prompts (the same
-    # topics, shifted by one), and the order alternates.
-    mine = {"direct": prompts(args.prompts, run=1), "through_baton": prompts(args.prompts, run=2)}
-    for i in range(args.prompts):
-        order = list(runners) if i % 2 == 0 else list(reversed(runners))
-        for name in order:
-            ttft, rate = runners[name](mine[name][i])
-            samples[name]["ttft"].append(ttft)
-            samples[name]["rate"].append(rate)
-    baton.close()
-    direct.close()
-    out: dict[str, Any] = {
-        name: {
-            "ttft_p50_ms": round(statistics.median(s["ttft"]) * 1000, 2),
-            "ttft_mean_ms": round(statistics.fmean(s["ttft"]) * 1000, 2),
-            "tokens_per_s": round(statistics.median([r for r in s["rate"] if r == r]), 2),
-        }
-        for name, s in samples.items()
-    }
-    out["ttft_added_p50_ms"] = round(out["through_baton"]["ttft_p50_ms"] - out["direct"]["ttft_p50_ms"], 2)
-    out["decode_ratio"] = round(out["through_baton"]["tokens_per_s"] / out["direct"]["tokens_per_s"], 3)
-    out["prompts"] = args.prompts
+    try:
+        out = two_paths({"direct": direct, "through_baton": baton}, args.remote_model, args.prompts, args.max_tokens)
+    finally:
+        baton.close()
+        direct.close()
     out["backend"] = "llama_cpp.server" if args.url is None else args.remote_model
-    out["max_tokens"] = args.max_tokens
     return out
 
 
 def report(results: dict[str, Any]) -> None:
-    rows = [["path", "first token p50", "first token mean", "decode tokens/s (median)"]]
-    for name in ("direct", "through_baton"):
-        r = results[name]
-        rows.append([name, f"{r['ttft_p50_ms']} ms", f"{r['ttft_mean_ms']} ms", str(r["tokens_per_s"])])
-    print(table(rows))
-    print(
-        f"\nthrough Baton: first token +{results['ttft_added_p50_ms']} ms (p50 against p50; bar +5 ms), "
-        f"decode {results['decode_ratio']}x direct (bar 0.97x), {results['prompts']} prompts"
-    )
+    two_paths_report(results, "through_baton", ttft_bar_ms=5, decode_bar=0.97)
     name = "backends" if results["backend"] == "llama_cpp.server" else f"backends-{results['backend']}"
     print(f"results: {save(name, results)}")
 

@@ -93,6 +93,56 @@ def over_http(http: httpx.Client, model: str, messages: list[dict[str, str]], ma
         return timed_pieces(sse_pieces(response), sent)
 
 
+def two_paths(clients: dict[str, httpx.Client], model: str, n: int, max_tokens: int) -> dict[str, Any]:
+    """Streamed chats over two paths to one server, the first named the baseline: first
+    token p50 and mean, decode tokens/s (median); and the second's added first-token
+    time (p50 against p50) and decode ratio.
+
+    Both paths reach the same server, which keeps the last prompt's KV cache (a prompt
+    sent twice in a row is read only once). So each path gets its own prompts (the same
+    topics, shifted by one), and which goes first alternates from prompt to prompt."""
+    names = list(clients)
+    base, other = names
+    runners = {name: (lambda m, c=client: over_http(c, model, m, max_tokens)) for name, client in clients.items()}
+    for messages in prompts(2, run=98):  # warm both paths and their connections
+        for run in runners.values():
+            run(messages)
+    samples: dict[str, dict[str, list[float]]] = {name: {"ttft": [], "rate": []} for name in names}
+    mine = {name: prompts(n, run=1 + i) for i, name in enumerate(names)}
+    for i in range(n):
+        for name in names if i % 2 == 0 else list(reversed(names)):
+            ttft, rate = runners[name](mine[name][i])
+            samples[name]["ttft"].append(ttft)
+            samples[name]["rate"].append(rate)
+    out: dict[str, Any] = {
+        name: {
+            "ttft_p50_ms": round(statistics.median(s["ttft"]) * 1000, 2),
+            "ttft_mean_ms": round(statistics.fmean(s["ttft"]) * 1000, 2),
+            "tokens_per_s": round(statistics.median([r for r in s["rate"] if r == r]), 2),
+        }
+        for name, s in samples.items()
+    }
+    out["ttft_added_p50_ms"] = round(out[other]["ttft_p50_ms"] - out[base]["ttft_p50_ms"], 2)
+    out["decode_ratio"] = round(out[other]["tokens_per_s"] / out[base]["tokens_per_s"], 3)
+    out["prompts"] = n
+    out["max_tokens"] = max_tokens
+    return out
+
+
+def two_paths_report(results: dict[str, Any], through: str, ttft_bar_ms: float, decode_bar: float) -> None:
+    """Prints what two_paths measured: a row per path, then the second against the first."""
+    rows = [["path", "first token p50", "first token mean", "decode tokens/s (median)"]]
+    for name in ("direct", through):
+        r = results[name]
+        rows.append([name, f"{r['ttft_p50_ms']} ms", f"{r['ttft_mean_ms']} ms", str(r["tokens_per_s"])])
+    print(table(rows))
+    print(
+        f"\n{through.replace('_', ' ')}: first token +{results['ttft_added_p50_ms']} ms "
+        f"(p50 against p50; bar +{ttft_bar_ms:g} ms), decode {results['decode_ratio']}x direct "
+        f"(bar {decode_bar:g}x), {results['prompts']} prompts"
+    )
+
+
 def in_process(llama: llama_cpp.Llama, messages: list[dict[str, str]], max_tokens: int) -> tuple[float, float]:
     sent = time.monotonic()
     stream = llama.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0, stream=True)  # type: ignore[arg-type]
