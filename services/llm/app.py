@@ -75,6 +75,7 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(engine.load, 0)  # on the CPU until a request holds the GPU
+        await sql.read_schemas()
         state["loaded"] = True
         try:
             yield

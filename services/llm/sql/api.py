@@ -51,7 +51,7 @@ def build_router(chat: ChatService, sql: SqlService, auth: Auth, about: Callable
     async def to_sql(body: SqlRequest, request: Request) -> SqlResponse:
         started = time.monotonic()
         sql.check_question(body.question)
-        target = sql.target(body.schema_, body.database)
+        target = await sql.target(body.schema_, body.database)
         result, tokens = await answer(
             target,
             body.question,
@@ -75,7 +75,9 @@ def build_router(chat: ChatService, sql: SqlService, auth: Auth, about: Callable
     async def seed_query(body: SeedQueryRequest, request: Request) -> SeedQueryResponse:
         started = time.monotonic()
         sql.check_question(body.prompt, param="prompt")
-        result, tokens = await answer(sql.default_target(), body.prompt, body.temperature, body.max_tokens, request)
+        result, tokens = await answer(
+            await sql.default_target(), body.prompt, body.temperature, body.max_tokens, request
+        )
         return SeedQueryResponse(
             response=result.sql, tokens=tokens, latency_ms=round((time.monotonic() - started) * 1000)
         )

@@ -70,6 +70,12 @@ class Database:
     name: str
     kind: str
     dialect: str
+    _schema: Schema | None = None
+
+    @property
+    def tables(self) -> int | None:
+        """Tables in its schema, once read."""
+        return len(self._schema.tables) if self._schema is not None else None
 
     def schema(self) -> Schema:
         raise NotImplementedError

@@ -9,6 +9,7 @@ then checked (services.llm.sql.check) and only the checked statement ever runs.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ from services.llm.sql.databases import Database, DatabaseUnavailable, QueryFaile
 from services.llm.sql.grammar import select_grammar
 from services.llm.sql.schema import BadSchema, Schema, parse_ddl
 from shared.errors import BadRequest, ServiceUnavailable, Unprocessable
+
+log = logging.getLogger(__name__)
 
 MAX_QUESTION_BYTES = 4096
 MAX_SCHEMA_BYTES = 65536
@@ -83,7 +86,7 @@ class SqlService:
         self.default = default
         self.timeout_s = timeout_s
 
-    def target(self, schema: str | None, database: str | None) -> Target:
+    async def target(self, schema: str | None, database: str | None) -> Target:
         """400 for a schema that does not parse or a database that is not configured."""
         if (schema is None) == (database is None):
             raise BadRequest("give exactly one of schema and database", param="schema", code="invalid_value")
@@ -104,7 +107,8 @@ class SqlService:
                 f"no database is named {database!r}; configured: {names}", param="database", code="unknown_database"
             )
         try:
-            return Target(found.schema(), found.dialect, found)
+            # A thread: reading a PostgreSQL catalog the first time waits on the network.
+            return Target(await asyncio.to_thread(found.schema), found.dialect, found)
         except DatabaseUnavailable as exc:
             raise ServiceUnavailable(str(exc), retry_after_s=5, code="database_unavailable") from None
         except BadSchema as exc:
@@ -112,10 +116,21 @@ class SqlService:
                 f"the database {database}'s schema cannot be used: {exc}", code="database_unusable"
             ) from None
 
-    def default_target(self) -> Target:
+    async def default_target(self) -> Target:
         if self.default is None:
             raise BadRequest("no database is configured (GEMMA_SQL_DATABASES)", code="unknown_database")
-        return self.target(None, self.default)
+        return await self.target(None, self.default)
+
+    async def read_schemas(self) -> None:
+        """At start: every database's schema (SQLite's are read already). One that cannot
+        be reached now is read on its first question instead."""
+        for database in self.databases.values():
+            try:
+                await asyncio.to_thread(database.schema)
+            except DatabaseUnavailable:
+                pass  # logged by the database, by name
+            except BadSchema as exc:
+                log.warning("database schema unusable", extra={"database": database.name, "reason": str(exc)})
 
     @staticmethod
     def check_question(question: str, param: str = "question") -> None:
@@ -155,4 +170,7 @@ class SqlService:
         return Result(checked.sql, checked.tables, found.columns, found.rows[:max_rows], truncated)
 
     def info(self) -> list[dict[str, Any]]:
-        return [{"name": d.name, "kind": d.kind, "default": d.name == self.default} for d in self.databases.values()]
+        return [
+            {"name": d.name, "kind": d.kind, "default": d.name == self.default, "tables": d.tables}
+            for d in self.databases.values()
+        ]

@@ -246,7 +246,7 @@ def test_the_seed_shapes_and_a_schema_given_as_ddl(sql_llm: Llm) -> None:
 async def test_rows_are_capped_and_the_cut_is_said(databases: dict[str, Path]) -> None:
     database = SqliteDatabase("inventory", databases["inventory"])
     service = SqlService({"inventory": database}, "inventory", 5.0)
-    target = service.target(None, "inventory")
+    target = await service.target(None, "inventory")
     cut = await service.finish("SELECT workspace_id FROM workspaces;", target, True, 3)
     assert cut.sql == "SELECT workspace_id FROM workspaces LIMIT 3"
     assert cut.rows == [["ws-0000"], ["ws-0001"], ["ws-0002"]] and cut.truncated and cut.columns == ["workspace_id"]

@@ -105,6 +105,9 @@ def pg_llm(start_llm: StartLlm, postgres: PostgresServer) -> Llm:
 
 
 def test_the_service_answers_over_postgresql(pg_llm: Llm, postgres: PostgresServer) -> None:
+    shown = pg_llm.http.get("/v1/info", headers={"Authorization": f"Bearer {pg_llm.admin}"}).json()
+    # Read at start, before any question; the server that is not there, not yet.
+    assert {d["name"]: d["tables"] for d in shown["sql_databases"]} == {"inventory": 3, "gone": None}
     before = counts(postgres)
     answer = pg_llm.http.post(
         "/v1/sql", json={"question": "How many workspaces are there?", "database": "inventory", "execute": True}
@@ -119,7 +122,7 @@ def test_the_service_answers_over_postgresql(pg_llm: Llm, postgres: PostgresServ
     assert gone.status_code == 503 and gone.json()["error"]["code"] == "database_unavailable"
     assert "127.0.0.1" not in gone.text and "s3cret" not in gone.text
     info = pg_llm.http.get("/v1/info", headers={"Authorization": f"Bearer {pg_llm.admin}"}).json()
-    assert {"name": "gone", "kind": "postgresql", "default": False} in info["sql_databases"]
+    assert {"name": "gone", "kind": "postgresql", "default": False, "tables": None} in info["sql_databases"]
     assert "s3cret" not in json.dumps(info)
     logged = pg_llm.service.log_path.read_text(errors="replace")
     assert "database unreachable" in logged and "s3cret" not in logged and "@127.0.0.1" not in logged
