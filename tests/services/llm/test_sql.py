@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,7 @@ from services.llm.sql.schema import BadSchema, parse_ddl
 from services.llm.sql.service import SqlService
 from shared.errors import Unprocessable
 from tests.services.llm.conftest import Llm, StartLlm
-
-LABELLED = json.loads((Path(__file__).parent / "data" / "sql_questions.json").read_text())
+from tests.support.sql import LABELLED, same_result
 
 
 @pytest.fixture(scope="module")
@@ -161,14 +159,6 @@ def test_a_database_url_is_checked_at_start(databases: dict[str, Path], tmp_path
 def sql_llm(start_llm: StartLlm, databases: dict[str, Path]) -> Llm:
     urls = {name: f"sqlite:///{path}" for name, path in databases.items()}
     return start_llm(sql_databases=json.dumps(urls), sql_default_database="inventory")
-
-
-def same_result(got: list[list[Any]], expected: list[list[Any]], ordered: bool) -> bool:
-    def norm(rows: list[list[Any]]) -> list[tuple[Any, ...]]:
-        return [tuple(round(v, 6) if isinstance(v, float) and math.isfinite(v) else v for v in row) for row in rows]
-
-    a, b = norm(got), norm(expected)
-    return a == b if ordered else sorted(a, key=repr) == sorted(b, key=repr)
 
 
 def labelled_run(llm: Llm, databases: dict[str, Path], temperature: float = 0.0) -> tuple[int, int, list[str]]:
