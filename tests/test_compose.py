@@ -139,7 +139,7 @@ def test_the_healthcheck_module_says_not_ready_when_nothing_answers() -> None:
 
 def test_no_published_port_is_used_twice(compose: dict[str, Any]) -> None:
     published = [str(p).split(":")[0] for s in compose["services"].values() for p in s.get("ports", [])]
-    assert len(published) == len(set(published)) == 4
+    assert len(published) == len(set(published)) == len(SETTINGS)
 
 
 def test_gpu_services_reserve_the_gpu_and_the_cpu_variant_removes_it(compose: dict[str, Any]) -> None:
