@@ -18,7 +18,7 @@ import redis
 import uvicorn
 from fastapi import FastAPI
 
-from baton.launcher import find_redis_server
+from baton.launcher import HOST_VARIABLES, PORT_VARIABLES, find_redis_server
 from shared.runner import server_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -132,15 +132,8 @@ class ServiceProcess:
         self.name = name
         self.port = port or free_port()
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        prefix = {
-            "llm": "GEMMA",
-            "coordinator": "COORDINATOR",
-            "transcription": "TRANSCRIPTION",
-            "rag": "RAG",
-            "gateway": "GATEWAY",
-        }[name]
-        self.env[f"{prefix}_PORT"] = str(self.port)
-        self.env[f"{prefix}_HOST"] = "127.0.0.1"
+        self.env[PORT_VARIABLES[name]] = str(self.port)
+        self.env[HOST_VARIABLES[name]] = "127.0.0.1"
         self.log_path = log_dir / f"{name}-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -65,8 +65,6 @@ def check(text: str, schema: Schema, dialect: str, max_rows: int) -> Checked:
         if isinstance(node, exp.Func) and not isinstance(node, FUNCTIONS):
             name = node.sql_name() if not isinstance(node, exp.Anonymous) else node.name
             raise Refused(f"the function {name.upper()} is not allowed")
-        if isinstance(node, exp.Select) and node is not statement and node.args.get("into"):
-            raise Refused("SELECT INTO is not allowed")
     tables = []
     for table in statement.find_all(exp.Table):
         if table.args.get("db") or table.args.get("catalog"):
@@ -106,8 +104,6 @@ def _one_select(text: str, dialect: str) -> exp.Select:
     statement = statements[0]
     if not isinstance(statement, exp.Select):
         raise Refused(f"only SELECT is allowed, not {statement.key.upper()}")
-    if statement.args.get("into"):
-        raise Refused("SELECT INTO is not allowed")
     return statement
 
 

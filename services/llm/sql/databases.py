@@ -17,7 +17,6 @@ import logging
 import sqlite3
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,9 +60,7 @@ def cell(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(bytes(value)).decode()
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    return str(value)
+    return str(value)  # UUID, interval, ...
 
 
 class Database:
