@@ -120,7 +120,7 @@ def build_router(manager: LeaseManager, settings: CoordinatorSettings, auth: Aut
         return GpuStatus(**await manager.status())
 
     @router.get("/history", dependencies=reader_scope)
-    async def history(limit: int = Query(default=50, ge=1, le=1000)) -> list[HistoryEntry]:
+    async def history(limit: int = Query(default=50, ge=1, le=10000)) -> list[HistoryEntry]:
         return [HistoryEntry(**item) for item in await manager.history(limit)]
 
     @router.get("/events", dependencies=reader_scope, response_class=EventSourceResponse)

@@ -1,9 +1,10 @@
 """The gateway's app: ``create_app(settings)``; one address for every service.
 
 Paths go to the service the routing table (services/gateway/routes.py) names;
-``/v1/models`` merges the services' models; ``/health`` and ``/ready`` are the
-gateway's own. Authentication stays in the services: a request's ``Authorization``
-travels untouched, and the gateway itself holds no secret.
+``/v1/models`` merges the services' models; ``/health``, ``/ready`` and the web
+console (``/console/``, services/gateway/console.py) are the gateway's own.
+Authentication stays in the services: a request's ``Authorization`` travels
+untouched, and the gateway itself holds no secret.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from services.gateway.console import mount_console
 from services.gateway.proxy import Proxy
 from services.gateway.routes import MODELS_FROM, service_for
 from services.gateway.settings import GatewaySettings
@@ -76,6 +78,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             if status == 200 and isinstance(body, dict) and isinstance(body.get("data"), list):
                 data.extend(m for m in body["data"] if m not in data)
         return JSONResponse({"object": "list", "data": data})
+
+    mount_console(app, settings.dev_token_file)
 
     @app.api_route("/{path:path}", methods=METHODS, include_in_schema=False)
     async def relay(path: str, request: Request) -> Response:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -21,6 +23,9 @@ class GatewaySettings(ServiceSettings):
     rag_url: str = "http://127.0.0.1:8004"
     connect_timeout_s: float = Field(default=5.0, gt=0, le=60)
     """A service that does not accept the connection this fast is answered 502."""
+    dev_token_file: Path | None = None
+    """The launcher's stack file: the console's "use the development token" button reads
+    its token from here (for a page on this machine only). Unset: no such button works."""
 
     def upstreams(self) -> dict[str, str]:
         return {

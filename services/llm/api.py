@@ -131,7 +131,7 @@ def build_router(chat: ChatService, auth: Auth, conversations: ConversationStore
 
     @router.get("/v1/models", dependencies=user, response_model=ModelList)
     async def models() -> ModelList:
-        return ModelList.of(*chat.models())
+        return ModelList.of("chat", *chat.models())
 
     @router.post(
         "/v1/chat/completions",

@@ -99,7 +99,7 @@ def build_router(store: MemoryStore, auth: Auth, max_items: int) -> APIRouter:
 
     @router.get("/models", dependencies=reader, response_model=ModelList)
     async def models() -> ModelList:
-        return ModelList.of(EMBEDDING_MODEL)
+        return ModelList.of("embeddings", EMBEDDING_MODEL)
 
     @router.post("/embeddings", dependencies=reader)
     async def embeddings(body: EmbeddingsIn) -> dict[str, object]:

@@ -94,7 +94,7 @@ def build_router(
     @router.get("/models", dependencies=user, response_model=ModelList)
     async def models() -> ModelList:
         """The model served, then the names accepted for it (whisper-1)."""
-        return ModelList.of(model_id, *ALIASES)
+        return ModelList.of("transcription", model_id, *ALIASES)
 
     async def owned(job_id: str, request: Request) -> Job:
         """The caller's job; another user's is not found (404, never 403). An admin's

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+
+Task = Literal["chat", "transcription", "embeddings"]
 
 
 class ModelCard(BaseModel):
@@ -13,6 +15,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "baton"
+    task: Task | None = Field(default=None, description="What the model does here (Baton's own field).")
 
 
 class ModelList(BaseModel):
@@ -20,5 +23,5 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
     @classmethod
-    def of(cls, *ids: str) -> ModelList:
-        return cls(data=[ModelCard(id=i) for i in ids])
+    def of(cls, task: Task, *ids: str) -> ModelList:
+        return cls(data=[ModelCard(id=i, task=task) for i in ids])
