@@ -313,6 +313,7 @@ class Supervisor:
             GATEWAY_COORDINATOR_URL=self.url("coordinator"),
             GATEWAY_TRANSCRIPTION_URL=self.url("transcription"),
             GATEWAY_RAG_URL=self.url("rag"),
+            GATEWAY_DEV_TOKEN_FILE=str(self.paths.stack.resolve()),  # the console's development-token button
             PYTHONUNBUFFERED="1",
         )
         env.setdefault("RAG_CHROMA_PATH", str(self.paths.chroma_dir.resolve()))
@@ -465,6 +466,8 @@ def summary(info: dict[str, Any], paths: Paths) -> str:
         lines.append(f"  {name:<14}{url}")
     lines.append(f"  {'redis':<14}{info['redis_url']}")
     lines += [
+        "",
+        f"The console: {info['services']['gateway']}/console/ (its button signs in with the development token).",
         "",
         f"A development token with every scope (valid 24 h) is in {paths.stack}:",
         "  export BATON_TOKEN=$(baton token --from-stack)",

@@ -244,6 +244,10 @@ def test_every_service_answers_a_token_signed_with_the_compose_secret(
     assert models.status_code == 200 and {"whisper-1", "all-minilm-l6-v2"} <= {m["id"] for m in models.json()["data"]}
     assert get(f"{urls['gateway']}/v1/models", "not-a-token").status_code == 401
     assert get(f"{urls['gateway']}/v1/gpu", token).json()["holder"] is None
+    # The console is in the image, and here no page gets a development token.
+    page = get(f"{urls['gateway']}/console/", token)
+    assert page.status_code == 200 and "console.js" in page.text
+    assert get(f"{urls['gateway']}/console/dev-token", token).status_code == 404
 
 
 def test_nothing_runs_as_root_models_are_read_only_and_data_is_owned(stack: Stack) -> None:

@@ -18,6 +18,7 @@ import ipaddress
 import json
 from pathlib import Path
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
@@ -76,7 +77,7 @@ def mount_console(app: FastAPI, dev_token_file: Path | None) -> None:
         if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
             raise NotAllowed("the development token is given only to the console's own page")
         try:
-            token = json.loads(dev_token_file.read_text())["token"]
+            token = json.loads(await anyio.Path(dev_token_file).read_text())["token"]
         except (OSError, ValueError, KeyError, TypeError):
             raise NotFound("the launcher has not written its development token yet") from None
         return JSONResponse({"token": token}, headers={**HEADERS, "Cache-Control": "no-store"})

@@ -104,6 +104,7 @@ export class ChatPanel {
         }
         if (chunk.sources) item.append(this.sources(chunk.sources));
         if (chunk.baton) item.append(this.facts(chunk.baton));
+        this.messages.scrollTop = this.messages.scrollHeight;
       }
       item.dataset.pieces = String(pieces);
     } catch (error) {
@@ -119,7 +120,7 @@ export class ChatPanel {
 
   sources(sources) {
     if (!sources.length) return el("p", { class: "sources muted" }, "No memories used.");
-    const list = el("ol", { class: "sources", "aria-label": "Sources" });
+    const list = el("ol", { class: "source-list", "aria-label": "Sources" });
     for (const source of sources) {
       const meta = source.metadata || {};
       let where;

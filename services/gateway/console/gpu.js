@@ -15,30 +15,19 @@ export class GpuPanel {
       document.getElementById("gpu-detail"),
       document.getElementById("window-label"),
     );
+    this.timeline.moved = (live) => document.getElementById("live").setAttribute("aria-pressed", String(live));
     this.now = document.getElementById("gpu-now");
     this.abort = null;
     this.pendingState = null;
     for (const button of document.querySelectorAll("[data-span]")) {
       button.addEventListener("click", () => this.timeline.show(button.dataset.span));
     }
-    document.getElementById("earlier").addEventListener("click", () => this.pan(-1));
-    document.getElementById("later").addEventListener("click", () => this.pan(1));
-    document.getElementById("live").addEventListener("click", () => {
-      this.timeline.follow();
-      this.pressLive();
-    });
+    document.getElementById("earlier").addEventListener("click", () => this.timeline.pan(-1));
+    document.getElementById("later").addEventListener("click", () => this.timeline.pan(1));
+    document.getElementById("live").addEventListener("click", () => this.timeline.follow());
     setInterval(() => {
       if (this.timeline.end == null) this.timeline.render();
     }, 1000);
-  }
-
-  pan(direction) {
-    this.timeline.pan(direction);
-    this.pressLive();
-  }
-
-  pressLive() {
-    document.getElementById("live").setAttribute("aria-pressed", String(this.timeline.end == null));
   }
 
   start() {

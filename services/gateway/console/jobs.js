@@ -128,7 +128,7 @@ export class JobsPanel {
       const { jobs } = await this.api.call("GET", "/v1/jobs?limit=50");
       this.list.replaceChildren(...jobs.map((job) => this.row(job)));
     } catch (error) {
-      this.say(`Jobs: ${error.message}`);
+      this.list.replaceChildren(el("tr", {}, el("td", { colspan: "5", class: "error" }, error.message)));
     }
   }
 

@@ -28,6 +28,7 @@ export class Timeline {
     this.end = null; // null: follow now
     this.skew = 0; // server clock minus this browser's, in seconds
     this.focused = null;
+    this.moved = () => {}; // called when the window moves (following now, or not)
   }
 
   now() {
@@ -151,6 +152,7 @@ export class Timeline {
 
   render() {
     const hadFocus = this.root.contains(document.activeElement);
+    this.moved(this.end == null);
     const [t0, t1] = this.window();
     const x = (t) => `${(((Math.min(Math.max(t, t0), t1) - t0) / (t1 - t0)) * 100).toFixed(3)}%`;
     const w = (a, b) => `${(((Math.min(b, t1) - Math.max(a, t0)) / (t1 - t0)) * 100).toFixed(3)}%`;
