@@ -9,15 +9,19 @@ one by one, the progress bar moving) a MutationObserver records from the page's 
 
 from __future__ import annotations
 
+import base64
 import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
 
+from baton.demo.speech.make_speech import write_ogg
+from services.transcription import audio
 from tests.support.browser import OUTPUT, Unavailable, chromium
 from tests.support.launched import LaunchedStack
 
@@ -97,6 +101,15 @@ class Console:
     def close(self) -> None:
         assert not self.errors, f"errors in the page's scripts: {self.errors}"
         self.context.close()
+
+
+@pytest.fixture(scope="module")
+def long_meeting(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The meeting three times over (about three and a half minutes): still running when cancelled."""
+    samples = audio.load(MEETING)
+    path = tmp_path_factory.mktemp("audio") / "long-meeting.ogg"
+    write_ogg((np.concatenate([samples] * 3) * 32767).astype(np.int16), path)
+    return path
 
 
 @pytest.fixture
@@ -247,10 +260,22 @@ def test_a_pasted_token_signs_in_by_keyboard_alone_and_a_refused_one_does_not(
         left = http.post("/v1/query", json={"query": "what is the cat called", "top_k": 5}).json()["results"]
     assert not any("Biscuit" in r["text"] for r in left)
 
+    # A conversation of her own: started, asked in, and read back from the service.
     tab_to("#question")
     page.keyboard.type("Say hello.")
+    tab_to("#new-conversation")
+    page.keyboard.press("Enter")
+    expect(page.locator("#conversation option")).to_have_count(2)
+    conversation = page.locator("#conversation").input_value()
+    assert conversation
+    tab_to("#question")
     page.keyboard.press("Control+Enter")
     expect(page.locator("#messages .assistant").first).to_have_attribute("data-done", "true", timeout=300_000)
+    page.select_option("#conversation", "")
+    expect(page.locator("#messages .message")).to_have_count(0)
+    page.select_option("#conversation", conversation)
+    expect(page.locator("#messages .message.user")).to_have_text(["YouSay hello."])
+    expect(page.locator("#messages .message.assistant")).to_have_count(1)
     assert all(alice not in request.url for request in console.requests)
 
 
@@ -297,3 +322,30 @@ def test_the_timeline_stays_readable_with_ten_thousand_grants(console: Console, 
     expect(page.locator("#gpu-detail")).to_contain_text("fence 1 ")
     expect(page.locator("#gpu-detail")).to_contain_text("hand-over: pause")
     expect(page.locator("#live")).to_have_attribute("aria-pressed", "false")
+
+
+def test_a_recording_dropped_on_the_page_becomes_a_job_that_can_be_cancelled(
+    console: Console, long_meeting: Path
+) -> None:
+    page = console.open()
+    page.click("#dev-token")
+    expect(page.locator("#who-name")).to_have_text("dev")
+    # A drop, as a file manager makes one: a DataTransfer holding the file.
+    data = base64.b64encode(long_meeting.read_bytes()).decode()
+    dropped = page.evaluate_handle(
+        """(data) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "long-meeting.ogg", { type: "audio/ogg" }));
+            return transfer;
+        }""",
+        data,
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
+    expect(page.locator("#job-name")).to_have_text("long-meeting.ogg")
+    job = page.get_attribute("#current-job", "data-job")
+    row = page.locator(f'#jobs tr[data-job="{job}"]')
+    row.get_by_role("button", name="Cancel long-meeting.ogg").click()
+    expect(page.locator("#job-state")).to_have_attribute("data-state", "cancelled", timeout=120_000)
+    expect(row).to_have_attribute("data-state", "cancelled")
+    expect(row.get_by_role("button")).to_have_count(0)
