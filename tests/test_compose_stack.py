@@ -32,7 +32,8 @@ import yaml
 from baton.demo.speech.make_speech import write_ogg
 from services.transcription import audio
 from tests.conftest import Mint
-from tests.support.containers import Podman, Unavailable, ensure_installed
+from tests.support.apt import Unavailable
+from tests.support.containers import Podman, ensure_installed
 from tests.support.servers import REPO_ROOT, free_port, wait_until
 from tests.test_compose import SERVICES, SETTINGS, load
 

@@ -22,7 +22,8 @@ from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
 
 from baton.demo.speech.make_speech import write_ogg
 from services.transcription import audio
-from tests.support.browser import OUTPUT, Unavailable, chromium
+from tests.support.apt import Unavailable
+from tests.support.browser import OUTPUT, chromium
 from tests.support.launched import LaunchedStack
 
 pytestmark = pytest.mark.slow

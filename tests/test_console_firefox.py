@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.browser import Unavailable
+from tests.support.apt import Unavailable
 from tests.support.firefox import Firefox
 from tests.support.launched import LaunchedStack
 from tests.support.servers import wait_until

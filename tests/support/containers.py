@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.support.apt import install
 from tests.support.servers import REPO_ROOT
 
 PACKAGES = (
@@ -58,10 +59,6 @@ network_backend = "netavark"
 """
 
 
-class Unavailable(Exception):
-    """The runtime cannot be had here: the reason is the message."""
-
-
 def _run(args: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload]
 
@@ -80,12 +77,7 @@ def ensure_installed() -> None:
     missing = [c for c in COMMANDS if shutil.which(c) is None]
     if not missing:
         return
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise Unavailable(f"{', '.join(missing)} not installed, and installing needs root and apt")
-    for step in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
-        result = _run(step, timeout=900, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        if result.returncode != 0:
-            raise Unavailable(f"`{' '.join(step)}` failed: {result.stderr.strip()[-500:]}")
+    install(PACKAGES, ", ".join(missing))
 
 
 def _mirror() -> str:

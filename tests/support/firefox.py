@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -24,7 +23,7 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from tests.support.browser import Unavailable
+from tests.support.apt import Unavailable, command
 
 PREFS = """
 user_pref("app.normandy.enabled", false);
@@ -39,20 +38,7 @@ user_pref("toolkit.telemetry.enabled", false);
 
 
 def firefox() -> str:
-    found = shutil.which("firefox-esr") or shutil.which("firefox")
-    if found:
-        return found
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise Unavailable("firefox-esr is not installed, and installing it needs root and apt")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for step in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "firefox-esr"]):
-        result = subprocess.run(step, capture_output=True, text=True, timeout=900, env=env, check=False)
-        if result.returncode != 0:
-            raise Unavailable(f"`{' '.join(step)}` failed: {result.stderr.strip()[-500:]}")
-    found = shutil.which("firefox-esr")
-    if found is None:
-        raise Unavailable("firefox-esr installed, but not on the PATH")
-    return found
+    return command(["firefox-esr", "firefox"], "firefox-esr")
 
 
 class ScriptError(Exception):

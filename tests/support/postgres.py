@@ -16,11 +16,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests.support.apt import Unavailable, install
 from tests.support.servers import free_port
-
-
-class Unavailable(Exception):
-    """PostgreSQL cannot be had here: the reason is the message."""
 
 
 def _binaries() -> Path | None:
@@ -36,13 +33,7 @@ def ensure_installed() -> Path:
     found = _binaries()
     if found is not None:
         return found
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise Unavailable("PostgreSQL is not installed, and installing it needs root and apt")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for step in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "postgresql"]):
-        result = subprocess.run(step, capture_output=True, text=True, timeout=900, env=env, check=False)
-        if result.returncode != 0:
-            raise Unavailable(f"`{' '.join(step)}` failed: {result.stderr.strip()[-500:]}")
+    install(["postgresql"], "PostgreSQL")
     found = _binaries()
     if found is None:
         raise Unavailable("postgresql installed, but no pg_ctl was found")

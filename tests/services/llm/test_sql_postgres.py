@@ -15,7 +15,8 @@ import pytest
 from baton.demo.databases import INVENTORY_DDL, build
 from services.llm.sql.databases import DatabaseUnavailable, PostgresDatabase, QueryFailed, QueryTimeout
 from tests.services.llm.conftest import Llm, StartLlm
-from tests.support.postgres import PostgresServer, Unavailable
+from tests.support.apt import Unavailable
+from tests.support.postgres import PostgresServer
 from tests.support.servers import free_port
 
 pytestmark = pytest.mark.slow
