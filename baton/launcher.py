@@ -82,6 +82,10 @@ class LauncherSettings(BatonSettings):
     """Port of the Redis the launcher starts (when REDIS_URL is not set)."""
     ready_timeout_s: float = Field(default=300, gt=0)
     """How long to wait for every service to be ready."""
+    console_dev_token: bool = True
+    """Whether the console's "use the development token" button works (for pages on this
+    machine). Anyone who can reach the gateway on loopback can press it: turn it off on a
+    machine shared with people who should not have the stack's every scope."""
 
     def port(self, service: str) -> int:
         return int(getattr(self, f"{service}_port"))
@@ -313,10 +317,13 @@ class Supervisor:
             GATEWAY_COORDINATOR_URL=self.url("coordinator"),
             GATEWAY_TRANSCRIPTION_URL=self.url("transcription"),
             GATEWAY_RAG_URL=self.url("rag"),
-            GATEWAY_DEV_TOKEN_FILE=str(self.paths.stack.resolve()),  # the console's development-token button
             PYTHONUNBUFFERED="1",
         )
         env.setdefault("RAG_CHROMA_PATH", str(self.paths.chroma_dir.resolve()))
+        if self.settings.console_dev_token:  # the console's "use the development token" button
+            env["GATEWAY_DEV_TOKEN_FILE"] = str(self.paths.stack.resolve())
+        else:
+            env.pop("GATEWAY_DEV_TOKEN_FILE", None)
         if "GEMMA_SQL_DATABASES" not in env:
             # The two example databases, for POST /v1/sql and /query out of the box.
             made = build_databases(self.paths.sql_dir)
@@ -467,7 +474,7 @@ def summary(info: dict[str, Any], paths: Paths) -> str:
     lines.append(f"  {'redis':<14}{info['redis_url']}")
     lines += [
         "",
-        f"The console: {info['services']['gateway']}/console/ (its button signs in with the development token).",
+        f"The console: {info['services']['gateway']}/console/",
         "",
         f"A development token with every scope (valid 24 h) is in {paths.stack}:",
         "  export BATON_TOKEN=$(baton token --from-stack)",

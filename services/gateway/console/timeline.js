@@ -79,7 +79,7 @@ export class Timeline {
       grant.yields.push(e.at);
     } else if ((type === "released" || type === "expired" || type === "revoked") && grant) {
       grant.ended_at = grant.ended_at ?? e.at;
-      grant.end = type === "revoked" ? "revoked" : e.end || type;
+      if (grant.end !== "revoked") grant.end = type === "revoked" ? "revoked" : e.end || type; // revoked stays
     }
   }
 
