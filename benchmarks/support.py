@@ -11,9 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tests.support.servers import RedisServer, ServiceProcess
+from tests.support.speech import long_meeting as long_meeting  # the benchmarks use the tests' recordings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MEETING = Path(__file__).resolve().parents[1] / "baton" / "demo" / "speech" / "meeting.ogg"
@@ -102,15 +101,3 @@ def coordinated(work: Path, **settings: str) -> Iterator[tuple[RedisServer, Serv
     finally:
         coordinator.stop()
         redis.stop()
-
-
-def long_meeting(folder: Path, repeat: int) -> tuple[Path, float]:
-    """The bundled meeting ``repeat`` times over, as one Opus file; (path, seconds)."""
-    from baton.demo.speech.make_speech import write_ogg
-    from services.transcription import audio
-
-    samples = audio.load(MEETING)
-    joined = (np.concatenate([samples] * repeat) * 32767).astype(np.int16)
-    path = folder / f"meeting-x{repeat}.ogg"
-    write_ogg(joined, path)
-    return path, len(joined) / audio.SAMPLE_RATE

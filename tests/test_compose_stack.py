@@ -25,16 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 import yaml
 
-from baton.demo.speech.make_speech import write_ogg
-from services.transcription import audio
 from tests.conftest import Mint
 from tests.support.apt import Unavailable
 from tests.support.containers import Podman, ensure_installed
 from tests.support.servers import REPO_ROOT, free_port, wait_until
+from tests.support.speech import long_meeting
 from tests.test_compose import SERVICES, SETTINGS, load
 
 # The first test builds the images: about 4 minutes without a cache, under 1 with one.
@@ -304,10 +302,7 @@ def test_the_demo_transcribes_indexes_and_answers_with_sources_in_containers(sta
 
 @pytest.fixture(scope="module")
 def twice_the_meeting(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    samples = audio.load(MEETING)
-    path = tmp_path_factory.mktemp("audio") / "meeting-twice.ogg"
-    write_ogg((np.concatenate([samples] * 2) * 32767).astype(np.int16), path)
-    return path
+    return long_meeting(tmp_path_factory.mktemp("audio"), 2)[0]
 
 
 def test_a_question_interrupts_a_job_across_containers(stack: Stack, mint: Mint, twice_the_meeting: Path) -> None:

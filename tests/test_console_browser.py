@@ -16,12 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
 
-from baton.demo.speech.make_speech import write_ogg
-from services.transcription import audio
+from tests.support import speech
 from tests.support.apt import Unavailable
 from tests.support.browser import OUTPUT, chromium
 from tests.support.launched import LaunchedStack
@@ -107,10 +105,7 @@ class Console:
 @pytest.fixture(scope="module")
 def long_meeting(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The meeting three times over (about three and a half minutes): still running when cancelled."""
-    samples = audio.load(MEETING)
-    path = tmp_path_factory.mktemp("audio") / "long-meeting.ogg"
-    write_ogg((np.concatenate([samples] * 3) * 32767).astype(np.int16), path)
-    return path
+    return speech.long_meeting(tmp_path_factory.mktemp("audio"), 3)[0]
 
 
 @pytest.fixture

@@ -8,15 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import openai
 import pytest
 
-from baton.demo.speech.make_speech import write_ogg
-from services.transcription import audio
 from shared.sse_reader import read_json
 from tests.support.launched import LaunchedStack
 from tests.support.servers import wait_until
+from tests.support.speech import long_meeting
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +25,7 @@ QUESTION = "What is the new deadline for the Harbor report?"
 @pytest.fixture(scope="module")
 def long_recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The meeting three times over: about three and a half minutes."""
-    samples = audio.load(SPEECH / "meeting.ogg")
-    path = tmp_path_factory.mktemp("audio") / "long-meeting.ogg"
-    write_ogg((np.concatenate([samples] * 3) * 32767).astype(np.int16), path)
-    return path
+    return long_meeting(tmp_path_factory.mktemp("audio"), 3)[0]
 
 
 def submit(stack: LaunchedStack, path: Path) -> str:

@@ -16,16 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 
-from baton.demo.speech.make_speech import write_ogg
-from services.transcription import audio
 from services.transcription.worker import process_state
 from tests.conftest import Mint
 from tests.services.transcription.conftest import MEETING, StartTx, Tx
 from tests.services.transcription.test_transcription import wait_for_job
 from tests.support.servers import RedisServer, ServiceProcess, wait_until
+from tests.support.speech import long_meeting
 
 pytestmark = pytest.mark.slow
 
@@ -85,10 +83,7 @@ def metric(tx: Tx, name: str) -> float:
 @pytest.fixture(scope="module")
 def long_recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The meeting three times over (3.6 minutes)."""
-    samples = audio.load(MEETING)
-    path = tmp_path_factory.mktemp("audio") / "meeting-x3.ogg"
-    write_ogg((np.concatenate([samples] * 3) * 32767).astype(np.int16), path)
-    return path
+    return long_meeting(tmp_path_factory.mktemp("audio"), 3)[0]
 
 
 @pytest.fixture(scope="module")
