@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from services.llm.chat import Answering, ChatService, ClientGone, Done, Job
 from services.llm.conversations import ConversationStore
 from services.llm.engine import Params
+from services.llm.engine.grammar import GrammarLimits
 from services.llm.schemas import (
     AssistantMessage,
     BatonExtras,
@@ -149,7 +150,7 @@ def build_router(chat: ChatService, auth: Auth, conversations: ConversationStore
         body: ChatCompletionRequest, request: Request, response: Response
     ) -> Response | ChatCompletion:
         chat.check_model(body.model)
-        calling = _tooling(body)
+        calling = _tooling(body, chat.engine.grammar_limits)
         params = _params(body, chat.max_tokens(body.max_completion_tokens or body.max_tokens, also=body.max_tokens))
         params.grammar = calling.grammar
         job = Job(
@@ -298,10 +299,10 @@ class Calling:
         return bool(self.tools)
 
 
-def _tooling(body: ChatCompletionRequest) -> Calling:
+def _tooling(body: ChatCompletionRequest, limits: GrammarLimits) -> Calling:
     """The request's tools and tool_choice, checked before any work (400 naming the tool and the field)."""
     try:
-        tools = parse_tools(body.tools or [])
+        tools = parse_tools(body.tools or [], limits)
         choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice
         mode, callable_ = chosen(tools, choice)
     except BadTool as exc:
@@ -310,7 +311,15 @@ def _tooling(body: ChatCompletionRequest) -> Calling:
         raise BadRequest("response_format and tools cannot constrain one answer together", param="response_format")
     # One call per answer unless the request asks for more: OpenAI's default is parallel,
     # but small models then repeat calls until max_tokens (seen with SmolLM2).
-    return Calling(callable_, grammar(mode, callable_, body.parallel_tool_calls is True))
+    try:
+        text = grammar(mode, callable_, body.parallel_tool_calls is True)
+    except Exception as exc:  # the converter raises anything from KeyError to RecursionError
+        raise BadRequest(
+            f"the tools' parameters cannot constrain the output together ({type(exc).__name__})",
+            param="tools",
+            code="invalid_tool",
+        ) from None
+    return Calling(callable_, text)
 
 
 def _seed_job(chat: ChatService, body: SeedChatRequest) -> Job:

@@ -16,6 +16,7 @@ from services.llm.cache import ResponseCache
 from services.llm.chat import ChatMetrics, ChatService, ClientGone
 from services.llm.conversations import ConversationStore
 from services.llm.engine import Engine, can_offload
+from services.llm.engine.grammar import GrammarLimits
 from services.llm.memories import Memories
 from services.llm.placement import GpuPolicy, PlacementMetrics
 from services.llm.remote import BackendMetrics, Remote
@@ -50,6 +51,7 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
         threads=settings.threads,
         chat_format=chat_format,
         prefix_budget_bytes=int(settings.prefix_cache_mb * 1_048_576),
+        grammar_limits=_grammar_limits(settings),
     )
     gpu = base.gpu(settings)
     vram_mb = settings.vram_mb if settings.vram_mb is not None else vram_estimate_mb(path.stat().st_size)
@@ -67,7 +69,9 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
             raise ConfigError(f"GEMMA_BACKENDS_FILE: {exc}") from None
         remote = Remote(backends, BackendMetrics(metrics))
     chat = ChatService(engine, policy, memories, settings, chat_metrics, model_id, slot, conversations, cache, remote)
-    sql = SqlService(_databases(settings), settings.sql_default_database, settings.sql_timeout_s)
+    sql = SqlService(
+        _databases(settings), settings.sql_default_database, settings.sql_timeout_s, settings.sql_max_grammar_columns
+    )
     if sql.default is None and sql.databases:
         sql.default = next(iter(sql.databases))
     state = {"loaded": False}
@@ -153,3 +157,14 @@ def _databases(settings: LLMSettings) -> dict[str, Database]:
     if default is not None and default not in databases:
         raise ConfigError(f"GEMMA_SQL_DEFAULT_DATABASE: {default!r} is not in GEMMA_SQL_DATABASES")
     return databases
+
+
+def _grammar_limits(settings: LLMSettings) -> GrammarLimits:
+    return GrammarLimits(
+        max_repeat=settings.grammar_max_repeat,
+        max_depth=settings.grammar_max_depth,
+        max_nodes=settings.grammar_max_nodes,
+        max_bytes=settings.grammar_max_kb * 1024,
+        max_compile_ms=settings.grammar_max_compile_ms,
+        max_us_per_token=settings.grammar_max_us_per_token,
+    )

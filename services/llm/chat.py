@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from services.llm.answer import Answer, Done
 from services.llm.cache import Cached, ResponseCache
 from services.llm.conversations import Conversation, ConversationStore
-from services.llm.engine import BadSchema, Engine, Finished, Message, Params, grammar_for
+from services.llm.engine import BadSchema, Engine, Finished, Message, Params, grammar_text
+from services.llm.engine.grammar import GrammarRefused
 from services.llm.memories import Memories, Passage, sources
 from services.llm.placement import GpuBusy, GpuPolicy, Placement
 from services.llm.prompting import ContextTooLong, Fitted, fit, with_memories
@@ -262,12 +263,19 @@ class ChatService:
                 code="too_many_messages",
             )
         try:
-            grammar_for(job.params)
+            found = grammar_text(job.params, self.engine.grammar_limits)
         except BadSchema as exc:
-            raise BadRequest(str(exc), param="response_format", code="invalid_schema") from None
+            raise BadRequest(str(exc), param=exc.param, code="invalid_schema") from None
+        if found is not None:
+            text, param = found
+            try:
+                self.engine.guard.check(text, param, what="the schema")
+            except GrammarRefused as exc:
+                raise BadRequest(str(exc), param=exc.param, code="invalid_schema") from None
 
     async def open(self, job: Job, disconnected: Callable[[], Awaitable[object]]) -> Answering:
-        self.check(job)
+        # A thread: llama.cpp compiles and times the grammar, up to a second of CPU.
+        await asyncio.to_thread(self.check, job)
         if self.remote is not None and job.model not in ("", self.model_id):  # a backend's model
             if job.params.grammar is not None:
                 raise BadRequest("tools are served by the local model only", param="tools", code="invalid_tool")

@@ -63,9 +63,42 @@ def gbnf(schema: dict[str, Any]) -> str:
     """
     check_enforceable(schema)
     converter = _Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
-    resolved = converter.resolve_refs(json.loads(json.dumps(schema)), "stdin")
+    document = json.loads(json.dumps(schema))
+    if any(node.get("$ref") == "#" for node in _nodes(document)):
+        # The converter resolves only "#/..." references: a schema that refers to itself
+        # as a whole becomes a definition of its own document.
+        document = {"$defs": {"self": rebased(document, "#/$defs/self")}, "anyOf": [{"$ref": "#/$defs/self"}]}
+    resolved = converter.resolve_refs(document, "stdin")
     converter.visit(resolved, "")
     return str(converter.format_grammar())
+
+
+def rebased(schema: Any, base: str) -> Any:
+    """``schema`` with every reference inside it (``#...``) made relative to ``base``, the
+    place it is put in a larger document: a tool's ``#/$defs/point`` becomes
+    ``#/$defs/tool0/$defs/point`` once its parameters sit at ``#/$defs/tool0``."""
+    if isinstance(schema, list):
+        return [rebased(item, base) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: rebased(value, base) for key, value in schema.items()}
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        out["$ref"] = base + ref[1:]
+    return out
+
+
+def _nodes(schema: Any) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            found.append(node)
+            stack.extend(v for v in node.values() if isinstance(v, dict | list))
+    return found
 
 
 def check_enforceable(schema: Any, where: str = "") -> None:

@@ -80,6 +80,24 @@ class LLMSettings(ServiceSettings):
     """The database the seed's ``POST /query`` uses (default: the first one)."""
     sql_timeout_s: float = Field(default=5.0, gt=0, le=300)
     """A statement running longer is stopped (422 query_timeout)."""
+    sql_max_grammar_columns: int = Field(default=400, ge=16, le=100_000)
+    """Column names a text-to-SQL grammar may spell over all its FROM clauses. A wider
+    schema is narrowed to the tables the question speaks of (a grammar's cost per token
+    grows with these: 8 tables of 64 columns spell 5,754 and cost 0.9 s a token)."""
+    grammar_max_repeat: int = Field(default=1000, ge=1, le=100_000)
+    """Largest repetition a grammar enforces: minLength/maxLength, minItems/maxItems,
+    {n,m} in patterns (400 past it). llama.cpp's parser overflows its stack near 20,000."""
+    grammar_max_depth: int = Field(default=32, ge=1, le=1000)
+    """Deepest nesting of a json_schema or a tool's parameters."""
+    grammar_max_nodes: int = Field(default=4000, ge=1, le=1_000_000)
+    """Subschemas and enum values of one schema."""
+    grammar_max_kb: int = Field(default=256, ge=1, le=65536)
+    """Largest grammar (GBNF text) sent to llama.cpp."""
+    grammar_max_compile_ms: float = Field(default=500.0, gt=0, le=60_000)
+    """CPU time llama.cpp may take to compile a grammar."""
+    grammar_max_us_per_token: float = Field(default=5.0, gt=0, le=1_000_000)
+    """CPU microseconds a grammar may take per vocabulary token in a masked step, as
+    measured once per grammar (services/llm/engine/grammar.py)."""
     force_reload: bool = False
     """Reload the model to move layers even on a llama.cpp build that cannot offload (tests)."""
 

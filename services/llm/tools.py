@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.llm.engine import into_system
-from services.llm.schema_grammar import Unenforceable, gbnf
+from services.llm.engine.grammar import GrammarLimits, GrammarRefused, check_schema
+from services.llm.schema_grammar import Unenforceable, gbnf, rebased
 
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_PARALLEL = 8
@@ -70,8 +71,10 @@ class ToolCall:
         return call if index is None else {"index": index, **call}
 
 
-def parse_tools(raw: list[dict[str, Any]]) -> list[Tool]:
-    """The request's ``tools``, checked: a 400 (BadTool) names the tool and the field."""
+def parse_tools(raw: list[dict[str, Any]], limits: GrammarLimits | None = None) -> list[Tool]:
+    """The request's ``tools``, checked: a 400 (BadTool) names the tool and the field.
+    Each tool's parameters are held to the grammar limits before they are converted."""
+    limits = limits or GrammarLimits()
     tools: list[Tool] = []
     seen: set[str] = set()
     for index, entry in enumerate(raw):
@@ -97,7 +100,10 @@ def parse_tools(raw: list[dict[str, Any]]) -> list[Tool]:
                 f"tool {name!r}: parameters must be a JSON schema of an object", f"{where}.function.parameters"
             )
         try:
+            check_schema(parameters, limits, f"{where}.function.parameters")
             gbnf(parameters)
+        except GrammarRefused as exc:
+            raise BadTool(f"tool {name!r}: {exc}", exc.param or f"{where}.function.parameters") from None
         except Unenforceable as exc:
             field = f"{where}.function.parameters{exc.where}"
             raise BadTool(f"tool {name!r}: parameters{exc.where}: {exc}", field) from None
@@ -129,16 +135,19 @@ def chosen(tools: list[Tool], choice: str | dict[str, Any] | None) -> tuple[str,
 
 
 def calls_schema(tools: list[Tool], parallel: bool) -> dict[str, Any]:
-    """The JSON schema of an answer that calls tools."""
+    """The JSON schema of an answer that calls tools. Each tool's parameters are a
+    definition of their own, so that their ``$defs`` and ``$ref`` keep their meaning."""
+    definitions = {f"tool{i}": rebased(t.parameters, f"#/$defs/tool{i}") for i, t in enumerate(tools)}
     one = [
         {
             "type": "object",
-            "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+            "properties": {"name": {"const": t.name}, "arguments": {"$ref": f"#/$defs/tool{i}"}},
             "required": ["name", "arguments"],
         }
-        for t in tools
+        for i, t in enumerate(tools)
     ]
     return {
+        "$defs": definitions,
         "type": "object",
         "properties": {
             "tool_calls": {

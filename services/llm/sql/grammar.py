@@ -16,10 +16,11 @@ character, so no literal can end early; the statement ends with ``;``.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass
 
-from services.llm.sql.schema import Schema
+from services.llm.sql.schema import Schema, Table
 
 MAX_JOINED = 3
 """Tables in one FROM clause at most."""
@@ -130,3 +131,51 @@ def select_grammar(schema: Schema) -> str:
             f'o{i} ::= " ORDER BY " {e} dir? (", " {e} dir?)?',
         ]
     return "\n".join(lines) + "\n"
+
+
+def spelled(schema: Schema) -> int:
+    """Column names the grammar spells over every branch: what its cost per token grows with."""
+    return sum(len(clause.columns) for clause in from_clauses(schema))
+
+
+def _words(text: str) -> set[str]:
+    """Lower-case words of a question or a name, plurals folded (``orders`` -> ``order``)."""
+    words = {w for w in re.split(r"[^a-z0-9]+", text.lower()) if w}
+    return words | {w[:-1] for w in words if len(w) > 3 and w.endswith("s")}
+
+
+def focused(schema: Schema, question: str, budget: int) -> Schema:
+    """The schema itself when its grammar spells at most ``budget`` column names, else the
+    tables the question speaks of most, added one by one while the grammar stays in the
+    budget (at least one table; foreign keys kept between the tables kept).
+
+    A table scores three for each of its name's words the question uses and one for each
+    column's, so "Which customers ordered a lamp?" keeps customers and orders first."""
+    if spelled(schema) <= budget:
+        return schema
+    asked = _words(question)
+    order = list(schema.tables)
+
+    def score(name: str) -> tuple[int, int]:
+        table = schema.tables[name]
+        columns = sum(len(_words(c) & asked) for c in table.column_names())
+        return (3 * len(_words(name) & asked) + columns, -order.index(name))
+
+    kept: list[str] = []
+    for name in sorted(order, key=score, reverse=True):
+        trial = _subset(schema, [*kept, name])
+        if kept and spelled(trial) > budget:
+            continue
+        kept.append(name)
+    return _subset(schema, kept)
+
+
+def _subset(schema: Schema, names: list[str]) -> Schema:
+    keep = set(names)
+    tables = {}
+    for name in schema.tables:  # declared order
+        if name in keep:
+            table = schema.tables[name]
+            keys = [k for k in table.foreign_keys if k.table in keep]
+            tables[name] = Table(table.name, list(table.columns), keys)
+    return Schema(tables)

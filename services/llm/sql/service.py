@@ -17,7 +17,7 @@ from services.llm.chat import Job
 from services.llm.engine import Message, Params
 from services.llm.sql.check import Checked, Refused, check
 from services.llm.sql.databases import Database, DatabaseUnavailable, QueryFailed, QueryTimeout
-from services.llm.sql.grammar import select_grammar
+from services.llm.sql.grammar import focused, select_grammar
 from services.llm.sql.schema import BadSchema, Schema, parse_ddl
 from shared.errors import BadRequest, ServiceUnavailable, Unprocessable
 
@@ -81,7 +81,10 @@ class Result:
 
 
 class SqlService:
-    def __init__(self, databases: dict[str, Database], default: str | None, timeout_s: float) -> None:
+    def __init__(
+        self, databases: dict[str, Database], default: str | None, timeout_s: float, max_grammar_columns: int = 400
+    ) -> None:
+        self.max_grammar_columns = max_grammar_columns
         self.databases = databases
         self.default = default
         self.timeout_s = timeout_s
@@ -141,10 +144,14 @@ class SqlService:
                 f"the question is over {MAX_QUESTION_BYTES // 1024} KB", param=param, code="question_too_long"
             )
 
-    @staticmethod
-    def job(target: Target, question: str, params: Params) -> Job:
-        params.grammar = select_grammar(target.schema)
-        return Job(messages=prompt(target.schema, question), params=params)
+    def job(self, target: Target, question: str, params: Params) -> Job:
+        """The model's request: a wide schema is narrowed to the tables the question speaks
+        of, so that the grammar spells at most ``max_grammar_columns`` column names (its
+        cost per token grows with them); the prompt shows the same tables."""
+        schema = focused(target.schema, question, self.max_grammar_columns)
+        params.grammar = select_grammar(schema)
+        params.grammar_param = "database" if target.database is not None else "schema"
+        return Job(messages=prompt(schema, question), params=params)
 
     async def finish(self, text: str, target: Target, execute: bool, max_rows: int) -> Result:
         """Check what the model wrote (422 if refused); run it when asked and a database is named."""

@@ -19,6 +19,7 @@ import llama_cpp
 from llama_cpp import llama_grammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from services.llm.engine.grammar import GrammarGuard, GrammarLimits, GrammarRefused, check_schema, route_llama_logs
 from services.llm.prefixes import PrefixStates
 from services.llm.schema_grammar import Unenforceable, gbnf
 
@@ -63,7 +64,9 @@ class Params:
     json_schema: dict[str, Any] | None = None
     json_object: bool = False
     grammar: str | None = None
-    """GBNF that constrains the output (tool calls, services.llm.tools)."""
+    """GBNF that constrains the output (tool calls, services.llm.tools; text-to-SQL)."""
+    grammar_param: str = "tools"
+    """The request field ``grammar`` was made from, named when it is refused."""
 
 
 @dataclass
@@ -78,23 +81,42 @@ class Cancelled(Exception):
 
 
 class BadSchema(ValueError):
-    """A json_schema llama.cpp cannot turn into a grammar."""
+    """A json_schema llama.cpp cannot turn into a grammar; ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = "response_format") -> None:
+        super().__init__(message)
+        self.param = param
 
 
-def grammar_for(params: Params) -> llama_grammar.LlamaGrammar | None:
-    """The grammar that constrains the output, if any; BadSchema for a schema that has none."""
+SCHEMA_PARAM = "response_format.json_schema.schema"
+
+
+def grammar_text(params: Params, limits: GrammarLimits) -> tuple[str, str] | None:
+    """(GBNF, the field it comes from) for the output's constraint, if any. BadSchema for
+    a schema that has no grammar or one past the limits (checked before it is converted)."""
     if params.json_schema is not None:
         try:
-            return llama_grammar.LlamaGrammar.from_string(gbnf(params.json_schema), verbose=False)
+            check_schema(params.json_schema, limits, SCHEMA_PARAM)
+            return gbnf(params.json_schema), SCHEMA_PARAM
+        except GrammarRefused as exc:
+            raise BadSchema(str(exc), exc.param) from None
         except Unenforceable as exc:
-            raise BadSchema(f"the json_schema{exc.where}: {exc}") from None
+            raise BadSchema(f"the json_schema{exc.where}: {exc}", f"{SCHEMA_PARAM}{exc.where}") from None
         except Exception as exc:  # the converter raises anything from KeyError to RecursionError
-            raise BadSchema(f"the json_schema cannot be used to constrain the output ({type(exc).__name__})") from None
+            raise BadSchema(
+                f"the json_schema cannot be used to constrain the output ({type(exc).__name__})", SCHEMA_PARAM
+            ) from None
     if params.grammar is not None:
-        return llama_grammar.LlamaGrammar.from_string(params.grammar, verbose=False)
+        return params.grammar, params.grammar_param
     if params.json_object:
-        return llama_grammar.LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
+        return llama_grammar.JSON_GBNF, "response_format"
     return None
+
+
+def grammar_for(params: Params, limits: GrammarLimits | None = None) -> llama_grammar.LlamaGrammar | None:
+    """The grammar that constrains the output, if any; BadSchema for a schema that has none."""
+    found = grammar_text(params, limits or GrammarLimits())
+    return llama_grammar.LlamaGrammar.from_string(found[0], verbose=False) if found else None
 
 
 def gemma_prompt(messages: Sequence[Message]) -> str:
@@ -126,7 +148,9 @@ class Engine:
         threads: int | None = None,
         chat_format: str | None = None,
         prefix_budget_bytes: int = 0,
+        grammar_limits: GrammarLimits | None = None,
     ) -> None:
+        route_llama_logs()
         self.path = path
         self.prefixes = PrefixStates(prefix_budget_bytes)
         self._batch_size = batch_size
@@ -137,6 +161,8 @@ class Engine:
         self._vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
         self._vocab_lock = threading.Lock()
         self.metadata: dict[str, str] = dict(self._vocab.metadata)
+        self.grammar_limits = grammar_limits or GrammarLimits()
+        self.guard = GrammarGuard(self._vocab._model.vocab, self.grammar_limits)
         arch = self.metadata.get("general.architecture", "")
         trained = int(self.metadata.get(f"{arch}.context_length", context_size))
         self.n_ctx = min(context_size, trained)
@@ -228,7 +254,7 @@ class Engine:
         fence); it and ``cancelled`` stop the generation within one token. ``keep_as``:
         a conversation whose saved state may start this prompt, and which keeps the
         state this answer ends in (prefix reuse)."""
-        grammar = grammar_for(params)
+        grammar = grammar_for(params, self.grammar_limits)
         with self._lock:
             llama = self.llama
             check()
