@@ -208,6 +208,13 @@ class ServiceSettings(BatonSettings):
     """Log level of the service's JSON logs."""
     max_body_mb: float = Field(default=1.0, gt=0, le=1024)
     """Requests with a larger body are refused with 413."""
+    header_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    """A connection that has not sent a whole request line and headers this long after it
+    opened is closed (slow or idle clients do not hold connections)."""
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    """A request body that stops arriving for this long is cut."""
+    idle_timeout_s: float = Field(default=5.0, gt=0, le=3600)
+    """A kept-alive connection with no new request this long is closed."""
     limits: LimitSettings = Field(default_factory=LimitSettings)
     """Per-subject limits and the audit stream (``BATON_*``), the same for every service."""
 

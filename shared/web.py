@@ -214,7 +214,19 @@ class RequestContextMiddleware:
 
         try:
             too_large = _declared_too_large(headers, self.max_body_bytes)
-            if too_large is not None:
+            if b"content-length" in headers and b"transfer-encoding" in headers:
+                # Two framings of one body: a proxy and a server could read different requests.
+                await _send_json(
+                    send_with_id,
+                    400,
+                    envelope(
+                        "send Content-Length or Transfer-Encoding, not both",
+                        "invalid_request_error",
+                        code="ambiguous_framing",
+                    ),
+                    {"connection": "close"},
+                )
+            elif too_large is not None:
                 await _send_error(send_with_id, too_large)
             else:
                 await self.app(scope, self._limited(receive), send_with_id)

@@ -16,9 +16,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from services.gateway.console import mount_console
-from services.gateway.proxy import Proxy
+from services.gateway.proxy import Proxy, checked_target
 from services.gateway.routes import MODELS_FROM, service_for
 from services.gateway.settings import GatewaySettings
 from shared import __version__
@@ -28,6 +29,7 @@ from shared.settings import load_settings
 from shared.web import RequestContextMiddleware
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+CLIENT_GONE = 499
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -83,9 +85,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.api_route("/{path:path}", methods=METHODS, include_in_schema=False)
     async def relay(path: str, request: Request) -> Response:
-        service = service_for("/" + path)
+        decoded, _ = checked_target(request.scope)  # 400 or 404 for a path that leaves its route
+        service = service_for(decoded)
         if service is None:
-            raise NotFound(f"no service answers /{path}", code="not_found")
-        return await proxy.forward(service, request)
+            raise NotFound("no service answers this path", code="not_found")
+        try:
+            return await proxy.forward(service, request)
+        except ClientDisconnect:
+            return Response(status_code=CLIENT_GONE)  # nobody is left to read it
 
     return app

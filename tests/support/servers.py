@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from baton.launcher import HOST_VARIABLES, PORT_VARIABLES, find_redis_server
-from shared.runner import server_config
+from shared.runner import HttpTimeouts, server_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -106,9 +106,11 @@ class RedisServer:
 class UvicornThread:
     """Serves an app over real HTTP on loopback, in a thread of the test process."""
 
-    def __init__(self, app: FastAPI, port: int | None = None) -> None:
+    def __init__(
+        self, app: FastAPI, port: int | None = None, timeouts: HttpTimeouts | None = None, *, edge: bool = False
+    ) -> None:
         self.port = port or free_port()
-        self.server = uvicorn.Server(server_config(app, "127.0.0.1", self.port))
+        self.server = uvicorn.Server(server_config(app, "127.0.0.1", self.port, timeouts, proxy_headers=not edge))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

@@ -335,7 +335,7 @@ LOG_LINE_CHARS = 300
 """llama.cpp prints a refused grammar whole; the log keeps this much of a line."""
 
 
-@llama_cpp.llama_log_callback  # type: ignore[misc]
+@llama_cpp.llama_log_callback
 def _to_logging(level: int, text: bytes, _: ctypes.c_void_p) -> None:
     if level < 3:  # only errors: llama.cpp's info and warnings are noise in a service log
         return

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -27,13 +28,11 @@ llama_cpp.llama_sampler_init_grammar(llama_cpp.llama_model_get_vocab(model), gbn
 
 def test_without_the_gates_llama_cpp_dies_of_the_red_teams_schema() -> None:
     """Why the gates exist: the schema's grammar, given to llama.cpp as it is, kills the process."""
-    done = subprocess.run(
-        [sys.executable, "-c", BARE], cwd=REPO_ROOT, capture_output=True, timeout=300, check=False
-    )
+    done = subprocess.run([sys.executable, "-c", BARE], cwd=REPO_ROOT, capture_output=True, timeout=300, check=False)
     assert done.returncode < 0, done.returncode  # killed by a signal (SIGSEGV: -11)
 
 
-def test_three_hundred_grammar_bombs_never_kill_the_process(record_property: pytest.RecordProperty) -> None:
+def test_three_hundred_grammar_bombs_never_kill_the_process(record_property: Callable[[str, object], None]) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "tests.support.grammar_fuzz", "300", "2026"],
         cwd=REPO_ROOT,
