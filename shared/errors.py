@@ -15,6 +15,7 @@ from typing import Any, cast
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -240,6 +241,16 @@ def install_error_handlers(app: FastAPI) -> None:
             headers = {**(headers or {}), "Allow": allowed_methods(request)}
         return JSONResponse(envelope(message, type_), exc.status_code, headers=headers)
 
+    async def on_store_down(request: Request, exc: Exception) -> JSONResponse:
+        # Every service keeps its state in Redis: a Redis that is down or paused is a 503
+        # the client may retry, never a 500.
+        log.warning("store unavailable", extra={"error": type(exc).__name__})
+        error = ServiceUnavailable(
+            "the service's store is unavailable; try again shortly", retry_after_s=1, code="store_unavailable"
+        )
+        request.state.error_code = error.code
+        return error_response(error)
+
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error", exc_info=exc)
         return JSONResponse(envelope(internal_message(), "server_error", code="internal_error"), 500)
@@ -247,4 +258,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RedisError, on_store_down)
     app.add_exception_handler(Exception, on_unexpected)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi.responses import StreamingResponse
+from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
 from shared.errors import APIError, envelope, internal_message
@@ -31,6 +32,12 @@ def frame(data: dict[str, Any] | str, event: str | None = None) -> str:
 def error_frames(exc: BaseException) -> list[str]:
     if isinstance(exc, APIError):
         body = exc.body()
+    elif isinstance(exc, RedisError):
+        body = envelope(
+            "the service's store is unavailable; try again shortly",
+            "service_unavailable_error",
+            code="store_unavailable",
+        )
     else:
         body = envelope(internal_message(), "server_error", code="internal_error")
     return [frame(body), DONE]
@@ -44,7 +51,9 @@ async def guarded(frames: AsyncIterator[str]) -> AsyncIterator[str]:
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        if not isinstance(exc, APIError):
+        if isinstance(exc, RedisError):
+            log.warning("store unavailable mid-stream", extra={"error": type(exc).__name__})
+        elif not isinstance(exc, APIError):
             log.error("stream failed after it started", exc_info=exc)
         for item in error_frames(exc):
             yield item

@@ -107,7 +107,7 @@ def build_router(chat: ChatService, auth: Auth, conversations: ConversationStore
         checked for room for the turn and its answer before any work."""
         if conversation_id is not None:
             conversation = await conversations.get(job.subject, conversation_id)
-            conversations.check_room(conversation, len(job.messages) + 1)
+            await conversations.check_room(conversation, job.messages)
             job.conversation = conversation
         return job
 
@@ -150,7 +150,7 @@ def build_router(chat: ChatService, auth: Auth, conversations: ConversationStore
         body: ChatCompletionRequest, request: Request, response: Response
     ) -> Response | ChatCompletion:
         chat.check_model(body.model)
-        calling = _tooling(body, chat.engine.grammar_limits)
+        calling = _tooling(body, chat.engine.grammar_limits, chat.settings.max_tools)
         params = _params(body, chat.max_tokens(body.max_completion_tokens or body.max_tokens, also=body.max_tokens))
         params.grammar = calling.grammar
         job = Job(
@@ -299,8 +299,10 @@ class Calling:
         return bool(self.tools)
 
 
-def _tooling(body: ChatCompletionRequest, limits: GrammarLimits) -> Calling:
+def _tooling(body: ChatCompletionRequest, limits: GrammarLimits, max_tools: int) -> Calling:
     """The request's tools and tool_choice, checked before any work (400 naming the tool and the field)."""
+    if len(body.tools or []) > max_tools:
+        raise BadRequest(f"at most {max_tools} tools (GEMMA_MAX_TOOLS)", param="tools", code="invalid_tool")
     try:
         tools = parse_tools(body.tools or [], limits)
         choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice

@@ -58,7 +58,12 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
     policy = GpuPolicy(engine, gpu, settings, slot, PlacementMetrics(metrics), vram_mb)
     memories = Memories(ServiceClient(settings.rag_url, base.tokens, retries=0), settings.rag_timeout_ms / 1000)
     conversations = ConversationStore(
-        guards.redis, settings.limits.key_prefix, settings.max_conversations, settings.max_conversation_messages
+        guards.redis,
+        settings.limits.key_prefix,
+        settings.max_conversations,
+        settings.max_conversation_messages,
+        settings.max_conversation_kb * 1024,
+        settings.max_conversations_mb * 1_048_576,
     )
     cache = ResponseCache(settings.cache_ttl_s, settings.cache_entries)
     remote = None

@@ -262,6 +262,15 @@ class ChatService:
                 param="messages",
                 code="too_many_messages",
             )
+        chars = sum(len(m["content"]) for m in job.messages) + sum(len(c) for c in job.context)
+        if chars > self.engine.max_prompt_chars:
+            # Refused by its size before the tokenizer reads it (2 MB took it 10 s).
+            raise BadRequest(
+                f"the messages hold {chars} characters, more than this model's context of {self.engine.n_ctx} "
+                f"tokens can hold (no token spells more than {self.engine.longest_piece})",
+                param="messages",
+                code="context_length_exceeded",
+            )
         try:
             found = grammar_text(job.params, self.engine.grammar_limits)
         except BadSchema as exc:

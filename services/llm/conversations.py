@@ -3,8 +3,10 @@
 A conversation is a hash (owner, title, created_at, summary, summarized) and a list of
 messages; each subject has a sorted set of its conversations by creation time. Another
 subject's conversation is not found (404), exactly as one that does not exist: an id
-reveals nothing. Bounds: conversations per subject and messages per conversation
-(429 past either), a title's length, and the id's shape (checked before Redis is asked).
+reveals nothing. Bounds: conversations per subject, messages and bytes per
+conversation, and bytes per subject over all their conversations (429 past any, checked
+before the model is asked), a title's length, and the id's shape (checked before Redis
+is asked). A Redis that is down is a 503 ``store_unavailable`` (shared.errors).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from shared.errors import NotFound, ServiceUnavailable, TooManyRequests
 
@@ -35,6 +36,8 @@ class Conversation:
     summary: str | None = None
     """The model's summary of the oldest ``summarized`` messages, once they no longer fit."""
     summarized: int = 0
+    bytes: int = 0
+    """What its stored messages take (their JSON, as kept in Redis)."""
 
     def public(self, with_messages: bool = True) -> dict[str, Any]:
         shown: dict[str, Any] = {"id": self.id, "title": self.title, "created_at": self.created_at}
@@ -51,18 +54,41 @@ class Conversation:
         return said
 
 
+def stored(messages: list[dict[str, str]], now: float) -> list[str]:
+    """Messages as Redis keeps them, one JSON text each."""
+    return [json.dumps({"role": m["role"], "content": m["content"], "created_at": now}) for m in messages]
+
+
+def size_of(messages: list[dict[str, str]]) -> int:
+    """What ``messages`` will take once stored (at most: the widest timestamp)."""
+    return sum(len(text.encode("utf-8")) for text in stored(messages, 9_999_999_999.999))
+
+
 class ConversationStore:
-    def __init__(self, redis: Redis | None, prefix: str, max_conversations: int, max_messages: int) -> None:
+    def __init__(
+        self,
+        redis: Redis | None,
+        prefix: str,
+        max_conversations: int,
+        max_messages: int,
+        max_bytes: int = 1_048_576,
+        max_subject_bytes: int = 32 * 1_048_576,
+    ) -> None:
         self._redis = redis
         self._prefix = prefix
         self.max_conversations = max_conversations
         self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.max_subject_bytes = max_subject_bytes
 
     def _key(self, conversation_id: str) -> str:
         return f"{self._prefix}conv:{conversation_id}"
 
     def _index(self, owner: str) -> str:
         return f"{self._prefix}convs:{owner}"
+
+    def _usage(self, owner: str) -> str:
+        return f"{self._prefix}convbytes:{owner}"
 
     @property
     def redis(self) -> Redis:
@@ -104,43 +130,63 @@ class ConversationStore:
         return conversation
 
     async def delete(self, owner: str, conversation_id: str) -> None:
-        await self.get(owner, conversation_id)
+        conversation = await self._load(conversation_id, owner, with_messages=False)
+        if conversation is None:
+            raise NotFound(f"no conversation {conversation_id[:64]!r}", param="conversation", code="not_found")
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(self._key(conversation_id), self._key(conversation_id) + ":messages")
             pipe.zrem(self._index(owner), conversation_id)
+            pipe.decrby(self._usage(owner), conversation.bytes)
             await pipe.execute()
 
-    def check_room(self, conversation: Conversation, adding: int) -> None:
-        """Before any work: the turn and its answer must fit the conversation's bound."""
-        if len(conversation.messages) + adding > self.max_messages:
+    async def check_room(self, conversation: Conversation, messages: list[dict[str, str]]) -> None:
+        """Before any work: the turn and its answer must fit the conversation's bounds, and
+        the turn the subject's bytes (the answer is counted when it is stored)."""
+        if len(conversation.messages) + len(messages) + 1 > self.max_messages:
             raise TooManyRequests(
                 f"a conversation holds at most {self.max_messages} messages (GEMMA_MAX_CONVERSATION_MESSAGES):"
                 " start a new one",
                 retry_after_s=None,
                 code="conversation_full",
             )
+        adding = size_of(messages)
+        if conversation.bytes + adding > self.max_bytes:
+            raise TooManyRequests(
+                f"a conversation holds at most {self.max_bytes // 1024} KB (GEMMA_MAX_CONVERSATION_KB); this one "
+                f"holds {conversation.bytes // 1024} KB and the turn {adding // 1024} KB more: start a new one",
+                retry_after_s=None,
+                code="conversation_full",
+            )
+        used = int(await self.redis.get(self._usage(conversation.owner)) or 0)
+        if used + adding > self.max_subject_bytes:
+            raise TooManyRequests(
+                f"your conversations hold {used // 1_048_576} MB; at most {self.max_subject_bytes // 1_048_576} MB "
+                "(GEMMA_MAX_CONVERSATIONS_MB): delete some first",
+                retry_after_s=None,
+                code="conversations_full",
+            )
 
     async def append(self, conversation: Conversation, messages: list[dict[str, str]]) -> None:
         now = round(time.time(), 3)
-        stored = [{"role": m["role"], "content": m["content"], "created_at": now} for m in messages]
-        try:
-            await self.redis.rpush(self._key(conversation.id) + ":messages", *[json.dumps(m) for m in stored])
-        except RedisError:
-            raise ServiceUnavailable("the conversation store is unreachable", retry_after_s=2) from None
-        conversation.messages.extend(stored)
+        texts = stored(messages, now)
+        added = sum(len(text.encode("utf-8")) for text in texts)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(self._key(conversation.id) + ":messages", *texts)
+            pipe.hincrby(self._key(conversation.id), "bytes", added)
+            pipe.incrby(self._usage(conversation.owner), added)
+            await pipe.execute()
+        conversation.messages.extend(json.loads(text) for text in texts)
+        conversation.bytes += added
 
     async def summarize(self, conversation: Conversation, summary: str, summarized: int) -> None:
         await self.redis.hset(self._key(conversation.id), mapping={"summary": summary, "summarized": summarized})
         conversation.summary, conversation.summarized = summary, summarized
 
     async def _load(self, conversation_id: str, owner: str, with_messages: bool = True) -> Conversation | None:
-        try:
-            raw = await self.redis.hgetall(self._key(conversation_id))
-            if not raw or _text(raw.get(b"owner", b"")) != owner:
-                return None
-            messages = await self.redis.lrange(self._key(conversation_id) + ":messages", 0, -1) if with_messages else []
-        except RedisError:
-            raise ServiceUnavailable("the conversation store is unreachable", retry_after_s=2) from None
+        raw = await self.redis.hgetall(self._key(conversation_id))
+        if not raw or _text(raw.get(b"owner", b"")) != owner:
+            return None
+        messages = await self.redis.lrange(self._key(conversation_id) + ":messages", 0, -1) if with_messages else []
         summary = raw.get(b"summary")
         return Conversation(
             id=conversation_id,
@@ -150,6 +196,7 @@ class ConversationStore:
             messages=[json.loads(m) for m in messages],
             summary=_text(summary) if summary else None,
             summarized=int(raw.get(b"summarized", 0)),
+            bytes=int(raw.get(b"bytes", 0)),
         )
 
 

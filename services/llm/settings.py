@@ -43,6 +43,12 @@ class LLMSettings(ServiceSettings):
     """Conversations each subject may keep (429 past it)."""
     max_conversation_messages: int = Field(default=2000, ge=2, le=1_000_000)
     """Messages one conversation may hold (429 past it)."""
+    max_conversation_kb: int = Field(default=1024, ge=1, le=1_048_576)
+    """What one conversation's messages may take, in KB (429 past it)."""
+    max_conversations_mb: int = Field(default=32, ge=1, le=1_048_576)
+    """What all of one subject's conversations may take, in MB (429 past it)."""
+    max_tools: int = Field(default=128, ge=1, le=10_000)
+    """Tools one request may describe (OpenAI's bound)."""
     cache_ttl_s: float = Field(default=300.0, ge=0, le=86_400)
     """How long an answer to a deterministic request is served again from the cache (0: no cache)."""
     cache_entries: int = Field(default=1000, ge=0, le=1_000_000)

@@ -7,8 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -21,7 +20,6 @@ from services.transcription.settings import TranscriptionSettings
 from services.transcription.whisper import LANGUAGES
 from services.transcription.worker import WorkerSpec
 from shared.client import ServiceClient
-from shared.errors import ServiceUnavailable, error_response
 from shared.gpu import vram_estimate_mb
 from shared.service import Foundation, model
 from shared.settings import load_settings
@@ -112,13 +110,6 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
     max_body_mb = settings.max_upload_mb + UPLOAD_OVERHEAD_MB
     app = base.app(max_body_mb, lifespan=lifespan, ready=ready, info=info, public_info=public_info)
 
-    async def store_down(_: Request, exc: Exception) -> JSONResponse:
-        log.warning("job store unavailable", extra={"error": type(exc).__name__})
-        return error_response(
-            ServiceUnavailable("the job store is unavailable", retry_after_s=1, code="store_unavailable")
-        )
-
-    app.add_exception_handler(RedisError, store_down)
     app.include_router(build_router(placement, runner, decoder, settings, model_id, auth, metrics))
 
     def languages_in_schema(document: dict[str, Any]) -> None:

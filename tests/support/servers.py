@@ -94,6 +94,11 @@ class RedisServer:
             self.process.kill()
             self.process.wait()
 
+    def signal_continue(self) -> None:
+        """SIGCONT: undo a test's SIGSTOP."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()

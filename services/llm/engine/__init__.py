@@ -7,6 +7,7 @@ llama.cpp model cannot move its layers once loaded.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -37,6 +38,17 @@ def into_system(messages: Sequence[Message], text: str) -> list[Message]:
     else:
         out.insert(0, {"role": "system", "content": text})
     return out
+
+
+def longest_piece(vocab: Any) -> int:
+    """The most characters one token of ``vocab`` spells (81 for SmolLM2, 31 for Gemma 3)."""
+    buffer = ctypes.create_string_buffer(1024)
+    longest = 1
+    for token in range(int(llama_cpp.llama_vocab_n_tokens(vocab))):
+        size = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, False)
+        if size > 0:
+            longest = max(longest, len(buffer.raw[:size].decode("utf-8", "replace")))
+    return longest
 
 
 def can_offload() -> bool:
@@ -163,6 +175,7 @@ class Engine:
         self.metadata: dict[str, str] = dict(self._vocab.metadata)
         self.grammar_limits = grammar_limits or GrammarLimits()
         self.guard = GrammarGuard(self._vocab._model.vocab, self.grammar_limits)
+        self.longest_piece = longest_piece(self._vocab._model.vocab)
         arch = self.metadata.get("general.architecture", "")
         trained = int(self.metadata.get(f"{arch}.context_length", context_size))
         self.n_ctx = min(context_size, trained)
@@ -179,6 +192,12 @@ class Engine:
             self._formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
         self._llama: llama_cpp.Llama | None = None
         self.gpu_layers = 0
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """More characters than this cannot fit the context: no token spells more than
+        ``longest_piece`` of them. Text past it is refused before it is tokenized."""
+        return self.n_ctx * self.longest_piece
 
     @property
     def llama(self) -> llama_cpp.Llama:
