@@ -39,6 +39,13 @@ def status(stack: Stack, out: TextIO = sys.stdout, handoffs: int = 8) -> dict[st
         out.write(f"quarantined until {_when(gpu['quarantine_until'])} (Redis lost its data)\n")
     for waiter in gpu["queue"]:
         out.write(f"  waiting: {waiter['holder']} ({waiter['priority']}) for {waiter['waiting_ms'] / 1000:.1f} s\n")
+    processes = _processes(stack)
+    if processes:
+        out.write("processes:\n")
+        for name, entry in processes.items():
+            restarted = f", last restarted {_when(entry.get('last_restart_at'))}" if entry.get("restarts") else ""
+            exited = f" (last exit status {entry['last_exit']})" if entry.get("last_exit") is not None else ""
+            out.write(f"  {name:<14} {entry.get('state')}, {entry.get('restarts', 0)} restarts{restarted}{exited}\n")
     if history:
         out.write("last hand-overs (newest first):\n")
         for item in history:
@@ -48,7 +55,19 @@ def status(stack: Stack, out: TextIO = sys.stdout, handoffs: int = 8) -> dict[st
                 f"  fence {item['fence']}  {item['holder']:<14} {item['priority']:<11} "
                 f"granted {_when(item['granted_at'])}  held {held:6.2f} s  {end}\n"
             )
-    return {"gpu": gpu, "history": history}
+    return {"gpu": gpu, "history": history, "processes": processes}
+
+
+def _processes(stack: Stack) -> dict[str, Any]:
+    """The launcher's restarts, from the gateway's /ready ({} without a gateway or a launcher)."""
+    if "gateway" not in stack.urls:
+        return {}
+    try:
+        with stack.client("gateway", timeout_s=5) as http:
+            answer = http.get("/ready")
+    except StackError:
+        return {}
+    return dict(answer.json().get("processes") or {}) if answer.is_success else {}
 
 
 def chat(

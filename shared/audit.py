@@ -1,5 +1,5 @@
 """The audit log: who was refused, forbidden, limited, what was deleted, what an admin
-read of others' data, which leases were revoked.
+read of others' data, which leases were revoked, which workers the watchdog ended.
 
 Each event is one JSON object. It goes to the ``baton.audit`` logger (a JSON line in
 the service's log) and to a Redis stream shared by every service, trimmed to about
@@ -21,7 +21,9 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger("baton.audit")
 
-AuditKind = Literal["token_refused", "forbidden", "rate_limited", "deleted", "admin_read", "lease_revoked"]
+AuditKind = Literal[
+    "token_refused", "forbidden", "rate_limited", "deleted", "admin_read", "lease_revoked", "worker_stalled"
+]
 KINDS: tuple[str, ...] = get_args(AuditKind)
 _MEMORY_EVENTS = 10_000
 

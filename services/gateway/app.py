@@ -10,8 +10,10 @@ untouched, and the gateway itself holds no secret.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -64,7 +66,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         states = {
             name: "ready" if status == 200 else "not ready" for name, (status, _) in zip(names, answers, strict=True)
         }
-        return {"status": "ready", "service": "gateway", "services": states}
+        shown: dict[str, Any] = {"status": "ready", "service": "gateway", "services": states}
+        supervised = _supervisor(settings.supervisor_file)
+        if supervised:
+            shown["processes"] = supervised
+        return shown
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -95,3 +101,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             return Response(status_code=CLIENT_GONE)  # nobody is left to read it
 
     return app
+
+
+def _supervisor(path: Path | None) -> dict[str, Any]:
+    """Per process: state, restarts, last exit status and when it was last restarted
+    (from the launcher's file; no pid, no path)."""
+    if path is None:
+        return {}
+    try:
+        services = json.loads(path.read_text()).get("services", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    keep = ("state", "restarts", "last_exit", "last_restart_at")
+    return {name: {k: entry.get(k) for k in keep} for name, entry in services.items() if isinstance(entry, dict)}

@@ -27,6 +27,10 @@ class GatewaySettings(ServiceSettings):
     """The launcher's stack file: the console's "use the development token" button reads
     its token from here (for a page on this machine only). Unset: no such button works."""
 
+    supervisor_file: Path | None = None
+    """The launcher's record of its processes (restarts, states): ``/ready`` shows it.
+    Unset (compose, whose own restart policy restarts the containers): not shown."""
+
     def upstreams(self) -> dict[str, str]:
         return {
             "llm": self.llm_url.rstrip("/"),

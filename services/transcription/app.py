@@ -60,6 +60,8 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
         ttl_ms=settings.lease_ttl_ms,
         on_cuda=settings.device != "cpu",
         metrics=PlacementMetrics(metrics),
+        stall_s=settings.stall_s,
+        on_stall=lambda fields: guards.audit.write("worker_stalled", **fields),
     )
     decoder = audio.Decoder(settings.worker_nice, audio.MemoryBudget(int(settings.decode_budget_mb * 1_048_576)))
     runner = JobRunner(

@@ -26,10 +26,11 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from services.transcription.pool import WorkerPool
-from services.transcription.worker import Work, Worker, WorkerDied, WorkerFailed
+from services.transcription.worker import Work, Worker, WorkerDied, WorkerFailed, process_state
 from shared import cuda_checkpoint
 from shared.gpu import Gpu, GpuUnavailable, Handover, HeldLease, LeaseEvent, Priority
 from shared.metrics import Metrics
@@ -59,9 +60,18 @@ class PlacementMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
         self.worker_deaths = metrics.counter("transcription_worker_deaths_total", "Workers that died mid-request.")
+        self.stalls = metrics.counter(
+            "transcription_stalls_total",
+            "Workers ended by the watchdog: no progress while holding the GPU (the request restarts "
+            "from its checkpoint).",
+        )
         self.on_device = metrics.gauge(
             "transcription_workers_on_device", "Workers whose Whisper weights are on the device, as they reported."
         )
+
+
+class Stalled(Exception):
+    """The worker sent nothing for the watchdog's bound while holding the card."""
 
 
 class Placement:
@@ -74,7 +84,12 @@ class Placement:
         ttl_ms: int,
         on_cuda: bool,
         metrics: PlacementMetrics,
+        stall_s: float = 120.0,
+        on_stall: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
     ) -> None:
+        self.stall_s = stall_s
+        """A worker that holds the card and sends nothing (no window, no piece) this long is stalled."""
+        self._on_stall = on_stall
         self.pool = pool
         self._gpu = gpu
         self.vram_mb = vram_mb
@@ -134,15 +149,18 @@ class Placement:
                     worker = await self.pool.replace(worker)
                     send = True
                 if send:
-                    self._arm(worker, lease)
-                    await worker.send(request_for())
+                    await self._unless_stalled(worker.send(request_for(), before=partial(self._arm, worker, lease)))
                     busy, send = True, False
                 else:
                     worker.set_deadline(lease.deadline)
                     worker.resume()  # where it stopped; if this lease is already asked for, arming pauses it again
                     self._arm(worker, lease)
                 while True:
-                    kind, body = await worker.receive()
+                    try:
+                        kind, body = await self._unless_stalled(worker.receive())
+                    except Stalled:
+                        kind, body = "stalled", None
+                        break
                     if kind in ("window", "piece"):
                         deaths = 0
                         await on_message(kind, body)
@@ -156,6 +174,15 @@ class Placement:
                 if kind == "error":
                     busy = False
                     raise WorkerFailed(str(body))
+                if kind == "stalled":
+                    # The watchdog: no word from the worker for stall_s while it holds the
+                    # card. End it, give the card back, and start again from the checkpoint.
+                    await self._stalled(worker, lease)
+                    busy = False
+                    lease = await self.acquire(priority, wait_s)
+                    worker = await self.pool.replace(worker)
+                    send = True
+                    continue
                 if kind == "died":
                     deaths += 1
                     self._metrics.worker_deaths.inc()
@@ -190,6 +217,28 @@ class Placement:
             if worker is not None:
                 self._disarm(worker)
             await asyncio.shield(self._finish(worker, lease))
+
+    async def _unless_stalled(self, work: Awaitable[Any]) -> Any:
+        """``work``, unless the worker makes no progress for ``stall_s`` (Stalled). Time
+        paused by a hand-over does not count: the placement is not waiting then."""
+        try:
+            return await asyncio.wait_for(work, self.stall_s)
+        except TimeoutError:
+            raise Stalled() from None
+
+    async def _stalled(self, worker: Worker, lease: HeldLease) -> None:
+        self._disarm(worker)
+        state = process_state(worker.pid)
+        worker.kill()
+        self.pool.end_paused(keep=worker)
+        self._metrics.stalls.inc()
+        log.warning(
+            "a whisper worker made no progress while holding the GPU; ended it, releasing the card",
+            extra={"fence": lease.fence, "after_s": self.stall_s, "process_state": state},
+        )
+        if self._on_stall is not None:
+            await self._on_stall({"fence": lease.fence, "after_s": self.stall_s, "process_state": state})
+        await lease.release("restart", 0.0)
 
     # -- the lease's signals ------------------------------------------------------------
 

@@ -56,6 +56,11 @@ class TranscriptionSettings(ServiceSettings):
     """How long an interactive transcription waits for the GPU before 503."""
     lease_ttl_ms: int = Field(default=15000, ge=1000, le=120000)
     """TTL of the leases this service takes."""
+    stall_s: float = Field(default=120.0, gt=0, le=86400)
+    """A worker that holds the GPU and reports nothing (no window, no segment) this long is
+    ended, the card released, and its request restarted from its checkpoint; the metric
+    transcription_stalls_total and the audit log (worker_stalled) say so. A 30 s window
+    takes about 1 s on 2 cores with tiny.en: raise it for a large model on a slow CPU."""
     coordinate: bool = True
     """Take the GPU lease. False only for comparisons (benchmarks/stack.py)."""
     vram_mb: int | None = Field(default=None, ge=0, le=1_048_576)

@@ -27,6 +27,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.sharedctypes import Synchronized
@@ -300,11 +301,17 @@ class Worker:
 
     # -- requests ------------------------------------------------------------------
 
-    async def send(self, request: Work) -> None:
+    async def send(self, request: Work, before: Callable[[], None] | None = None) -> None:
+        """Send ``request``. ``before`` runs once the send has begun (arming the lease): a
+        hand-over it asks for waits for the send to end, since a stopped worker cannot
+        read its pipe. Arming before the send paused the worker first, and the send then
+        waited for ever (the red team's stalled job)."""
         # A long recording is megabytes of samples: copy them into the pipe off the loop.
         with self._state_lock:
             self._sending = True
         try:
+            if before is not None:
+                before()
             await asyncio.to_thread(put_work, self._conn, request)
         finally:
             with self._state_lock:

@@ -28,6 +28,27 @@ export class GpuPanel {
     setInterval(() => {
       if (this.timeline.end == null) this.timeline.render();
     }, 1000);
+    this.processes = document.getElementById("processes");
+    this.showProcesses();
+    setInterval(() => this.showProcesses(), 5000);
+  }
+
+  // The services, and what the launcher's supervisor did: restarts, crash loops.
+  async showProcesses() {
+    try {
+      const ready = await this.api.call("GET", "/ready");
+      const states = Object.entries(ready.services || {}).map(([name, state]) => {
+        const supervised = (ready.processes || {})[name];
+        if (!supervised) return `${name} ${state}`;
+        const restarts = supervised.restarts ? `, restarted ${supervised.restarts}×` : "";
+        const last = supervised.last_exit != null ? ` (last exit ${supervised.last_exit})` : "";
+        const down = supervised.state !== "running" ? ` ${supervised.state}` : "";
+        return `${name} ${state}${down}${restarts}${last}`;
+      });
+      this.processes.textContent = `Services: ${states.join(" · ")}`;
+    } catch (error) {
+      this.processes.textContent = `Services: not known (${error.message})`;
+    }
   }
 
   start() {
