@@ -70,7 +70,7 @@ def test_a_crash_loop_is_left_down_after_backoffs_that_double(supervisor: Superv
     waits: list[float] = []
     original = supervisor._watch
 
-    def watched(child):  # type: ignore[no-untyped-def]
+    def watched(child):
         changed = original(child)
         if child is dying and changed and child.due is not None:
             waits.append(round(child.due - child.started, 3))
