@@ -13,21 +13,25 @@ run; the service's tests use the default, SmolLM2.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from baton.demo.databases import build
 from benchmarks.support import save, table
-from services.llm.engine import Engine, Finished, Params
+from services.llm.engine import Engine, Finished, Params, Prompt
 from services.llm.sql.check import Refused, check
 from services.llm.sql.databases import QueryFailed, SqliteDatabase
 from services.llm.sql.grammar import select_grammar
 from services.llm.sql.service import prompt
 from shared.presets import resolve
 from tests.support.sql import LABELLED, same_result
+
+
+async def answer(engine: Engine, asked: Prompt, params: Params) -> str:
+    return "".join([p async for p in engine.submit(asked, params, keep=False) if not isinstance(p, Finished)])
 
 
 def score(model: str, databases: dict[str, SqliteDatabase]) -> dict[str, Any]:
@@ -43,8 +47,7 @@ def score(model: str, databases: dict[str, SqliteDatabase]) -> dict[str, Any]:
             database = databases[case["database"]]
             schema = database.schema()
             params = Params(max_tokens=256, temperature=0.0, grammar=select_grammar(schema))
-            pieces = engine.generate(engine.prompt(prompt(schema, case["question"])), params, threading.Event())
-            text = "".join(p for p in pieces if not isinstance(p, Finished))
+            text = asyncio.run(answer(engine, engine.prompt(prompt(schema, case["question"])), params))
             try:
                 checked = check(text, schema, "sqlite", 1000)
             except Refused:

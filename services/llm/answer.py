@@ -20,6 +20,8 @@ class Done:
     warnings: list[str]
     summarized_messages: int | None = None
     """In a conversation: how many of its messages the prompt carried as a summary."""
+    cached_tokens: int = 0
+    """Prompt tokens taken from the KV cache (a prefix reused) instead of read again."""
 
     def usage(self) -> dict[str, int]:
         usage = {

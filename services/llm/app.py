@@ -21,13 +21,14 @@ from services.llm.memories import Memories
 from services.llm.placement import GpuPolicy, PlacementMetrics
 from services.llm.remote import BackendMetrics, Remote
 from services.llm.settings import LLMSettings
-from services.llm.slot import ModelSlot
 from services.llm.sql.api import build_router as build_sql_router
 from services.llm.sql.databases import BadDatabaseUrl, Database, open_database
 from services.llm.sql.service import SqlService
 from shared import __version__
 from shared.client import ServiceClient
 from shared.gpu import vram_estimate_mb
+from shared.limits import subject_key
+from shared.metrics import Sample
 from shared.service import Foundation, model
 from shared.settings import ConfigError, load_settings
 from shared.web import Readiness
@@ -43,19 +44,22 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
     chat_format = settings.chat_format or (preset.chat_format if preset else None)
     model_id = settings.model_name or (preset.name if preset else path.stem)
     chat_metrics = ChatMetrics(metrics)
-    slot = ModelSlot(on_waiting=chat_metrics.queue.set)
     engine = Engine(
         path,
         context_size=settings.context_size,
         batch_size=settings.batch_size,
         threads=settings.threads,
         chat_format=chat_format,
-        prefix_budget_bytes=int(settings.prefix_cache_mb * 1_048_576),
         grammar_limits=_grammar_limits(settings),
+        parallel=settings.parallel,
+        prefill_chunk=settings.prefill_chunk,
+        cache_entries=settings.prefix_cache_entries,
+        cache_cells=settings.prefix_cache_cells,
+        budget_s=settings.generation_budget_s,
     )
     gpu = base.gpu(settings)
     vram_mb = settings.vram_mb if settings.vram_mb is not None else vram_estimate_mb(path.stat().st_size)
-    policy = GpuPolicy(engine, gpu, settings, slot, PlacementMetrics(metrics), vram_mb)
+    policy = GpuPolicy(engine, gpu, settings, PlacementMetrics(metrics), vram_mb)
     memories = Memories(ServiceClient(settings.rag_url, base.tokens, retries=0), settings.rag_timeout_ms / 1000)
     conversations = ConversationStore(
         guards.redis,
@@ -73,7 +77,8 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
         except BackendsFileError as exc:
             raise ConfigError(f"GEMMA_BACKENDS_FILE: {exc}") from None
         remote = Remote(backends, BackendMetrics(metrics))
-    chat = ChatService(engine, policy, memories, settings, chat_metrics, model_id, slot, conversations, cache, remote)
+    chat = ChatService(engine, policy, memories, settings, chat_metrics, model_id, conversations, cache, remote)
+    metrics.collect(lambda: batch_samples(engine))
     sql = SqlService(
         _databases(settings), settings.sql_default_database, settings.sql_timeout_s, settings.sql_max_grammar_columns
     )
@@ -84,6 +89,7 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(engine.load, 0)  # on the CPU until a request holds the GPU
+        policy.attach()
         await sql.read_schemas()
         state["loaded"] = True
         try:
@@ -104,7 +110,8 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
         return {
             "model": model_id,
             "context_size": engine.n_ctx,
-            "limits": {"max_tokens": settings.max_tokens, "max_queue": settings.max_queue} | settings.limits.public(),
+            "limits": {"max_tokens": settings.max_tokens, "max_queue": settings.max_queue, "parallel": engine.parallel}
+            | settings.limits.public(),
         }
 
     def info() -> dict[str, Any]:
@@ -118,7 +125,7 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
             "can_offload": can_offload(),
             "handoff": policy.settings_summary(),
             "response_cache": cache.info(),
-            "prefix_states": engine.prefixes.info(),
+            "engine": engine.info(),
             "backends": remote.info() if remote is not None else [],
             "sql_databases": sql.info(),
         }
@@ -173,3 +180,37 @@ def _grammar_limits(settings: LLMSettings) -> GrammarLimits:
         max_compile_ms=settings.grammar_max_compile_ms,
         max_us_per_token=settings.grammar_max_us_per_token,
     )
+
+
+def batch_samples(engine: Engine) -> list[Sample]:
+    """The running batch, for /metrics: its size, who waits (by subject key, never the
+    name), the KV cells reserved and reused, the prefill chunks read."""
+    if engine._scheduler is None:
+        return []
+    scheduler = engine.scheduler
+    stats = scheduler.stats
+    samples = [
+        Sample("llm_batch_running", "Sequences in the running batch.", "gauge", {}, scheduler.running),
+        Sample("llm_batch_slots", "Sequences the batch may hold (GEMMA_PARALLEL).", "gauge", {}, scheduler.parallel),
+        Sample("llm_queue_depth", "Requests waiting for a slot.", "gauge", {}, scheduler.waiting),
+        Sample("llm_kv_cells", "KV cells of the context.", "gauge", {}, scheduler.model.cells),
+        Sample("llm_kv_cells_reserved", "KV cells the running sequences reserve.", "gauge", {}, scheduler.reserved),
+        Sample("llm_kv_cells_cached", "KV cells the cached prefixes hold.", "gauge", {}, scheduler.cache.cells),
+        Sample("llm_prefill_chunks", "Prefill chunks read so far.", "counter", {}, stats.prefill_chunks),
+        Sample("llm_batch_steps", "Decode steps so far.", "counter", {}, stats.steps),
+        Sample(
+            "llm_grammar_resamples", "Tokens a grammar refused first (the dear path).", "counter", {}, stats.resampled
+        ),
+        Sample("llm_generation_deadlines", "Generations ended by their time budget.", "counter", {}, stats.deadlines),
+    ]
+    for subject, waiting in scheduler.waiting_by_subject().items():
+        samples.append(
+            Sample(
+                "llm_queue_by_subject",
+                "Requests waiting, by subject key.",
+                "gauge",
+                {"subject": subject_key(subject)},
+                waiting,
+            )
+        )
+    return samples

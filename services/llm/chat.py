@@ -1,38 +1,38 @@
-"""One chat request from queue to last token. No FastAPI here.
+"""One chat request from arrival to last token. No FastAPI here.
 
-Order of a request: refuse when the queue is full; look up memories (outside the
-model slot, so it overlaps other requests' generation); fit the prompt into the
-context (400 if it cannot fit); wait in line for the one model slot (giving up if
-the client goes away); place the model (GPU lease, layers); then stream tokens from
-a worker thread. Every error up to placement is an HTTP error; after that, the
-stream carries it.
+Order of a request: ask for the GPU at once (services/llm/placement.py: the card is
+usually held by the time the prompt is ready); refuse what is over a bound; refuse when
+the queue is full; look up memories; fit the prompt into the context (400 if it cannot
+fit); take the request's placement (the lease the batch holds, or the CPU); then the
+engine generates it beside every other request (services/llm/engine/batch.py), which
+waits for a slot in turn between subjects. Every error up to placement is an HTTP error;
+after that, the stream carries it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from services.llm.answer import Answer, Done
 from services.llm.cache import Cached, ResponseCache
 from services.llm.conversations import Conversation, ConversationStore
-from services.llm.engine import BadSchema, Engine, Finished, Message, Params, grammar_text
+from services.llm.engine import BadSchema, Cancelled, Engine, Finished, Generation, Message, Params, grammar_text
 from services.llm.engine.grammar import GrammarRefused
+from services.llm.engine.kv import common_prefix
 from services.llm.memories import Memories, Passage, sources
-from services.llm.placement import GpuBusy, GpuPolicy, Placement
+from services.llm.placement import Ask, GpuBusy, GpuPolicy, Placement
 from services.llm.prompting import ContextTooLong, Fitted, fit, with_memories
 from services.llm.remote import Remote, RemoteSession, Upstream
 from services.llm.schemas import RagOptions
 from services.llm.settings import LLMSettings
-from services.llm.slot import ModelSlot
-from shared.aio import ThreadStream
-from shared.errors import BadRequest, NotFound, ServiceUnavailable, TooManyRequests
-from shared.gpu import LeaseLost
+from shared.aio import Interrupted, unless
+from shared.errors import BadRequest, NotFound, TooManyRequests
 from shared.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -56,11 +56,12 @@ class ClientGone(Exception):
 
 class ChatMetrics:
     def __init__(self, metrics: Metrics) -> None:
-        self.ttft = metrics.histogram("llm_time_to_first_token_seconds", "From placement to the first token.")
+        self.ttft = metrics.histogram(
+            "llm_time_to_first_token_seconds", "From placement to the first token (a slot and the prefill included)."
+        )
         self.tokens_per_s = metrics.histogram(
             "llm_tokens_per_second", "Decode speed of a request.", buckets=(1, 5, 10, 20, 40, 60, 100, 200, 500)
         )
-        self.queue = metrics.gauge("llm_queue_depth", "Requests waiting for the model.")
         self.requests = metrics.counter(
             "llm_requests_total", "Chat requests, by device and outcome.", ("device", "outcome")
         )
@@ -68,6 +69,9 @@ class ChatMetrics:
         self.summaries = metrics.counter("llm_conversation_summaries_total", "Summaries of conversations written.")
         self.cache = metrics.counter(
             "llm_response_cache_total", "Chat requests by what the response cache did.", ("result",)
+        )
+        self.reused = metrics.counter(
+            "llm_kv_reused_tokens_total", "Prompt tokens taken from the KV cache instead of read again."
         )
 
 
@@ -80,7 +84,8 @@ class Job:
     rag: RagOptions | None = None
     context: list[str] = field(default_factory=list)
     subject: str = ""
-    """Whose memories the answer may use (the caller's own and shared ones)."""
+    """Whose memories the answer may use (the caller's own and shared ones), and whose
+    cached prefixes its prompt may start from."""
     reveal: bool = True
     """Whether ``sources`` may show the memories' text and metadata (scope rag:read)."""
     conversation: Conversation | None = None
@@ -93,62 +98,93 @@ class Job:
     """The model the request names ("" or the local model's id: the local model)."""
     route: str | None = None
     """The request's routing hint, matched against the backends file's ``hint`` rules."""
+    shared_prefix: list[Message] | None = None
+    """Messages the service wrote, the same for every user (text-to-SQL's instructions
+    and examples): as far as the prompt's tokens start with theirs, any user may reuse
+    them from the KV cache."""
+
+
+class Admission:
+    """A request's place in the service between ``open`` and its end: counted against the
+    queue bound, and placed by the GPU policy. ``close`` gives both back, once."""
+
+    def __init__(self, service: ChatService, placement: Placement) -> None:
+        self._service = service
+        self.placement = placement
+        self._closed = False
+
+    async def close(self, *, client_gone: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._service.policy.finish(self.placement, client_gone=client_gone)
+        finally:
+            self._service.admitted -= 1
 
 
 class Session(Answer):
-    """A request that holds the model slot. Iterate ``tokens()``, then ``close()``."""
+    """A request the local model answers. Iterate ``tokens()``, then ``close()``."""
 
     holds_slot = True
 
     def __init__(
-        self, service: ChatService, job: Job, fitted: Fitted, placement: Placement, warnings: list[str], rag_used: int
+        self,
+        service: ChatService,
+        job: Job,
+        fitted: Fitted,
+        admission: Admission,
+        warnings: list[str],
+        rag_used: int,
+        public_prefix: int,
     ) -> None:
-        self._service = service
+        self._engine = service.engine
+        self._metrics = service.metrics
+        self._cache = service.cache
         self._job = job
         self._fitted = fitted
-        self.placement = placement
+        self._admission = admission
+        self.placement = admission.placement
         self._warnings = warnings
         self._rag_used = rag_used
-        self._cancel = threading.Event()
-        self._worker: asyncio.Future[None] | None = None
-        self._closed = False
+        self._public_prefix = public_prefix
+        self._generation: Generation | None = None
         self.done: Done | None = None
 
     async def tokens(self) -> AsyncIterator[str]:
         """Text pieces as the model makes them; ``self.done`` is set after the last."""
-        service, lease = self._service, self.placement.lease
-        check = lease.check if lease is not None else (lambda: None)
-        prompt, params = self._fitted.prompt, self._job.params
-        keep_as = self._job.conversation.id if self._job.conversation is not None else None
-        stream = ThreadStream(lambda: service.engine.generate(prompt, params, self._cancel, check, keep_as))
-        self._worker = stream.finished
+        job = self._job
+        generation = self._engine.submit(
+            self._fitted.prompt, job.params, subject=job.subject, public_prefix=self._public_prefix
+        )
+        self._generation = generation
         started = time.monotonic()
         first: float | None = None
         pieces: list[str] = []
-        try:
-            async for item in stream:
-                if isinstance(item, Finished):
-                    self.done = self._finished(item, started, first)
-                    if self._job.cache_key is not None and service.cache is not None:
-                        service.cache.put(self._job.cache_key, pieces, self.done)
-                    continue
-                if first is None:
-                    first = time.monotonic()
-                pieces.append(str(item))
-                yield str(item)
-        except LeaseLost as lost:
-            service.metrics.requests.labels(self.placement.device, "lease_lost").inc()
-            raise ServiceUnavailable(f"generation stopped: {lost}", retry_after_s=1, code="gpu_lease_lost") from lost
+        async for item in generation:
+            if isinstance(item, Finished):
+                self.done = self._finished(item, started, first)
+                if job.cache_key is not None and self._cache is not None:
+                    self._cache.put(job.cache_key, pieces, self.done)
+                continue
+            if first is None:
+                first = time.monotonic()
+            pieces.append(item)
+            yield item
 
     def _finished(self, item: Finished, started: float, first: float | None) -> Done:
-        service = self._service
+        metrics = self._metrics
         ended = time.monotonic()
         decode_s = ended - (first or ended)
         if first is not None:
-            service.metrics.ttft.observe(first - started)
+            metrics.ttft.observe(first - started)
         if item.completion_tokens > 1 and decode_s > 0:
-            service.metrics.tokens_per_s.observe((item.completion_tokens - 1) / decode_s)
-        service.metrics.requests.labels(self.placement.device, "ok").inc()
+            metrics.tokens_per_s.observe((item.completion_tokens - 1) / decode_s)
+        metrics.requests.labels(self.placement.device, "ok").inc()
+        metrics.reused.inc(item.reused_tokens)
+        warnings = list(self._warnings)
+        if item.cut == "deadline":
+            warnings.append(f"stopped at the generation's time budget ({self._engine.budget_s:g} s)")
         return Done(
             finish_reason=item.reason,
             prompt_tokens=item.prompt_tokens,
@@ -158,26 +194,21 @@ class Session(Answer):
             gpu_wait_time=round(self.placement.gpu_wait_s, 4),
             inference_time=round(ended - started, 4),
             device=self.placement.device,
-            warnings=self._warnings,
+            warnings=warnings,
             summarized_messages=self._job.conversation.summarized if self._job.conversation else None,
+            cached_tokens=item.reused_tokens,
         )
 
     async def close(self, *, client_gone: bool) -> None:
-        """Stop the generation (within one token), settle the GPU, give the slot back."""
-        if self._closed:
-            return
-        self._closed = True
-        self._cancel.set()
-        try:
-            if self._worker is not None:
-                with contextlib.suppress(Exception):
-                    await self._worker
+        """Stop the generation (it leaves the batch at the next step) and give the
+        request's place back."""
+        generation = self._generation
+        if generation is not None and generation.finished is None:
+            generation.cancel()
+            self._engine.scheduler.wake()
             if client_gone:
-                self._service.metrics.requests.labels(self.placement.device, "client_gone").inc()
-            await self._service.policy.finish(self.placement, client_gone=client_gone)
-        finally:
-            self._service.slot.release()
-            self._service.admitted -= 1
+                self._metrics.requests.labels(self.placement.device, "client_gone").inc()
+        await self._admission.close(client_gone=client_gone)
 
 
 class CachedSession(Answer):
@@ -211,7 +242,6 @@ class ChatService:
         settings: LLMSettings,
         metrics: ChatMetrics,
         model_id: str,
-        slot: ModelSlot,
         conversations: ConversationStore | None = None,
         cache: ResponseCache | None = None,
         remote: Remote | None = None,
@@ -222,13 +252,17 @@ class ChatService:
         self.settings = settings
         self.metrics = metrics
         self.model_id = model_id
-        self.slot = slot
         self.conversations = conversations
         self.cache = cache
         self.remote = remote
         self.admitted = 0
-        """Requests between admission and close: the one running and those waiting. Taken
-        before the first await, so a simultaneous burst cannot slip past the limit."""
+        """Requests between admission and close: those generating and those waiting for a
+        slot. Taken before the first await, so a simultaneous burst cannot slip past."""
+
+    @property
+    def capacity(self) -> int:
+        """Requests admitted at most: every slot, and GEMMA_MAX_QUEUE waiting."""
+        return self.engine.parallel + self.settings.max_queue
 
     def models(self) -> list[str]:
         """The local model first, then every backend's."""
@@ -283,24 +317,29 @@ class ChatService:
                 raise BadRequest(str(exc), param=exc.param, code="invalid_schema") from None
 
     async def open(self, job: Job, disconnected: Callable[[], Awaitable[object]]) -> Answering:
-        # A thread: llama.cpp compiles and times the grammar, up to a second of CPU.
-        await asyncio.to_thread(self.check, job)
-        if self.remote is not None and job.model not in ("", self.model_id):  # a backend's model
-            if job.params.grammar is not None:
-                raise BadRequest("tools are served by the local model only", param="tools", code="invalid_tool")
-            passages, warnings = await self._passages(job)
-            return await self._remote_answer(job, passages, warnings, self.remote.for_model(job.model))
-        if self.admitted > self.settings.max_queue:  # one running and max_queue waiting
-            raise TooManyRequests("the model is busy and its queue is full", retry_after_s=2)
-        self.admitted += 1
+        ask = self.policy.want()  # before anything else: the card is asked for while the rest runs
         try:
-            answering = await self._open(job, disconnected)
-        except BaseException:
-            self.admitted -= 1
-            raise
-        if not answering.holds_slot:
-            self.admitted -= 1
-        return answering
+            # A thread: llama.cpp compiles and times the grammar, up to a second of CPU.
+            await asyncio.to_thread(self.check, job)
+            if self.remote is not None and job.model not in ("", self.model_id):  # a backend's model
+                ask.withdraw()
+                if job.params.grammar is not None:
+                    raise BadRequest("tools are served by the local model only", param="tools", code="invalid_tool")
+                passages, warnings = await self._passages(job)
+                return await self._remote_answer(job, passages, warnings, self.remote.for_model(job.model))
+            if self.admitted >= self.capacity:  # every slot busy and the queue full
+                raise TooManyRequests("the model is busy and its queue is full", retry_after_s=2)
+            self.admitted += 1
+            try:
+                answering = await self._open(job, disconnected, ask)
+            except BaseException:
+                self.admitted -= 1
+                raise
+            if not answering.holds_slot:
+                self.admitted -= 1
+            return answering
+        finally:
+            ask.withdraw()  # nothing if the request was placed
 
     async def _passages(self, job: Job) -> tuple[list[Passage], list[str]]:
         """The request's own context, then the caller's memories."""
@@ -311,12 +350,13 @@ class ChatService:
         ]
         return given + passages, warnings
 
-    async def _open(self, job: Job, disconnected: Callable[[], Awaitable[object]]) -> Answering:
+    async def _open(self, job: Job, disconnected: Callable[[], Awaitable[object]], ask: Ask) -> Answering:
         passages, warnings = await self._passages(job)
         remote = self.remote if job.params.grammar is None else None  # tools stay local
         if remote is not None:
             moved = remote.routed(job.route, lambda: self._prompt_size(job, passages))
             if moved:
+                ask.withdraw()
                 return await self._remote_answer(job, passages, warnings, moved)
         if self.cache is not None:
             job.cache_key = self.cache.key(self.model_id, job, passages)
@@ -326,32 +366,46 @@ class ChatService:
                 self.metrics.cache.labels("bypass").inc()
             elif (hit := self.cache.get(job.cache_key)) is not None:
                 self.metrics.cache.labels("hit").inc()
+                ask.withdraw()
                 return CachedSession(hit)
             else:
                 self.metrics.cache.labels("miss").inc()
         fitted = await self._fit(job, passages)
-        await self._take_slot(disconnected)
         rule = remote.gpu_wait_rule() if remote is not None else None
         try:
-            placement = await self.policy.place(budget_s=rule[0] if rule else None)
-            if job.conversation is not None and fitted.dropped_turns:
-                # Too long for the window: the model summarizes the oldest turns, while
-                # it holds the slot anyway, and the prompt carries that summary instead.
-                await self._summarize(job.conversation, fitted.dropped_turns, placement)
-                fitted = await self._fit(job, passages)
+            placement = await unless(self.policy.place(ask, budget_s=rule[0] if rule else None), disconnected())
         except GpuBusy:  # past the rule's budget: the rule's backend rather than the CPU
-            self.slot.release()
             assert rule is not None
             return await self._remote_answer(job, passages, warnings, rule[1])
+        except Interrupted:
+            raise ClientGone() from None
+        admission = Admission(self, placement)
+        try:
+            if job.conversation is not None and fitted.dropped_turns:
+                # Too long for the window: the model summarizes the oldest turns, and the
+                # prompt carries that summary instead.
+                await unless(self._summarize(job.conversation, fitted.dropped_turns, job.subject), disconnected())
+                fitted = await self._fit(job, passages)
+        except Interrupted:
+            await admission.close(client_gone=True)
+            raise ClientGone() from None
         except BaseException:
-            self.slot.release()
+            await admission.close(client_gone=False)
             raise
         if fitted.dropped_turns:
             warnings.append(f"dropped the {fitted.dropped_turns} oldest turns to fit the context window")
         if placement.fallback:
             warnings.append("the GPU was busy: answered on the CPU")
         rag_used = sum(1 for p in fitted.passages if p.origin == "memory")
-        return Session(self, job, fitted, placement, warnings, rag_used)
+        public = self._public_prefix(job, fitted)
+        return Session(self, job, fitted, admission, warnings, rag_used, public)
+
+    def _public_prefix(self, job: Job, fitted: Fitted) -> int:
+        """How many of the prompt's leading tokens are the service's own words."""
+        if not job.shared_prefix:
+            return 0
+        theirs = self.engine.prompt(job.shared_prefix).tokens
+        return common_prefix(np_tokens(theirs), np_tokens(fitted.prompt.tokens))
 
     def _prompt_size(self, job: Job, passages: list[Passage]) -> int:
         """The prompt's tokens by the local model's tokenizer (for prompt-size rules)."""
@@ -379,43 +433,50 @@ class ChatService:
         except ContextTooLong as exc:
             raise BadRequest(str(exc), param="messages", code="context_length_exceeded") from None
 
-    async def _summarize(self, conversation: Conversation, dropped: int, placement: Placement) -> None:
+    async def _summarize(self, conversation: Conversation, dropped: int, subject: str) -> None:
         """Fold the oldest uncovered turns (at least ``dropped``, at least half of them, so
         that the next turns fit without another summary) into the stored summary."""
         uncovered = conversation.messages[conversation.summarized :]
         count = min(len(uncovered) - 1, max(dropped, len(uncovered) // 2))
         if count <= 0 or self.conversations is None:
             return
-        lease = placement.lease
-        check = lease.check if lease is not None else (lambda: None)
         # What the user said: the facts to carry are theirs, and the model's own earlier
         # answers are what derails a small model's summary (on the bundled SmolLM2-135M,
         # four facts in a 30-turn conversation: whole transcripts kept 0 to 2 in their
         # summaries, the user's messages 4).
         transcript = "\n".join(m["content"] for m in uncovered[:count] if m["role"] == "user")
         # Extended, not rewritten: what an earlier summary kept stays word for word...
-        added = await self._summary_of(transcript, check) if transcript else ""
+        added = await self._summary_of(transcript, subject) if transcript else ""
         summary = " ".join(filter(None, [conversation.summary, added]))
         if self.engine.count(summary) > self.engine.n_ctx // 3:  # ...until it is itself too long
-            summary = await self._summary_of(summary, check)
+            summary = await self._summary_of(summary, subject)
         await self.conversations.summarize(conversation, summary, conversation.summarized + count)
         self.metrics.summaries.inc()
 
-    async def _summary_of(self, text: str, check: Callable[[], None]) -> str:
+    async def _summary_of(self, text: str, subject: str) -> str:
+        """A short greedy answer from the engine, beside every other request (cancelled
+        with the request: it is the request's own work)."""
         # The instruction after the text: small models follow what they read last, and
         # a conversation before an instruction is not mistaken for one to continue.
         messages: list[Message] = [{"role": "user", "content": f"The user said:\n{text}\n\n{SUMMARY_INSTRUCTION}"}]
-        return await asyncio.to_thread(self._complete, messages, check)
-
-    def _complete(self, messages: list[Message], check: Callable[[], None]) -> str:
-        """A short greedy answer, on the model the slot holds (a summary)."""
         prompt = self.engine.prompt(messages)
         budget = self.engine.n_ctx - SUMMARY_TOKENS
         if len(prompt.tokens) > budget:  # keep the most recent part of what is summarized
             prompt = type(prompt)(prompt.tokens[-budget:], prompt.stop)
         params = Params(max_tokens=SUMMARY_TOKENS, temperature=0.0, repeat_penalty=SUMMARY_REPEAT_PENALTY)
-        pieces = self.engine.generate(prompt, params, threading.Event(), check)
-        return "".join(p for p in pieces if isinstance(p, str)).strip()
+        generation = self.engine.submit(prompt, params, subject=subject)
+        pieces: list[str] = []
+        try:
+            async for item in generation:
+                if isinstance(item, str):
+                    pieces.append(item)
+        except Cancelled:
+            raise
+        finally:
+            if generation.finished is None:
+                generation.cancel()
+                self.engine.scheduler.wake()
+        return "".join(pieces).strip()
 
     async def _memories(self, job: Job) -> tuple[list[Passage], list[str]]:
         if job.rag is None:
@@ -430,6 +491,6 @@ class ChatService:
         self.metrics.rag.labels("ok" if found.warning is None else "unavailable").inc()
         return found.passages, [found.warning] if found.warning else []
 
-    async def _take_slot(self, disconnected: Callable[[], Awaitable[object]]) -> None:
-        if not await self.slot.take(disconnected):
-            raise ClientGone()
+
+def np_tokens(tokens: list[int]) -> np.ndarray:
+    return np.asarray(tokens, dtype=np.int32)

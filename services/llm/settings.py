@@ -28,17 +28,17 @@ class LLMSettings(ServiceSettings):
     context_size: int = Field(default=65536, ge=256)
     """Context window in tokens; capped at what the model was trained for."""
     batch_size: int = Field(default=512, ge=1)
-    """Prompt-processing batch size."""
+    """Tokens one decode step may carry (a prompt read whole when nothing else runs)."""
     threads: int | None = Field(default=None, ge=1)
-    """CPU threads for llama.cpp (default: llama.cpp's choice)."""
+    """CPU threads for llama.cpp (default: every core)."""
     max_tokens: int = Field(default=2048, ge=1)
     """Largest ``max_tokens`` a request may ask for."""
     default_max_tokens: int = Field(default=512, ge=1)
     """``max_tokens`` when a request gives none."""
     max_messages: int = Field(default=1000, ge=1)
     """Requests with more messages get 400 before any work."""
-    max_queue: int = Field(default=8, ge=0)
-    """Requests waiting for the model beyond this many get 429."""
+    max_queue: int = Field(default=32, ge=0)
+    """Requests waiting for a slot (every slot busy) beyond this many get 429."""
     max_conversations: int = Field(default=100, ge=1, le=100_000)
     """Conversations each subject may keep (429 past it)."""
     max_conversation_messages: int = Field(default=2000, ge=2, le=1_000_000)
@@ -53,8 +53,20 @@ class LLMSettings(ServiceSettings):
     """How long an answer to a deterministic request is served again from the cache (0: no cache)."""
     cache_entries: int = Field(default=1000, ge=0, le=1_000_000)
     """Answers the cache keeps at most, the least recently used going first."""
-    prefix_cache_mb: float = Field(default=256.0, ge=0, le=1_048_576)
-    """Host memory for saved llama.cpp states of recent conversations (prefix reuse; 0: off)."""
+    parallel: int | None = Field(default=None, ge=1, le=256)
+    """Sequences decoded together in one batch. Default from the device: 8 on the CPU
+    (the aggregate speed stops growing past 8 on 2 cores), 32 with a GPU."""
+    prefill_chunk: int = Field(default=0, ge=0, le=8192)
+    """Prompt tokens read per step while other streams decode (0: measured at start, so
+    that one chunk costs about one decode step of a full batch)."""
+    prefix_cache_entries: int = Field(default=32, ge=0, le=200)
+    """Finished sequences kept in the KV cache for requests that start the same way."""
+    prefix_cache_cells: int | None = Field(default=None, ge=0)
+    """KV cells those may hold at most (default: half the context). They give way to
+    running requests whenever these need the room."""
+    generation_budget_s: float = Field(default=300.0, gt=0, le=86_400)
+    """A generation that runs longer ends (finish_reason length, with a warning): no
+    request holds the model past its share."""
 
     coordinator_url: str = Field(
         default="http://127.0.0.1:8002",

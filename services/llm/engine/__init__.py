@@ -1,54 +1,52 @@
-"""llama.cpp behind one small class: load with N GPU layers, format chats, stream tokens.
+"""The LLM engine: one model, many sequences generated at once.
 
-Everything here blocks and is meant for a worker thread; the caller makes sure one
-request uses the model at a time. "Offloading" is a reload with 0 GPU layers: a
-llama.cpp model cannot move its layers once loaded.
+- ``prompts``: chats as the tokens the model reads (its template, its vocabulary, no weights);
+- ``grammar``: grammars bounded, compiled and measured before they are used;
+- ``model``: the weights and one context on llama.cpp's low-level API;
+- ``sampling``: each sequence's own sampler (parameters, seed, penalties, grammar);
+- ``kv``: prefixes kept in the KV cache for the requests that start the same way;
+- ``batch``: the scheduler that runs them all, one llama.cpp batch per step.
+
+``Engine`` puts them together for the chat service: ``submit`` a prompt and its
+``Params``, iterate the ``Generation``. The GPU policy (services/llm/placement.py) moves
+its layers (``load``) and pauses it (``hold``/``open``) at token boundaries.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import threading
+import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import llama_cpp
 from llama_cpp import llama_grammar
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from services.llm.engine.batch import Cancelled, Finished, Generation, Request, Scheduler
 from services.llm.engine.grammar import GrammarGuard, GrammarLimits, GrammarRefused, check_schema, route_llama_logs
-from services.llm.prefixes import PrefixStates
+from services.llm.engine.model import Model, Shape
+from services.llm.engine.prompts import Message, Prompt, Vocabulary, into_system
+from services.llm.engine.sampling import SamplingParams
 from services.llm.schema_grammar import Unenforceable, gbnf
 
+__all__ = [
+    "BadSchema",
+    "Cancelled",
+    "Engine",
+    "Finished",
+    "Generation",
+    "Message",
+    "Params",
+    "Prompt",
+    "can_offload",
+    "grammar_text",
+    "into_system",
+]
+
 log = logging.getLogger(__name__)
-
-Message = dict[str, str]
-
-
-def into_system(messages: Sequence[Message], text: str) -> list[Message]:
-    """``text`` appended to the first system message, or one made for it: every chat
-    template accepts a system message there."""
-    out = list(messages)
-    if out and out[0]["role"] == "system":
-        out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{text}"}
-    else:
-        out.insert(0, {"role": "system", "content": text})
-    return out
-
-
-def longest_piece(vocab: Any) -> int:
-    """The most characters one token of ``vocab`` spells (81 for SmolLM2, 31 for Gemma 3)."""
-    buffer = ctypes.create_string_buffer(1024)
-    longest = 1
-    for token in range(int(llama_cpp.llama_vocab_n_tokens(vocab))):
-        size = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, False)
-        if size > 0:
-            longest = max(longest, len(buffer.raw[:size].decode("utf-8", "replace")))
-    return longest
 
 
 def can_offload() -> bool:
@@ -56,10 +54,11 @@ def can_offload() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
-@dataclass(frozen=True)
-class Prompt:
-    tokens: list[int]
-    stop: list[str]
+def default_parallel() -> int:
+    """Sequences decoded together when GEMMA_PARALLEL is not set: 8 on the CPU, where the
+    aggregate speed stops growing past 8 on 2 cores (README, Many users at once), 32 on
+    a GPU, where a batch of 32 small sequences costs the card little more than one."""
+    return 32 if can_offload() else 8
 
 
 @dataclass
@@ -79,17 +78,18 @@ class Params:
     """GBNF that constrains the output (tool calls, services.llm.tools; text-to-SQL)."""
     grammar_param: str = "tools"
     """The request field ``grammar`` was made from, named when it is refused."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
-
-@dataclass
-class Finished:
-    reason: str  # "stop" | "length"
-    prompt_tokens: int
-    completion_tokens: int
-
-
-class Cancelled(Exception):
-    """The caller stopped the generation (client gone)."""
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repeat_penalty=self.repeat_penalty,
+            logit_bias=dict(self.logit_bias),
+        )
 
 
 class BadSchema(ValueError):
@@ -125,73 +125,42 @@ def grammar_text(params: Params, limits: GrammarLimits) -> tuple[str, str] | Non
     return None
 
 
-def grammar_for(params: Params, limits: GrammarLimits | None = None) -> llama_grammar.LlamaGrammar | None:
-    """The grammar that constrains the output, if any; BadSchema for a schema that has none."""
-    found = grammar_text(params, limits or GrammarLimits())
-    return llama_grammar.LlamaGrammar.from_string(found[0], verbose=False) if found else None
-
-
-def gemma_prompt(messages: Sequence[Message]) -> str:
-    """Gemma's turn format. System text goes first into the first user turn, as
-    Gemma's own template does (llama-cpp-python's ``format_gemma`` drops it)."""
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    turns = [m for m in messages if m["role"] != "system"]
-    parts = []
-    for index, message in enumerate(turns):
-        role = "model" if message["role"] == "assistant" else "user"
-        content = message["content"]
-        if index == 0 and role == "user" and system:
-            content = f"{system}\n\n{content}"
-        parts.append(f"<start_of_turn>{role}\n{content}<end_of_turn>\n")
-    return "<bos>" + "".join(parts) + "<start_of_turn>model\n"
-
-
-def chatml_prompt(messages: Sequence[Message]) -> str:
-    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
-
-
 class Engine:
     def __init__(
         self,
         path: Path,
         *,
         context_size: int,
-        batch_size: int,
+        batch_size: int = 512,
         threads: int | None = None,
         chat_format: str | None = None,
-        prefix_budget_bytes: int = 0,
         grammar_limits: GrammarLimits | None = None,
+        parallel: int | None = None,
+        prefill_chunk: int = 0,
+        cache_entries: int = 32,
+        cache_cells: int | None = None,
+        budget_s: float = 300.0,
     ) -> None:
         route_llama_logs()
+        llama_cpp.llama_backend_init()
         self.path = path
-        self.prefixes = PrefixStates(prefix_budget_bytes)
-        self._batch_size = batch_size
-        self._threads = threads
-        self._lock = threading.Lock()
-        # The vocabulary alone, kept for tokenizing: prompts are fitted outside the model
-        # slot, even while the model itself is being reloaded.
-        self._vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-        self._vocab_lock = threading.Lock()
-        self.metadata: dict[str, str] = dict(self._vocab.metadata)
+        self.vocabulary = Vocabulary(path, context_size, chat_format)
+        self.n_ctx = self.vocabulary.n_ctx
+        self.chat_format = self.vocabulary.chat_format
+        self.metadata = self.vocabulary.metadata
+        self.longest_piece = self.vocabulary.longest_piece
         self.grammar_limits = grammar_limits or GrammarLimits()
-        self.guard = GrammarGuard(self._vocab._model.vocab, self.grammar_limits)
-        self.longest_piece = longest_piece(self._vocab._model.vocab)
-        arch = self.metadata.get("general.architecture", "")
-        trained = int(self.metadata.get(f"{arch}.context_length", context_size))
-        self.n_ctx = min(context_size, trained)
-        if self.n_ctx < context_size:
-            log.info(
-                "context capped at what the model was trained for", extra={"asked": context_size, "n_ctx": self.n_ctx}
-            )
-        template = None if chat_format else self.metadata.get("tokenizer.chat_template")
-        self.chat_format = chat_format or ("gguf" if template else "gemma")
-        self._formatter: Jinja2ChatFormatter | None = None
-        if template:
-            eos = self._vocab.detokenize([self._vocab.token_eos()]).decode("utf-8", "ignore")
-            bos = self._vocab.detokenize([self._vocab.token_bos()]).decode("utf-8", "ignore")
-            self._formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
-        self._llama: llama_cpp.Llama | None = None
-        self.gpu_layers = 0
+        self.guard = GrammarGuard(self.vocabulary.vocab, self.grammar_limits)
+        self.parallel = parallel or default_parallel()
+        self.threads = threads or os.cpu_count() or 1
+        """CPU threads llama.cpp decodes with (GEMMA_THREADS; default: every core)."""
+        self._prefill_chunk = prefill_chunk
+        self._batch = max(batch_size, prefill_chunk + self.parallel, self.parallel + 16)
+        self._cache_entries = cache_entries
+        self._cache_cells = cache_cells if cache_cells is not None else self.n_ctx // 2
+        self.budget_s = budget_s
+        """A generation's wall-clock budget (GEMMA_GENERATION_BUDGET_S)."""
+        self._scheduler: Scheduler | None = None
 
     @property
     def max_prompt_chars(self) -> int:
@@ -200,112 +169,70 @@ class Engine:
         return self.n_ctx * self.longest_piece
 
     @property
-    def llama(self) -> llama_cpp.Llama:
-        if self._llama is None:
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
             raise RuntimeError("the model is not loaded")
-        return self._llama
+        return self._scheduler
 
     @property
-    def threads(self) -> int | None:
-        """CPU threads llama.cpp decodes with (its own choice unless GEMMA_THREADS says)."""
-        return self._llama.n_threads if self._llama is not None else self._threads
+    def gpu_layers(self) -> int:
+        return self._scheduler.model.gpu_layers if self._scheduler is not None else 0
+
+    def _model(self, gpu_layers: int) -> Model:
+        shape = Shape(
+            cells=self.n_ctx, batch=self._batch, sequences=self.parallel + self._cache_entries, threads=self.threads
+        )
+        return Model(self.path, shape, gpu_layers)
 
     def load(self, gpu_layers: int) -> float:
-        """(Re)load with ``gpu_layers`` layers on the GPU; returns the seconds it took."""
-        with self._lock:
-            started = time.monotonic()
-            if self._llama is not None:
-                self._llama.close()
-                self._llama = None
-            self.prefixes.clear()  # a saved state belongs to the context it came from
-            on_card = gpu_layers > 0
-            self._llama = llama_cpp.Llama(
-                model_path=str(self.path),
-                n_gpu_layers=gpu_layers,
-                # Offloaded means off the card: no KV cache there and no large batches sent
-                # to it (llama.cpp's op offload), which would use the GPU without the lease
-                # and keep a compute buffer of the vocabulary's logits on it.
-                offload_kqv=on_card,
-                op_offload=on_card,
-                n_ctx=self.n_ctx,
-                n_batch=self._batch_size,
-                n_threads=self._threads,
-                verbose=False,
+        """(Blocking.) The model with ``gpu_layers`` on the GPU; returns the seconds it took.
+        Running sequences carry over (services/llm/engine/batch.py, ``reload``)."""
+        started = time.monotonic()
+        if self._scheduler is None:
+            self._scheduler = Scheduler(
+                self._model,
+                gpu_layers=gpu_layers,
+                parallel=self.parallel,
+                chunk=self._prefill_chunk,
+                cache_entries=self._cache_entries,
+                cache_cells=self._cache_cells,
             )
-            self.gpu_layers = gpu_layers
             return time.monotonic() - started
+        return self._scheduler.call(lambda: self.scheduler.reload(gpu_layers)).result()
 
     def close(self) -> None:
-        with self._lock:
-            if self._llama is not None:
-                self._llama.close()
-                self._llama = None
-        self._vocab.close()
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
+        self.vocabulary.close()
 
     def count(self, text: str) -> int:
-        """Tokens in ``text`` alone."""
-        with self._vocab_lock:
-            return len(self._vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        return self.vocabulary.count(text)
 
     def prompt(self, messages: Sequence[Message]) -> Prompt:
-        """The exact tokens the model will read, and the strings that end its turn."""
-        if self._formatter is not None:
-            formatted = self._formatter(messages=list(messages))  # type: ignore[arg-type]
-            text, stop = formatted.prompt, formatted.stop
-        elif self.chat_format == "chatml":
-            text, stop = chatml_prompt(messages), ["<|im_end|>"]
-        else:
-            text, stop = gemma_prompt(messages), ["<end_of_turn>"]
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        with self._vocab_lock:
-            tokens = self._vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        return Prompt(tokens, [s for s in stops if s])
+        return self.vocabulary.prompt(messages)
 
-    def generate(
-        self,
-        prompt: Prompt,
-        params: Params,
-        cancelled: threading.Event,
-        check: Callable[[], None] = lambda: None,
-        keep_as: str | None = None,
-    ) -> Iterator[str | Finished]:
-        """Pieces of text, then one Finished. ``check`` runs before each token (the lease
-        fence); it and ``cancelled`` stop the generation within one token. ``keep_as``:
-        a conversation whose saved state may start this prompt, and which keeps the
-        state this answer ends in (prefix reuse)."""
-        grammar = grammar_for(params, self.grammar_limits)
-        with self._lock:
-            llama = self.llama
-            check()
-            if keep_as is not None:
-                self.prefixes.restore(llama, keep_as, prompt.tokens)
-            stream = llama.create_completion(
-                prompt=prompt.tokens,
-                max_tokens=params.max_tokens,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                stop=[*prompt.stop, *params.stop],
-                seed=params.seed,
-                presence_penalty=params.presence_penalty,
-                frequency_penalty=params.frequency_penalty,
-                repeat_penalty=params.repeat_penalty,
-                grammar=grammar,
-                stream=True,
-            )
-            reason = "stop"
-            try:
-                for chunk in cast(Iterator[dict[str, Any]], stream):
-                    if cancelled.is_set():
-                        raise Cancelled()
-                    check()
-                    choice = chunk["choices"][0]
-                    if choice["text"]:
-                        yield choice["text"]
-                    if choice.get("finish_reason"):
-                        reason = choice["finish_reason"]
-            finally:
-                stream.close()  # type: ignore[union-attr]
-            completion = max(0, llama.n_tokens - len(prompt.tokens))
-            if keep_as is not None:
-                self.prefixes.keep(llama, keep_as)
-            yield Finished(reason, len(prompt.tokens), completion)
+    def submit(
+        self, prompt: Prompt, params: Params, *, subject: str = "", public_prefix: int = 0, keep: bool = True
+    ) -> Generation:
+        """Start generating (on the event loop's thread). The grammar must have passed the
+        guard (the chat service checks every request before it starts)."""
+        found = grammar_text(params, self.grammar_limits)
+        request = Request(
+            tokens=list(prompt.tokens),
+            max_tokens=params.max_tokens,
+            sampling=params.sampling(),
+            stop=[*prompt.stop, *params.stop],
+            grammar=found[0] if found else None,
+            subject=subject,
+            public_prefix=public_prefix,
+            deadline=time.monotonic() + self.budget_s,
+            keep=keep,
+        )
+        return self.scheduler.submit(request)
+
+    def info(self) -> dict[str, Any]:
+        shown: dict[str, Any] = {"threads": self.threads, "context_size": self.n_ctx, "budget_s": self.budget_s}
+        if self._scheduler is not None:
+            shown |= self._scheduler.info() | {"prefill_chunk_measured": self._scheduler.chunk_measured}
+        return shown

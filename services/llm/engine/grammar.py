@@ -331,13 +331,15 @@ class GrammarGuard:
 # -- llama.cpp's own log ------------------------------------------------------------------
 
 _llama_log = logging.getLogger("llama.cpp")
+GGML_LOG_ERROR = 4
+"""ggml's levels here: 1 debug, 2 info, 3 warning, 4 error, 5 a line continued."""
 LOG_LINE_CHARS = 300
 """llama.cpp prints a refused grammar whole; the log keeps this much of a line."""
 
 
 @llama_cpp.llama_log_callback
 def _to_logging(level: int, text: bytes, _: ctypes.c_void_p) -> None:
-    if level < 3:  # only errors: llama.cpp's info and warnings are noise in a service log
+    if level != GGML_LOG_ERROR:  # only errors: llama.cpp's info and warnings are noise in a service log
         return
     with contextlib.suppress(Exception):
         line = text.decode("utf-8", "replace").strip()

@@ -56,9 +56,13 @@ right most often (4 of 44; examples as separate chat turns: 1; CREATE TABLE text
 instead of the compact form: 0; no examples: 0)."""
 
 
-def prompt(schema: Schema, question: str) -> list[Message]:
+def prompt(schema: Schema | None, question: str) -> list[Message]:
+    """The model's messages; with no schema, only the words every question starts with
+    (the instruction and the examples: any user may reuse their KV cells)."""
     examples = "\n".join(f"Question: {asked}\nSQL: {answer}" for asked, answer in EXAMPLES)
-    asked = f"Examples, for other tables:\n{examples}\n\nTables:\n{schema.ddl()}\nQuestion: {question}\nSQL:"
+    asked = f"Examples, for other tables:\n{examples}\n\nTables:\n"
+    if schema is not None:
+        asked += f"{schema.ddl()}\nQuestion: {question}\nSQL:"
     return [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": asked}]
 
 
@@ -151,7 +155,7 @@ class SqlService:
         schema = focused(target.schema, question, self.max_grammar_columns)
         params.grammar = select_grammar(schema)
         params.grammar_param = "database" if target.database is not None else "schema"
-        return Job(messages=prompt(schema, question), params=params)
+        return Job(messages=prompt(schema, question), params=params, shared_prefix=prompt(None, ""))
 
     async def finish(self, text: str, target: Target, execute: bool, max_rows: int) -> Result:
         """Check what the model wrote (422 if refused); run it when asked and a database is named."""

@@ -1,6 +1,7 @@
 """GpuPolicy's decisions, in process: when the LLM keeps the card after an answer, when it
-gives it back, and when it moves its layers off first. The coordinator is not the point
-here, so leases come from a scripted stand-in; the engine records its reloads."""
+gives it back, when it moves its layers off first, and how a running batch hands the
+card over mid-stream. The coordinator is not the point here, so leases come from a
+scripted stand-in; the engine records its reloads and its holds."""
 
 from __future__ import annotations
 
@@ -12,17 +13,39 @@ import pytest
 from services.llm.engine import Engine
 from services.llm.placement import GpuPolicy, PlacementMetrics
 from services.llm.settings import LLMSettings
-from services.llm.slot import ModelSlot
-from shared.gpu import Handover, Listener
+from shared.gpu import GpuUnavailable, Handover, Listener
 from shared.metrics import Metrics
 
 LAYERS = 12
+
+
+class RecordingScheduler:
+    def __init__(self) -> None:
+        self.holds = 0
+        self.held_ever = 0
+        self.fenced = 0
+        self.may_step: Any = None
+        self.on_blocked: Any = None
+
+    def hold(self) -> None:
+        self.holds += 1
+        self.held_ever += 1
+
+    def open(self) -> None:
+        self.holds -= 1
+
+    def unfence(self) -> None:
+        self.fenced += 1
+
+    def wake(self) -> None:
+        return None
 
 
 class RecordingEngine:
     def __init__(self) -> None:
         self.gpu_layers = 0
         self.loads: list[int] = []
+        self.scheduler = RecordingScheduler()
 
     def load(self, gpu_layers: int) -> float:
         self.loads.append(gpu_layers)
@@ -40,6 +63,7 @@ class ScriptedLease:
         self._yield = asyncio.Event()
         self.released = asyncio.Event()
         self.handover: Handover | None = None
+        self.listeners: list[Listener] = []
 
     @property
     def lost(self) -> bool:
@@ -52,12 +76,14 @@ class ScriptedLease:
     def ask_to_yield(self, free_memory: bool = False) -> None:
         self.free_memory = free_memory
         self._yield.set()
+        for listener in self.listeners:
+            listener("yield")
 
     def check(self) -> None:
         return None
 
     def listen(self, listener: Listener) -> None:
-        return None
+        self.listeners.append(listener)
 
     async def wait_yield(self) -> None:
         await self._yield.wait()
@@ -71,11 +97,20 @@ class ScriptedLease:
 
 
 class ScriptedGpu:
+    """Grants at once, unless told to refuse the next ``refusals`` asks."""
+
     def __init__(self) -> None:
         self.leases: list[ScriptedLease] = []
+        self.refusals = 0
+        self.asked = 0
 
     async def acquire(self, holder: str, priority: str = "interactive", *args: Any, **kwargs: Any) -> ScriptedLease:
         assert (holder, priority) == ("llm", "interactive")
+        self.asked += 1
+        if self.refusals:
+            self.refusals -= 1
+            await asyncio.sleep(kwargs.get("wait_s", 0))
+            raise GpuUnavailable("busy", retry_after_s=0.01, reason="wait_over")
         self.leases.append(ScriptedLease(len(self.leases) + 1))
         return self.leases[-1]
 
@@ -83,25 +118,25 @@ class ScriptedGpu:
         return None
 
 
-def policy(**settings: Any) -> tuple[GpuPolicy, ScriptedGpu, RecordingEngine, ModelSlot]:
-    gpu, engine, slot = ScriptedGpu(), RecordingEngine(), ModelSlot()
+def policy(**settings: Any) -> tuple[GpuPolicy, ScriptedGpu, RecordingEngine]:
+    gpu, engine = ScriptedGpu(), RecordingEngine()
     values = {"gpu_layers": LAYERS, "force_reload": True, "keep_alive_s": 30.0, **settings}
     chosen = LLMSettings(**values)
-    made = GpuPolicy(cast(Engine, engine), cast(Any, gpu), chosen, slot, PlacementMetrics(Metrics("test_llm")))
-    return made, gpu, engine, slot
+    made = GpuPolicy(cast(Engine, engine), cast(Any, gpu), chosen, PlacementMetrics(Metrics("test_llm")))
+    made.attach()
+    return made, gpu, engine
 
 
-async def answer(made: GpuPolicy, slot: ModelSlot, *, client_gone: bool = False) -> ScriptedLease:
-    async with slot:
-        placement = await made.place()
-        await made.finish(placement, client_gone=client_gone)
+async def answer(made: GpuPolicy, *, client_gone: bool = False) -> ScriptedLease:
+    placement = await made.place(made.want())
+    await made.finish(placement, client_gone=client_gone)
     return cast(ScriptedLease, placement.lease)
 
 
 async def test_the_card_is_kept_between_answers_and_the_layers_stay() -> None:
-    made, gpu, engine, slot = policy()
-    first = await answer(made, slot)
-    second = await answer(made, slot)
+    made, gpu, engine = policy()
+    first = await answer(made)
+    second = await answer(made)
     assert second is first and len(gpu.leases) == 1  # one grant for both answers
     assert engine.loads == [LAYERS]  # loaded once, not per answer
     assert not first.released.is_set()
@@ -111,15 +146,35 @@ async def test_the_card_is_kept_between_answers_and_the_layers_stay() -> None:
     await made.close()
 
 
-async def test_asked_to_yield_with_no_room_it_offloads_then_releases() -> None:
-    made, _, engine, slot = policy()
-    async with slot:
-        placement = await made.place()
-        lease = cast(ScriptedLease, placement.lease)
-        lease.ask_to_yield(free_memory=True)  # asked while answering
-        await made.finish(placement, client_gone=False)
-    assert lease.released.is_set() and lease.handover == "offload"
-    assert engine.loads == [LAYERS, 0]
+async def test_asked_to_yield_mid_batch_with_no_room_it_offloads_releases_and_takes_it_back() -> None:
+    made, gpu, engine = policy()
+    placement = await made.place(made.want())
+    lease = cast(ScriptedLease, placement.lease)
+    scheduler = engine.scheduler
+    assert scheduler.may_step() is True
+    lease.ask_to_yield(free_memory=True)  # asked while the batch runs
+    assert scheduler.may_step() is False  # the fence: no step after the one under way
+    await asyncio.wait_for(lease.released.wait(), 10)
+    assert lease.handover == "offload"
+    for _ in range(100):
+        if len(gpu.leases) == 2 and engine.loads[-1] == LAYERS and scheduler.holds == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.loads == [LAYERS, 0, LAYERS]  # off the card for the other holder, then back
+    assert len(gpu.leases) == 2 and scheduler.holds == 0 and scheduler.fenced >= 1  # the streams go on
+    assert scheduler.may_step() is True
+    await made.finish(placement, client_gone=False)
+    await made.close()
+
+
+async def test_asked_to_yield_with_room_it_pauses_without_moving_the_layers() -> None:
+    made, _gpu, engine = policy()
+    placement = await made.place(made.want())
+    lease = cast(ScriptedLease, placement.lease)
+    lease.ask_to_yield(free_memory=False)
+    await asyncio.wait_for(lease.released.wait(), 10)
+    assert lease.handover == "pause" and engine.loads == [LAYERS]
+    await made.finish(placement, client_gone=False)
     await made.close()
 
 
@@ -132,16 +187,48 @@ async def test_asked_to_yield_with_no_room_it_offloads_then_releases() -> None:
     ],
 )
 async def test_after_an_answer(settings: dict[str, Any], client_gone: bool, released: bool) -> None:
-    made, _, _, slot = policy(**settings)
-    lease = await answer(made, slot, client_gone=client_gone)
+    made, _, _ = policy(**settings)
+    lease = await answer(made, client_gone=client_gone)
+    for _ in range(50):
+        if lease.released.is_set() is released:
+            break
+        await asyncio.sleep(0.01)
     assert lease.released.is_set() is released
     await made.close()
     assert lease.released.is_set()  # closing the service always gives it back
 
 
 async def test_the_keep_alive_runs_out() -> None:
-    made, _, _, slot = policy(keep_alive_s=0.05)
-    lease = await answer(made, slot)
+    made, _, _ = policy(keep_alive_s=0.05)
+    lease = await answer(made)
     await asyncio.wait_for(lease.released.wait(), 10)
     assert lease.handover == "keep"
+    await made.close()
+
+
+async def test_the_ask_goes_out_when_the_request_arrives_and_is_withdrawn_when_not_needed() -> None:
+    made, gpu, _ = policy()
+    ask = made.want()
+    await asyncio.sleep(0)  # the ask is under way before anything else of the request
+    for _ in range(50):
+        if gpu.leases:
+            break
+        await asyncio.sleep(0.01)
+    assert gpu.asked == 1 and len(gpu.leases) == 1
+    ask.withdraw()  # a cached answer: nobody needs the card
+    await asyncio.wait_for(gpu.leases[0].released.wait(), 10)  # client_gone-like: given back, not kept
+    await made.close()
+
+
+async def test_not_granted_in_time_it_serves_on_the_cpu_and_moves_to_the_card_once_granted() -> None:
+    made, gpu, engine = policy(gpu_wait_ms=50)
+    gpu.refusals = 1
+    placement = await made.place(made.want())
+    assert placement.fallback and placement.lease is None and placement.device == "cpu"
+    for _ in range(200):
+        if gpu.leases and engine.loads == [LAYERS]:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.loads == [LAYERS]  # the ask went on, and the engine moved once it was granted
+    await made.finish(placement, client_gone=False)
     await made.close()

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from llama_cpp import llama_grammar
 
-from services.llm.engine import BadSchema, Params, grammar_for
+from services.llm.engine import BadSchema, Params, grammar_text
+from services.llm.engine.grammar import GrammarLimits
 from services.llm.schema_grammar import Unenforceable, decimal_rules, gbnf, integer_bounds, integer_rule
 
 RANGES = [(None, None), (0, None), (None, 0), (1, 7), (1, 600), (-5, 5), (-120, -3), (None, -7), (13, None), (0, 0)]
@@ -71,4 +72,4 @@ def test_what_no_grammar_enforces_is_refused_with_its_place() -> None:
     with pytest.raises(Unenforceable):
         gbnf({"type": "number", "minimum": 0.2, "maximum": 0.8})  # no integer in between
     with pytest.raises(BadSchema, match="multipleOf"):
-        grammar_for(Params(max_tokens=1, json_schema={"type": "integer", "multipleOf": 3}))
+        grammar_text(Params(max_tokens=1, json_schema={"type": "integer", "multipleOf": 3}), GrammarLimits())
