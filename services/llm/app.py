@@ -56,6 +56,7 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
         cache_entries=settings.prefix_cache_entries,
         cache_cells=settings.prefix_cache_cells,
         budget_s=settings.generation_budget_s,
+        grammar_step_ms=settings.grammar_step_budget_ms,
     )
     gpu = base.gpu(settings)
     vram_mb = settings.vram_mb if settings.vram_mb is not None else vram_estimate_mb(path.stat().st_size)
@@ -201,6 +202,7 @@ def batch_samples(engine: Engine) -> list[Sample]:
         Sample(
             "llm_grammar_resamples", "Tokens a grammar refused first (the dear path).", "counter", {}, stats.resampled
         ),
+        Sample("llm_grammar_aside", "Tokens sampled beside the batch (a dear grammar).", "counter", {}, stats.aside),
         Sample("llm_generation_deadlines", "Generations ended by their time budget.", "counter", {}, stats.deadlines),
     ]
     for subject, waiting in scheduler.waiting_by_subject().items():

@@ -64,6 +64,10 @@ class LLMSettings(ServiceSettings):
     prefix_cache_cells: int | None = Field(default=None, ge=0)
     """KV cells those may hold at most (default: half the context). They give way to
     running requests whenever these need the room."""
+    grammar_step_budget_ms: float = Field(default=10.0, ge=0, le=10_000)
+    """A sequence whose grammar took longer than this for one token is sampled beside the
+    batch from then on, sitting out steps until its token is ready, so that a dear
+    grammar never holds the other streams back."""
     generation_budget_s: float = Field(default=300.0, gt=0, le=86_400)
     """A generation that runs longer ends (finish_reason length, with a warning): no
     request holds the model past its share."""

@@ -140,6 +140,7 @@ class Engine:
         cache_entries: int = 32,
         cache_cells: int | None = None,
         budget_s: float = 300.0,
+        grammar_step_ms: float = 10.0,
     ) -> None:
         route_llama_logs()
         llama_cpp.llama_backend_init()
@@ -158,6 +159,7 @@ class Engine:
         self._batch = max(batch_size, prefill_chunk + self.parallel, self.parallel + 16)
         self._cache_entries = cache_entries
         self._cache_cells = cache_cells if cache_cells is not None else self.n_ctx // 2
+        self._grammar_step_ms = grammar_step_ms
         self.budget_s = budget_s
         """A generation's wall-clock budget (GEMMA_GENERATION_BUDGET_S)."""
         self._scheduler: Scheduler | None = None
@@ -196,6 +198,7 @@ class Engine:
                 chunk=self._prefill_chunk,
                 cache_entries=self._cache_entries,
                 cache_cells=self._cache_cells,
+                grammar_step_ms=self._grammar_step_ms,
             )
             return time.monotonic() - started
         return self._scheduler.call(lambda: self.scheduler.reload(gpu_layers)).result()

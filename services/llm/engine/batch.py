@@ -36,7 +36,8 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -44,7 +45,7 @@ import numpy as np
 
 from services.llm.engine.kv import PrefixCache
 from services.llm.engine.model import Model, measure_chunk
-from services.llm.engine.sampling import GrammarDeadEnd, Sampler, SamplingParams
+from services.llm.engine.sampling import Choice, GrammarDeadEnd, Sampler, SamplingParams
 from shared.aio import ThreadInbox
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,9 @@ class _Sequence:
         self.started = time.monotonic()
         self.first_at: float | None = None
         self.grammar_ms = 0.0
+        self.slow = False
+        """Its grammar took more than a step's budget once: it samples on the side from now on."""
+        self.aside: Future[Choice] | None = None
 
     @property
     def position(self) -> int:
@@ -238,6 +242,8 @@ class Stats:
     finished: int = 0
     cancelled: int = 0
     deadlines: int = 0
+    aside: int = 0
+    """Tokens sampled on the side (a grammar dearer than the step's budget)."""
     decode_s: float = 0.0
     step_s: float = 0.0
 
@@ -252,12 +258,16 @@ class Scheduler:
         chunk: int,
         cache_entries: int,
         cache_cells: int,
+        grammar_step_ms: float = 10.0,
     ) -> None:
         """Starts the thread, which loads the model (and, with ``chunk`` 0, measures the
         chunk). Every llama.cpp computation runs on that one thread: llama.cpp's OpenMP
         pool belongs to the thread that calls it, and two pools on two cores fight (a
         decode step measured 50% slower with the model loaded on another thread)."""
         self._load = load
+        self.grammar_step_ms = grammar_step_ms
+        """A sequence whose grammar takes longer than this for one token samples on the side."""
+        self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-grammar")
         self.model: Model
         self.parallel = parallel
         self.chunk = chunk
@@ -369,6 +379,7 @@ class Scheduler:
             self._closing = True
             self._lock.notify()
         self._thread.join(timeout=30)
+        self._side.shutdown(wait=True)
         for sequence in list(self._running.values()):
             sequence.sampler.close()
         self.model.close()
@@ -436,6 +447,7 @@ class Scheduler:
 
     def _step(self) -> None:
         self._leave()
+        self._take_aside()
         self._leave_cancelled_waiting()
         self._join()
         if not self._running:
@@ -471,6 +483,9 @@ class Scheduler:
             planned.append((sequence, take))
             budget -= take
         if model.n_batch == 0:
+            waiting = [s.aside for s in self._running.values() if s.aside is not None]
+            if waiting:  # only tokens being sampled on the side: wait for the first of them
+                wait_futures(waiting, timeout=0.05, return_when=FIRST_COMPLETED)
             return
         _t0 = time.perf_counter()
         code = model.decode()
@@ -498,12 +513,40 @@ class Scheduler:
 
     def _sample(self, sequence: _Sequence) -> None:
         assert sequence.index is not None
+        logits = self.model.logits(sequence.index)
+        if sequence.slow:
+            # Its grammar costs more than a step's budget: it is sampled on the side, from
+            # a copy of its logits, and sits out the steps until its token is ready, so
+            # that it does not hold the other streams back.
+            sequence.last = None
+            sequence.aside = self._side.submit(sequence.sampler.choose, logits.copy())
+            self.stats.aside += 1
+            return
         try:
-            choice = sequence.sampler.choose(self.model.logits(sequence.index))
+            choice = sequence.sampler.choose(logits)
         except GrammarDeadEnd:
             self._end(sequence, "stop")
             return
+        self._take(sequence, choice)
+
+    def _take_aside(self) -> None:
+        """The tokens sampled on the side that are ready."""
+        for sequence in list(self._running.values()):
+            aside = sequence.aside
+            if aside is None or not aside.done():
+                continue
+            sequence.aside = None
+            try:
+                choice = aside.result()
+            except GrammarDeadEnd:
+                self._end(sequence, "stop")
+                continue
+            self._take(sequence, choice)
+
+    def _take(self, sequence: _Sequence, choice: Choice) -> None:
         sequence.grammar_ms += choice.grammar_ms
+        if choice.grammar_ms > self.grammar_step_ms:
+            sequence.slow = True
         if choice.resampled:
             self.stats.resampled += 1
         if sequence.first_at is None:
@@ -541,6 +584,10 @@ class Scheduler:
 
     def _release(self, sequence: _Sequence, *, keep: bool) -> None:
         """Free a sequence's slot and reservation; its cells become a cache entry or are freed."""
+        if sequence.aside is not None:  # its sampler is in use on the side: let it finish
+            with contextlib.suppress(Exception):
+                sequence.aside.result()
+            sequence.aside = None
         del self._running[sequence.slot]
         self._reserved -= sequence.reserved
         sequence.sampler.close()

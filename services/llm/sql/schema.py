@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import sqlglot
 from sqlglot import exp
-from sqlglot.errors import ParseError
+from sqlglot.errors import ParseError, SqlglotError
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 MAX_TABLES = 64
@@ -94,6 +94,8 @@ def parse_ddl(text: str) -> Schema:
         detail = exc.errors[0] if exc.errors else {}
         where = f" at line {detail['line']}" if detail.get("line") else ""
         raise BadSchema(f"the schema does not parse{where}: {detail.get('description', 'invalid SQL')}") from None
+    except SqlglotError:  # the tokenizer's: an unterminated quote or comment, a stray character
+        raise BadSchema("the schema does not parse: an unterminated quote or comment, or a stray character") from None
     tables: dict[str, Table] = {}
     for statement in statements:
         if not (

@@ -274,3 +274,19 @@ async def test_four_streams_survive_a_reload_and_none_starts_over(engine: Engine
     assert len(endings) == 4 and all(c for c in collected)
     # Every prompt was read once: the reload carried the cells, nobody was read again.
     assert scheduler.stats.prefilled_tokens - read_before == sum(len(engine.prompt(q).tokens) for q in questions)
+
+
+async def test_a_dear_grammar_is_sampled_beside_the_batch_and_stays_valid() -> None:
+    """With a step budget of 0 ms every grammar is 'dear': its tokens are sampled on the
+    side thread while the free-text streams go on decoding, and its answer stays valid."""
+    aside = Engine(PATH, context_size=4096, parallel=4, prefill_chunk=32, grammar_step_ms=0.0)
+    aside.load(0)
+    try:
+        free = [run(aside, ask(f"Tell me about {t}."), greedy(24), keep=False) for t in ("cats", "rain", "boats")]
+        constrained = run(aside, ask("A trip: which city, how many days?"), greedy(48, json_schema=SCHEMA), keep=False)
+        results = await asyncio.gather(constrained, *free)
+        jsonschema.validate(json.loads(results[0][0]), SCHEMA)
+        assert aside.scheduler.stats.aside > 0
+        assert all(text for text, _ in results[1:])
+    finally:
+        aside.close()
