@@ -93,7 +93,9 @@ def summarize(streams: list[Stream], wall_s: float) -> dict[str, Any]:
     }
 
 
-async def openai_streams(url: str, token: str | None, model: str, asked: list[list[dict[str, str]]], max_tokens: int) -> dict[str, Any]:  # noqa: E501
+async def openai_streams(
+    url: str, token: str | None, model: str, asked: list[list[dict[str, str]]], max_tokens: int
+) -> dict[str, Any]:
     """Every prompt at once as a streamed chat; each stream's timings."""
     headers = {"Cache-Control": "no-cache"} | ({"Authorization": f"Bearer {token}"} if token else {})
     limits = httpx.Limits(max_connections=len(asked) + 4, max_keepalive_connections=len(asked) + 4)
@@ -274,25 +276,29 @@ def service(model: str, slots: int, work: Path) -> ServiceProcess:
 def bars(results: dict[str, dict[str, dict[str, Any]]], slots: int) -> list[str]:
     lines = []
     at = str(slots)
+    rate = "aggregate_tokens_per_s"
     a, b, c = results["service"].get(at), results["one at a time"].get(at), results["ceiling"].get(at)
     d = results.get("llama-server", {}).get(at)
     if a and c:
-        lines.append(f"{at} streams: service {a['aggregate_tokens_per_s'] / c['aggregate_tokens_per_s']:.2f}x the ceiling (bar 0.85x)")
-        lines.append(f"{at} streams: first token p90 {a['first_token_p90_ms'] / c['first_token_p90_ms']:.2f}x the ceiling's (bar 1.25x)")
+        lines.append(f"{at} streams: service {a[rate] / c[rate]:.2f}x the ceiling (bar 0.85x)")
+        first = a["first_token_p90_ms"] / c["first_token_p90_ms"]
+        lines.append(f"{at} streams: first token p90 {first:.2f}x the ceiling's (bar 1.25x)")
     if a and b:
-        lines.append(f"{at} streams: service {a['aggregate_tokens_per_s'] / b['aggregate_tokens_per_s']:.2f}x one at a time (bar 2.5x)")
+        lines.append(f"{at} streams: service {a[rate] / b[rate]:.2f}x one at a time (bar 2.5x)")
     if a and d:
-        lines.append(f"{at} streams: service {a['aggregate_tokens_per_s'] / d['aggregate_tokens_per_s']:.2f}x llama-server (bar 0.9x)")
+        lines.append(f"{at} streams: service {a[rate] / d[rate]:.2f}x llama-server (bar 0.9x)")
     a1, b1 = results["service"].get("1"), results["one at a time"].get("1")
     if a1 and b1:
+        decode = a1["decode_tokens_per_s"] / b1["decode_tokens_per_s"]
+        first_ms = a1["first_token_p50_ms"] - b1["first_token_p50_ms"]
         lines.append(
-            f"1 stream: decode {a1['decode_tokens_per_s'] / b1['decode_tokens_per_s']:.3f}x one at a time (bar 0.97x), "
-            f"first token {a1['first_token_p50_ms'] - b1['first_token_p50_ms']:+.1f} ms (bar +5 ms)"
+            f"1 stream: decode {decode:.3f}x one at a time (bar 0.97x), first token {first_ms:+.1f} ms (bar +5)"
         )
     for level, r in results["service"].items():
         if int(level) > slots:
-            lines.append(f"{level} streams on {slots} slots: {r['served']}/{r['streams']} answered, {r['refused_429']} 429s")
-    return lines  # noqa: E501
+            answered = f"{r['served']}/{r['streams']} answered"
+            lines.append(f"{level} streams on {slots} slots: {answered}, {r['refused_429']} 429s")
+    return lines
 
 
 def main() -> None:
@@ -309,7 +315,7 @@ def main() -> None:
         print(json.dumps(ceiling_here(args.model, args.ceiling_of, args.max_tokens, args.run)))
         return
 
-    path, preset = resolve(args.model, "llm")
+    path, _ = resolve(args.model, "llm")
     token = dev_token()
     binary = None if args.no_peer else peer_binary()
     results: dict[str, dict[str, dict[str, Any]]] = {"service": {}, "one at a time": {}, "ceiling": {}}
@@ -322,7 +328,8 @@ def main() -> None:
                 asyncio.run(openai_streams(process.url, token, model_id, prompts(2, f"warm-{name}"), 8))
                 for n in args.streams:
                     asked = prompts(n, f"{name}-{n}")
-                    results[name][str(n)] = asyncio.run(openai_streams(process.url, token, model_id, asked, args.max_tokens))
+                    measured = openai_streams(process.url, token, model_id, asked, args.max_tokens)
+                    results[name][str(n)] = asyncio.run(measured)
             finally:
                 process.stop()
         for n in args.streams:
@@ -349,8 +356,8 @@ def main() -> None:
     print()
     for line in bars(results, args.slots):
         print(line)
-    results["settings"] = {"max_tokens": args.max_tokens, "slots": args.slots, "threads": THREADS, "model": args.model}  # type: ignore[assignment]
-    print(f"results: {save('concurrency', results)}")
+    settings = {"max_tokens": args.max_tokens, "slots": args.slots, "threads": THREADS, "model": args.model}
+    print(f"results: {save('concurrency', {'settings': settings, **results})}")
 
 
 if __name__ == "__main__":
