@@ -93,7 +93,12 @@ class GrammarLimits:
     0.6 and 0.9 to 1.5; SQL over 8 tables of 64 columns 18 (0.9 s a step on SmolLM2)."""
     probe_steps: int = 8
     """Steps of the random walk that times the masked steps (fewer once the walk has
-    spent ``max_step_ms`` in all: a dear grammar is measured in a few steps)."""
+    spent ``probe_budget`` times the dearest allowed step in all)."""
+    probe_budget: float = 4.0
+    """The walk's CPU time in all, in dearest allowed steps. It must leave room for the
+    dear step to come after a few cheap ones: SQL over 8 tables of 64 columns costs 70,
+    5, 70, 70 ms, then 950 ms once a table is named (SmolLM2); a budget of one step
+    stopped the walk before it and let the grammar through."""
 
 
 @dataclass(frozen=True)
@@ -316,7 +321,7 @@ class GrammarGuard:
             steps += 1
             dearest = max(dearest, spent)
             spent_in_all = (time.thread_time() - walk_started) * 1000
-            if dearest > self.max_step_ms or (steps >= 2 and spent_in_all > self.max_step_ms):
+            if dearest > self.max_step_ms or spent_in_all > self.limits.probe_budget * self.max_step_ms:
                 break
             kept = tokens[: array.size]
             allowed = kept["id"][np.isfinite(kept["logit"])]
