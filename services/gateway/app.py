@@ -60,7 +60,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @app.get("/ready")
     async def ready() -> dict[str, Any]:
         """The gateway can route as soon as it runs (a service that is down is that
-        request's 502); the services' own readiness is shown beside."""
+        request's 503); the services' own readiness is shown beside."""
         names = list(settings.upstreams())
         answers = await asyncio.gather(*(proxy.get_json(name, "/ready", {}) for name in names))
         states = {

@@ -29,8 +29,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from services.gateway.upstream import Answer, Upstream, UpstreamCut, UpstreamFailed
-from shared.errors import BadGateway, BadRequest, NotFound
+from services.gateway.upstream import Answer, Upstream, UpstreamCut, UpstreamDown, UpstreamFailed
+from shared.errors import BadRequest, NotFound, ServiceUnavailable
 from shared.logs import request_id_var
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ WRITTEN_HERE = frozenset({"date", "server"})
 
 REQUEST_ID = "x-request-id"
 FAILED_EVENT = "service_failed"
+RETRY_AFTER_S = 1.0
+"""What a client is told to wait when a service is down: the supervisor starts it again
+within seconds."""
 
 
 def passed(headers: Iterable[tuple[str, str]], drop: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
@@ -170,10 +173,23 @@ class Proxy:
             answer = await self._services[service].exchange(
                 request.method, target, headers, body, lambda: _until_disconnected(receive)
             )
-        except UpstreamFailed as exc:
-            # The message names the service, never its address.
+        except UpstreamDown as exc:
+            # A service the supervisor is starting again is back in seconds: 503 with
+            # Retry-After, as a client should wait and ask again. The message names the
+            # service, never its address.
             log.warning("service unreachable", extra={"upstream": service, "error": str(exc)})
-            raise BadGateway(f"the {service} service cannot be reached", code="service_unreachable") from None
+            raise ServiceUnavailable(
+                f"the {service} service is not answering (starting or restarting); try again shortly",
+                retry_after_s=RETRY_AFTER_S,
+                code="service_unavailable",
+            ) from None
+        except UpstreamFailed as exc:
+            log.warning("service failed before answering", extra={"upstream": service, "error": str(exc)})
+            raise ServiceUnavailable(
+                f"the {service} service stopped before answering; ask again",
+                retry_after_s=RETRY_AFTER_S,
+                code=FAILED_EVENT,
+            ) from None
         return Relayed(answer, service)
 
     async def get_json(self, service: str, path: str, headers: dict[str, str]) -> tuple[int, Any]:

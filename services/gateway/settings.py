@@ -22,7 +22,8 @@ class GatewaySettings(ServiceSettings):
     transcription_url: str = "http://127.0.0.1:8003"
     rag_url: str = "http://127.0.0.1:8004"
     connect_timeout_s: float = Field(default=5.0, gt=0, le=60)
-    """A service that does not accept the connection this fast is answered 502."""
+    """A service that does not accept the connection this fast is answered 503
+    (`service_unavailable`, with Retry-After)."""
     dev_token_file: Path | None = None
     """The launcher's stack file: the console's "use the development token" button reads
     its token from here (for a page on this machine only). Unset: no such button works."""

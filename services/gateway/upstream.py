@@ -33,7 +33,11 @@ READ_CHUNK = 65536
 
 
 class UpstreamFailed(Exception):
-    """The service could not be reached, or its connection broke before the answer's head."""
+    """The service's connection broke before the answer's head."""
+
+
+class UpstreamDown(UpstreamFailed):
+    """The service did not take the connection: it is not running (starting, restarting)."""
 
 
 class UpstreamCut(Exception):
@@ -105,7 +109,7 @@ class Upstream:
                 asyncio.open_connection(self.host, self.port, limit=READ_CHUNK * 4), self._connect_timeout_s
             )
         except (OSError, TimeoutError) as exc:
-            raise UpstreamFailed(type(exc).__name__) from None
+            raise UpstreamDown(type(exc).__name__) from None
         return _Connection(reader, writer)
 
     def keep(self, connection: _Connection) -> None:

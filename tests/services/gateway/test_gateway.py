@@ -169,13 +169,14 @@ def test_an_unknown_path_is_404_in_the_envelope(gateway: str) -> None:
     assert answer.json()["error"]["code"] == "not_found"
 
 
-def test_a_service_that_is_down_is_502_without_its_address(upstreams: dict[str, Upstream]) -> None:
+def test_a_service_that_is_down_is_503_with_retry_after_and_without_its_address(upstreams: dict[str, Upstream]) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
     urls = {f"{name}_url": u.server.url for name, u in upstreams.items()} | {"rag_url": closed}
     with UvicornThread(create_app(GatewaySettings.model_validate(urls))) as server:
         answer = httpx.post(f"{server.url}/v1/embeddings", json={"input": "x"})
-        assert answer.status_code == 502
-        assert answer.json()["error"]["code"] == "service_unreachable"
+        assert answer.status_code == 503
+        assert answer.json()["error"]["code"] == "service_unavailable"
+        assert answer.headers["retry-after"] == "1"
         assert "127.0.0.1" not in answer.text and closed.rsplit(":", 1)[1] not in answer.text
         ready = httpx.get(f"{server.url}/ready").json()
         assert ready["status"] == "ready" and ready["services"]["rag"] == "not ready"

@@ -310,3 +310,21 @@ def test_a_plain_answer_cut_short_stays_cut() -> None:
     settings = GatewaySettings.model_validate({"rag_url": f"http://127.0.0.1:{listener.getsockname()[1]}"})
     with UvicornThread(create_app(settings)) as server, pytest.raises(httpx.RemoteProtocolError):
         httpx.get(f"{server.url}/v1/stats", timeout=10)
+
+
+def test_a_service_that_dies_before_its_answer_is_503_service_failed() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while b"\r\n\r\n" not in conn.recv(65536):
+                pass  # the request's head read; then it dies without a word
+
+    threading.Thread(target=serve, daemon=True).start()
+    settings = GatewaySettings.model_validate({"rag_url": f"http://127.0.0.1:{listener.getsockname()[1]}"})
+    with UvicornThread(create_app(settings)) as server:
+        answer = httpx.get(f"{server.url}/v1/stats", timeout=10)
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == "service_failed"
+    assert answer.headers["retry-after"] == "1"
