@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from shared.audit import Audit
 from shared.limits import Limiter
 from shared.settings import LimitSettings
+from shared.store import open_redis
 
 
 @dataclass
@@ -20,11 +21,7 @@ class Guards:
 
     @classmethod
     def build(cls, service: str, settings: LimitSettings) -> Guards:
-        redis = (
-            Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
-            if settings.redis_url
-            else None
-        )
+        redis = open_redis(settings.redis_url, 2) if settings.redis_url else None
         return cls(
             Limiter(settings, redis),
             Audit(service, redis, settings.key_prefix, settings.audit_max_events),

@@ -8,7 +8,6 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import FastAPI
-from redis.asyncio import Redis
 
 from services.coordinator.api import DOMAIN_ERRORS, build_router
 from services.coordinator.card import card_memory_mb
@@ -18,6 +17,7 @@ from shared.errors import map_errors
 from shared.events import EventBus
 from shared.service import Foundation
 from shared.settings import load_settings
+from shared.store import open_redis
 from shared.web import Readiness
 
 
@@ -34,7 +34,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     base = Foundation.build("coordinator", settings)
     guards, auth, metrics = base.guards, base.auth, base.metrics
     timeout = settings.redis_timeout_ms / 1000.0
-    redis = Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    redis = open_redis(settings.redis_url, timeout)
     bus = EventBus()
     manager = LeaseManager(
         redis,

@@ -8,7 +8,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.transcription import audio
@@ -23,6 +22,7 @@ from shared.client import ServiceClient
 from shared.gpu import vram_estimate_mb
 from shared.service import Foundation, model
 from shared.settings import load_settings
+from shared.store import open_redis
 from shared.web import Readiness
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
     )
     weights = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     vram_mb = settings.vram_mb if settings.vram_mb is not None else vram_estimate_mb(weights, settings.workers)
-    redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    redis = open_redis(settings.redis_url, 5)
     gpu = base.gpu(settings)
     rag = ServiceClient(settings.rag_url, base.tokens, retries=0)
     pool = WorkerPool(spec, settings.workers)
