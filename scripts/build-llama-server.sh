@@ -22,7 +22,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 echo "==> downloading the llama-cpp-python $version sdist" >&2
 .venv/bin/python -m pip --disable-pip-version-check download "llama-cpp-python==$version" \
-  --no-binary :all: --no-deps -d "$work" -q >&2
+  --no-binary llama-cpp-python --no-deps -d "$work" -q >&2
 tar xzf "$work/llama_cpp_python-$version.tar.gz" -C "$work"
 src="$work/llama_cpp_python-$version/vendor/llama.cpp"
 echo "==> building llama-server from its vendored llama.cpp" >&2
