@@ -1,34 +1,43 @@
 """Many users at once, one run: the LLM service batching, the same service one request at
-a time, the raw ceiling, and llama.cpp's own server, with the same model, prompts,
-threads and tokens.
+a time, the raw ceiling, llama.cpp's own server, and (optionally) the service as it was
+before batching, with the same model, prompts, threads and tokens.
 
     .venv/bin/python -m benchmarks.concurrency [--streams 1 2 4 8 16] [--max-tokens 64]
-                                               [--slots 8] [--no-peer] [--model smollm2-135m-instruct]
+        [--slots 8] [--repeat 3] [--no-peer] [--before DIR] [--model smollm2-135m-instruct]
 
 For each number of concurrent streamed chats (distinct prompts, greedy, the response
 cache bypassed, at most ``--max-tokens`` each):
 
 - (a) ``service``: POST /v1/chat/completions with GEMMA_PARALLEL=--slots (batching);
-- (b) ``one at a time``: the same service with GEMMA_PARALLEL=1, the path before batching;
+- (b) ``one at a time``: the same service with GEMMA_PARALLEL=1;
 - (c) ``ceiling``: the same model and prompts in one process through llama-cpp-python's
-  low-level API, every sequence in one llama.cpp batch, no service (a process of its own:
-  llama.cpp's thread pool belongs to the thread that calls it);
+  low-level API, every sequence in one llama.cpp batch, no service, warmed up first (a
+  process of its own: llama.cpp's thread pool belongs to the thread that calls it);
 - (d) ``llama-server``: llama.cpp's own server, built from the sources vendored in the
-  pinned sdist (scripts/build-llama-server.sh), ``-np`` slots with continuous batching.
+  pinned sdist (scripts/build-llama-server.sh), ``-np --slots`` with continuous batching
+  and a unified KV cache, as the service has;
+- (e) ``before batching``, with ``--before DIR``: the LLM service of another checkout
+  (``git worktree add DIR 2090c50``, the last commit before the batching engine: one
+  model slot, llama-cpp-python's high-level API and its default thread count).
 
-Each prints aggregate tokens/s (every stream's tokens over the wall time), first token
-p50/p90, inter-token p90 (the gaps between a stream's pieces, pooled) and the 429s; then
-the bars: at 8 streams (a) against (c), (b) and (d), (a)'s first token p90 against (c)'s;
-at 1 stream (a)'s decode and first token against (b)'s; and whether every stream was
-answered. Every prompt is new to the path that reads it (no prefix is reused).
+Every path is started once and stays up; ``--repeat`` rounds go over every level and
+every path in turn, and the medians are printed (each round's figures are in the
+results file). Each prints aggregate tokens/s (every stream's tokens over the wall
+time), first token p50/p90, inter-token p90 (the gaps between a stream's pieces, pooled)
+and the 429s; then the bars: at 8 streams (a) against (c), (b), (d) and (e), (a)'s first
+token p90 against (c)'s; at 1 stream (a)'s decode and first token against (b)'s; and
+whether every stream was answered. Every prompt is new to the path that reads it (no
+prefix is reused).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,6 +76,20 @@ class Stream:
     times: list[float] = field(default_factory=list)
     tokens: int = 0
     status: int = 200
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over the repetitions (the 429s and the served: their worst)."""
+    merged: dict[str, Any] = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        if key in ("refused_429",):
+            merged[key] = max(values)
+        elif key == "served":
+            merged[key] = min(values)
+        else:
+            merged[key] = statistics.median(values)
+    return merged
 
 
 def summarize(streams: list[Stream], wall_s: float) -> dict[str, Any]:
@@ -169,6 +192,15 @@ def ceiling_here(model: str, n: int, max_tokens: int, run: str) -> dict[str, Any
         batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, position, 1
         batch.seq_id[i][0], batch.logits[i] = sequence, logits
 
+    # Warm up as the services are warmed up (their first decode pays for the graph's
+    # allocation and the weights' first touch): a short prompt read once, then dropped.
+    warm = vocabulary.prompt([{"role": "user", "content": "Warm up."}]).tokens
+    for position, token in enumerate(warm):
+        add(position, token, position, 0, position == len(warm) - 1)
+    batch.n_tokens = len(warm)
+    assert llama_cpp.llama_decode(ctx, batch) == 0
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+
     streams = [Stream(sent=time.monotonic()) for _ in range(n)]
     started = time.monotonic()
     count = 0
@@ -258,11 +290,12 @@ def peer_binary() -> str | None:
     return done.stdout.strip().splitlines()[-1]
 
 
-def service(model: str, slots: int, work: Path) -> ServiceProcess:
+def service(model: str, slots: int, work: Path, checkout: Path | None = None) -> ServiceProcess:
+    """The LLM service with ``slots`` sequences in its batch; ``checkout``: the service of
+    another checkout of Baton (the code before batching), on the same model file."""
     env = {
         "GEMMA_MODEL_PATH": model,
         "GEMMA_CONTEXT_SIZE": str(CONTEXT),
-        "GEMMA_PARALLEL": str(slots),
         "GEMMA_MAX_QUEUE": "64",
         "GEMMA_COORDINATE": "false",
         "GEMMA_CACHE_TTL_S": "0",
@@ -270,7 +303,12 @@ def service(model: str, slots: int, work: Path) -> ServiceProcess:
         "RAG_SERVICE_URL": f"http://127.0.0.1:{free_port()}",
         "GPU_COORDINATOR_URL": f"http://127.0.0.1:{free_port()}",
     }
-    return ServiceProcess("llm", env, work).start()
+    if checkout is None:
+        env["GEMMA_PARALLEL"] = str(slots)
+    process = ServiceProcess("llm", env, work)
+    if checkout is not None:
+        process.cwd = checkout
+    return process.start()
 
 
 def bars(results: dict[str, dict[str, dict[str, Any]]], slots: int) -> list[str]:
@@ -287,6 +325,9 @@ def bars(results: dict[str, dict[str, dict[str, Any]]], slots: int) -> list[str]
         lines.append(f"{at} streams: service {a[rate] / b[rate]:.2f}x one at a time (bar 2.5x)")
     if a and d:
         lines.append(f"{at} streams: service {a[rate] / d[rate]:.2f}x llama-server (bar 0.9x)")
+    e = results.get("before batching", {}).get(at)
+    if a and e:
+        lines.append(f"{at} streams: service {a[rate] / e[rate]:.2f}x the service before batching")
     a1, b1 = results["service"].get("1"), results["one at a time"].get("1")
     if a1 and b1:
         decode = a1["decode_tokens_per_s"] / b1["decode_tokens_per_s"]
@@ -308,6 +349,10 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--no-peer", action="store_true", help="leave llama-server out")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds over every path; medians are printed")
+    parser.add_argument(
+        "--before", type=Path, help="a checkout of Baton before batching (git worktree add DIR 2090c50): path (e)"
+    )
     parser.add_argument("--ceiling-of", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--run", default="c", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -318,36 +363,41 @@ def main() -> None:
     path, _ = resolve(args.model, "llm")
     token = dev_token()
     binary = None if args.no_peer else peer_binary()
-    results: dict[str, dict[str, dict[str, Any]]] = {"service": {}, "one at a time": {}, "ceiling": {}}
-    with tempfile.TemporaryDirectory() as tmp:
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as started:
         work = Path(tmp)
-        for name, slots in (("service", args.slots), ("one at a time", 1)):
-            process = service(args.model, slots, work)
-            try:
-                model_id = args.model
-                asyncio.run(openai_streams(process.url, token, model_id, prompts(2, f"warm-{name}"), 8))
-                for n in args.streams:
-                    asked = prompts(n, f"{name}-{n}")
-                    measured = openai_streams(process.url, token, model_id, asked, args.max_tokens)
-                    results[name][str(n)] = asyncio.run(measured)
-            finally:
-                process.stop()
-        for n in args.streams:
-            results["ceiling"][str(n)] = ceiling(args.model, n, args.max_tokens, f"ceiling-{n}")
+        # Every path is up at once, idle but for the one measured, and the repetitions go
+        # round them in turn: a machine whose speed drifts (a shared VM's does, by 20%)
+        # moves every path alike instead of the one that happened to run then.
+        urls: dict[str, tuple[str, str | None]] = {}
+        for name, slots, checkout in (("service", args.slots, None), ("one at a time", 1, None),
+                                      ("before batching", 1, args.before)):  # fmt: skip
+            if name == "before batching" and checkout is None:
+                continue
+            process = service(args.model, slots, work, checkout)
+            started.callback(process.stop)
+            urls[name] = (process.url, token)
         if binary is not None:
-            results["llama-server"] = {}
+            server = LlamaServer(binary, path, args.slots, work)
+            started.callback(server.stop)
+            urls["llama-server"] = (server.url, None)
+        for name, (url, key) in urls.items():
+            asyncio.run(openai_streams(url, key, args.model, prompts(2, f"warm-{name}"), 8))
+        for repeat in range(args.repeat):
             for n in args.streams:
-                server = LlamaServer(binary, path, min(n, args.slots), work)
-                try:
-                    asyncio.run(openai_streams(server.url, None, args.model, prompts(2, "warm-peer"), 8))
-                    results["llama-server"][str(n)] = asyncio.run(
-                        openai_streams(server.url, None, args.model, prompts(n, f"peer-{n}"), args.max_tokens)
-                    )
-                finally:
-                    server.stop()
+                for name, (url, key) in urls.items():
+                    asked = prompts(n, f"{name}-{n}-{repeat}")
+                    measured = asyncio.run(openai_streams(url, key, args.model, asked, args.max_tokens))
+                    runs.setdefault(name, {}).setdefault(str(n), []).append(measured)
+                measured = ceiling(args.model, n, args.max_tokens, f"ceiling-{n}-{repeat}")
+                runs.setdefault("ceiling", {}).setdefault(str(n), []).append(measured)
+            print(f"  round {repeat + 1} of {args.repeat} done", file=sys.stderr, flush=True)
+    for name, by_level in runs.items():
+        results[name] = {level: median_of(measured) for level, measured in by_level.items()}
     rows = [["path", "streams", "served", "429s", "tokens/s", "first p50", "first p90", "inter-token p90"]]
-    for name, levels in results.items():
-        for level, r in levels.items():
+    for name, medians in results.items():
+        for level, r in medians.items():
             rows.append([
                 name, level, str(r["served"]), str(r["refused_429"]), str(r["aggregate_tokens_per_s"]),
                 f"{r['first_token_p50_ms']} ms", f"{r['first_token_p90_ms']} ms", f"{r['inter_token_p90_ms']} ms",
@@ -356,8 +406,9 @@ def main() -> None:
     print()
     for line in bars(results, args.slots):
         print(line)
-    settings = {"max_tokens": args.max_tokens, "slots": args.slots, "threads": THREADS, "model": args.model}
-    print(f"results: {save('concurrency', {'settings': settings, **results})}")
+    settings = {"max_tokens": args.max_tokens, "slots": args.slots, "threads": THREADS, "model": args.model,
+                "repeat": args.repeat}  # fmt: skip
+    print(f"results: {save('concurrency', {'settings': settings, 'medians': results, 'runs': runs})}")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,12 @@
 
     .venv/bin/python -m benchmarks.conversations [--turns 10] [--conversations 2] [--prompts 40]
 
-1. Prefix reuse. Two LLM services on the same model, one keeping saved states of recent
-   conversations (GEMMA_PREFIX_CACHE_MB=256), one not (0). On each, ``--conversations``
-   stored conversations take turns (A1 B1 A2 B2 ...), so that the context never holds
-   the conversation asked next: llama-cpp-python's own reuse of the previous request's
-   prefix cannot help, saved states can. Reported: time to first token (streamed,
-   greedy) of each conversation's last turn, with and without, and the ratio.
+1. KV reuse. Two LLM services on the same model, one keeping finished sequences' KV
+   cells as prefixes (GEMMA_PREFIX_CACHE_ENTRIES=32, the default), one not (0). On each,
+   ``--conversations`` stored conversations take turns (A1 B1 A2 B2 ...), so a turn
+   cannot simply continue the sequence that ran just before it. Reported: time to first
+   token (streamed, greedy) of each conversation's last turn, with and without, and the
+   ratio.
 2. The response cache. Each of ``--prompts`` new prompts is asked once (a miss: the model
    answers) and again (a hit: the cache answers), not streamed. Reported: the request's
    time, p50 and p99, for misses and hits, and the ratio; whether every hit carried the
@@ -66,7 +66,7 @@ def turn_ttfts(llm: ServiceProcess, token: str, turns: int, conversations: int) 
                 seconds, _ = first_token_s(http, body)
                 ttft.setdefault(turn, []).append(seconds)
         info = http.get("/v1/info", headers={"Authorization": f"Bearer {token}"}).json()
-    return {"ttft_s": ttft, "prefix_states": info.get("prefix_states")}
+    return {"ttft_s": ttft, "prefix_cache": info.get("engine", {}).get("prefix_cache")}
 
 
 def cache_figures(llm: ServiceProcess, token: str, prompts: int) -> dict[str, Any]:
@@ -122,8 +122,8 @@ def main() -> None:
             "BATON_REDIS_URL": redis.url,
             "BATON_LIMIT_RPM": "0",
         }
-        for label, budget in (("with_prefix_reuse", "256"), ("without", "0")):
-            env = {**base, "GEMMA_PREFIX_CACHE_MB": budget, "BATON_KEY_PREFIX": f"bench-{label}:"}
+        for label, entries in (("with_prefix_reuse", "32"), ("without", "0")):
+            env = {**base, "GEMMA_PREFIX_CACHE_ENTRIES": entries, "BATON_KEY_PREFIX": f"bench-{label}:"}
             llm = ServiceProcess("llm", env, Path(tmp)).start()
             try:
                 results[label] = turn_ttfts(llm, token, args.turns, args.conversations)
@@ -143,13 +143,13 @@ def report(results: dict[str, Any], turns: int) -> None:
         table(
             [
                 [f"time to first token, turn {turns} (median of the conversations)", "ms"],
-                ["with prefix reuse (saved states)", f"{a:.1f}"],
-                ["without (GEMMA_PREFIX_CACHE_MB=0)", f"{b:.1f}"],
+                ["with KV reuse (the conversation's cells kept)", f"{a:.1f}"],
+                ["without (GEMMA_PREFIX_CACHE_ENTRIES=0)", f"{b:.1f}"],
                 ["with / without", f"{a / b:.2f}x"],
             ]
         )
     )
-    print(f"saved states: {results['with_prefix_reuse']['prefix_states']}")
+    print(f"prefix cache: {results['with_prefix_reuse']['prefix_cache']}")
     cache = results["cache"]
     m, h = cache["miss_ms"], cache["hit_ms"]
     print(

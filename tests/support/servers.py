@@ -143,6 +143,8 @@ class ServiceProcess:
         self.env[HOST_VARIABLES[name]] = "127.0.0.1"
         self.log_path = log_dir / f"{name}-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.cwd = REPO_ROOT
+        """Where ``python -m services.<name>`` runs: another checkout runs its own code."""
 
     @property
     def url(self) -> str:
@@ -154,7 +156,7 @@ class ServiceProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", f"services.{self.name}"],
             env=self.env,
-            cwd=REPO_ROOT,
+            cwd=self.cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
