@@ -5,10 +5,10 @@
 
 
 The backend is llama-cpp-python's own OpenAI server with the bundled SmolLM2 (or, with
-``--url``, a server already running, such as vLLM: README, "Remote backends"); Baton's
+``--url``, a server already running, such as vLLM: docs/api.md, "Remote backends"); Baton's
 LLM service lists it in GEMMA_BACKENDS_FILE. Each prompt goes to both, the order
 alternating from one prompt to the next, every prompt new to both, greedy decoding, RAG
-off (a RAG lookup adds its own time, measured in the README's RAG figures). Time to first
+off (a RAG lookup adds its own time, measured in docs/benchmarks.md). Time to first
 token is from sending the request to the first content piece; decode speed is
 (pieces - 1) / (last piece - first piece). The issue's bars: decode >= 0.97x direct, first
 token at most +5 ms.

@@ -110,7 +110,7 @@ def main() -> None:
     if not args.cpu and (not on_gpu or shutil.which("nvidia-smi") is None):
         sys.exit(
             "benchmarks.gpu needs llama-cpp-python built with CUDA (llama_supports_gpu_offload() is "
-            f"{on_gpu}) and nvidia-smi on the PATH; see the README's GPU section. --cpu checks the script."
+            f"{on_gpu}) and nvidia-smi on the PATH; see docs/benchmarks.md, Measured on a GPU. --cpu checks the script."
         )
     path, _ = resolve(args.model, "llm")
     layers = args.layers

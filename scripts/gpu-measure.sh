@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of the README, on a machine with an NVIDIA GPU and the CUDA compiler.
+# The GPU figures of docs/benchmarks.md, on a machine with an NVIDIA GPU and the CUDA compiler.
 #
 #   scripts/gpu-measure.sh build [ARCH]   llama-cpp-python with CUDA, built from its sdist
 #                                         into docker/wheels/ (ARCH: CUDA architectures,

@@ -10,7 +10,7 @@ functions are missing, ``available()`` is False and callers end the worker inste
 
 The same four calls ran on an H100 (driver 580) from ``benchmarks.gpu_direct`` on a
 process holding a model: checkpointed to 0 MiB of VRAM in under a second, restored in
-about 0.4 s, its generation unchanged (README, GPU section). This module's own path ran
+about 0.4 s, its generation unchanged (docs/benchmarks.md, Measured on a GPU). This module's own path ran
 there too: ``benchmarks.stack`` on a card declared too small for both models suspended
 the transcription worker 28 times (0.7 s each), every transcript equal to its
 unpreempted one. Every failure is reported as CheckpointFailed, and callers fall back

