@@ -198,6 +198,14 @@ def batch_samples(engine: Engine) -> list[Sample]:
         Sample("llm_kv_cells_reserved", "KV cells the running sequences reserve.", "gauge", {}, scheduler.reserved),
         Sample("llm_kv_cells_cached", "KV cells the cached prefixes hold.", "gauge", {}, scheduler.cache.cells),
         Sample("llm_prefill_chunks", "Prefill chunks read so far.", "counter", {}, stats.prefill_chunks),
+        Sample("llm_prefilled_tokens", "Prompt tokens read so far.", "counter", {}, stats.prefilled_tokens),
+        Sample(
+            "llm_kv_reused_tokens",
+            "Prompt tokens taken from cached prefixes instead of read again.",
+            "counter",
+            {},
+            stats.reused_tokens,
+        ),
         Sample("llm_batch_steps", "Decode steps so far.", "counter", {}, stats.steps),
         Sample(
             "llm_grammar_resamples", "Tokens a grammar refused first (the dear path).", "counter", {}, stats.resampled

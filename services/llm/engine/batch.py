@@ -238,6 +238,8 @@ class Stats:
     prefill_chunks: int = 0
     decoded_tokens: int = 0
     prefilled_tokens: int = 0
+    reused_tokens: int = 0
+    """Prompt tokens taken from cached prefixes instead of prefilled."""
     resampled: int = 0
     finished: int = 0
     cancelled: int = 0
@@ -669,6 +671,7 @@ class Scheduler:
             if entry is not None and reuse > 0:
                 model.share(entry.sequence, slot, reuse)
                 self.cache.used(entry, reuse)
+                self.stats.reused_tokens += reuse
             else:
                 reuse = 0
             self._reserved += need

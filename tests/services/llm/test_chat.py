@@ -6,6 +6,7 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,97 @@ async def test_layers_are_offloaded_only_when_memory_must_be_freed(
         assert llm.metric("llm_offload_seconds_count") == (1 if handover == "offload" else 0)
     finally:
         coordinator.stop()
+
+
+async def test_a_forced_hand_over_mid_batch_loses_nothing_and_no_stream_steps_while_another_holds(
+    start_llm: StartLlm, redis_server: RedisServer, log_dir: Path, record_property: Any
+) -> None:
+    """A card declared smaller than both services' needs (COORDINATOR_GPU_MEMORY_MB): an
+    interactive holder asks while four streams run, so the LLM must free the card. Every
+    stream pauses at a token boundary, its cells go to the host and come back, and it ends
+    as it would have; no stream steps while the other holds the card; no prompt is read
+    twice."""
+    env = {
+        "COORDINATOR_REDIS_URL": redis_server.url,
+        "COORDINATOR_KEY_PREFIX": "forced:",
+        "COORDINATOR_GPU_MEMORY_MB": "100",
+    }
+    coordinator = ServiceProcess("coordinator", env, log_dir).start()
+    try:
+        llm = start_llm(coordinator=coordinator, keep_alive_s=60, force_reload="true")
+        model = llm.model
+        read_before = llm.metric("llm_prefilled_tokens")
+        reused_before = llm.metric("llm_kv_reused_tokens")
+        topics = ("a lighthouse", "a desert", "a glacier", "a harbour")
+        pieces: list[list[tuple[float, str]]] = [[] for _ in topics]
+        endings: list[dict[str, Any]] = [{} for _ in topics]
+        moments: dict[str, float] = {}
+        steps: list[float] = []
+
+        async def stream(http: httpx.AsyncClient, i: int) -> None:
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": f"Write a long story about {topics[i]}."}],
+                "max_tokens": 64,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200
+                lines = [line async for line in _timed(response.aiter_lines(), pieces[i])]
+            events = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: {")]
+            assert not any("error" in e for e in events), events
+            assert [line for line in lines if line][-1] == "data: [DONE]"
+            endings[i] = {
+                "finish_reason": next(e["choices"][0]["finish_reason"] for e in events if e.get("choices")
+                                      and e["choices"][0].get("finish_reason")),
+                "usage": next(e["usage"] for e in events if e.get("usage")),
+            }  # fmt: skip
+
+        async def preempt() -> None:
+            while min(len(p) for p in pieces) < 5:
+                await asyncio.sleep(0.01)
+            holder = llm.holder("transcription")
+            moments["asked"] = time.monotonic()
+            lease = await holder.acquire("transcription", "interactive", wait_s=60, vram_mb=500)
+            moments["granted"] = time.monotonic()
+            for _ in range(10):  # the card is the transcription's: the batch must not step
+                steps.append(await asyncio.to_thread(llm.metric, "llm_batch_steps"))
+            await lease.release()
+            await holder.aclose()
+
+        headers = {"Authorization": f"Bearer {llm.token}", "Cache-Control": "no-cache"}
+        async with httpx.AsyncClient(base_url=llm.url, headers=headers, timeout=120) as http:
+            await asyncio.gather(*(stream(http, i) for i in range(len(topics))), preempt())
+
+        assert len(set(steps)) == 1, steps
+        assert all(e["finish_reason"] in ("stop", "length") for e in endings)
+        prompts = sum(e["usage"]["prompt_tokens"] for e in endings)
+        reused = llm.metric("llm_kv_reused_tokens") - reused_before
+        assert llm.metric("llm_prefilled_tokens") - read_before == prompts - reused  # nobody read again
+        history = llm.history(10)
+        freed = next(h for h in history if h["holder"] == "llm" and h.get("handover") == "offload")
+        assert freed["end"] == "released"
+        assert llm.metric("llm_offload_seconds_count") == 1
+        after_ask = [sum(1 for at, _ in p if moments["asked"] < at < moments["granted"]) for p in pieces]
+        record_property("measured: pieces each stream got between the ask and the grant", after_ask)
+        record_property(
+            "measured: ask to grant (pause, offload, release)",
+            f"{(moments['granted'] - moments['asked']) * 1000:.0f} ms",
+        )
+    finally:
+        coordinator.stop()
+
+
+async def _timed(lines: AsyncIterator[str], into: list[tuple[float, str]]) -> AsyncIterator[str]:
+    """The lines as they come; each content piece noted with the time it arrived."""
+    async for line in lines:
+        if line.startswith("data: {") and '"content"' in line:
+            content = (json.loads(line.removeprefix("data: "))["choices"] or [{}])[0].get("delta", {}).get("content")
+            if content:
+                into.append((time.monotonic(), content))
+        yield line
 
 
 def test_a_client_that_disconnects_stops_generation_and_frees_the_gpu(start_llm: StartLlm) -> None:
