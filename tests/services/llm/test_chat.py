@@ -267,8 +267,8 @@ async def test_a_forced_hand_over_mid_batch_loses_nothing_and_no_stream_steps_wh
     try:
         llm = start_llm(coordinator=coordinator, keep_alive_s=60, force_reload="true")
         model = llm.model
-        read_before = llm.metric("llm_prefilled_tokens")
-        reused_before = llm.metric("llm_kv_reused_tokens")
+        read_before = llm.metric("llm_prefilled_tokens_total")
+        reused_before = llm.metric("llm_kv_reused_tokens_total")
         topics = ("a lighthouse", "a desert", "a glacier", "a harbour")
         pieces: list[list[tuple[float, str]]] = [[] for _ in topics]
         endings: list[dict[str, Any]] = [{} for _ in topics]
@@ -304,7 +304,7 @@ async def test_a_forced_hand_over_mid_batch_loses_nothing_and_no_stream_steps_wh
             lease = await holder.acquire("transcription", "interactive", wait_s=60, vram_mb=500)
             moments["granted"] = time.monotonic()
             for _ in range(10):  # the card is the transcription's: the batch must not step
-                steps.append(await asyncio.to_thread(llm.metric, "llm_batch_steps"))
+                steps.append(await asyncio.to_thread(llm.metric, "llm_batch_steps_total"))
             await lease.release()
             await holder.aclose()
 
@@ -312,17 +312,21 @@ async def test_a_forced_hand_over_mid_batch_loses_nothing_and_no_stream_steps_wh
         async with httpx.AsyncClient(base_url=llm.url, headers=headers, timeout=120) as http:
             await asyncio.gather(*(stream(http, i) for i in range(len(topics))), preempt())
 
-        assert len(set(steps)) == 1, steps
+        assert steps[0] > 0 and len(set(steps)) == 1, steps
         assert all(e["finish_reason"] in ("stop", "length") for e in endings)
         prompts = sum(e["usage"]["prompt_tokens"] for e in endings)
-        reused = llm.metric("llm_kv_reused_tokens") - reused_before
-        assert llm.metric("llm_prefilled_tokens") - read_before == prompts - reused  # nobody read again
+        reused = llm.metric("llm_kv_reused_tokens_total") - reused_before
+        assert llm.metric("llm_prefilled_tokens_total") - read_before == prompts - reused  # nobody read again
         history = llm.history(10)
         freed = next(h for h in history if h["holder"] == "llm" and h.get("handover") == "offload")
         assert freed["end"] == "released"
         assert llm.metric("llm_offload_seconds_count") == 1
         after_ask = [sum(1 for at, _ in p if moments["asked"] < at < moments["granted"]) for p in pieces]
         record_property("measured: pieces each stream got between the ask and the grant", after_ask)
+        pauses = llm.metric("llm_batch_pause_seconds_count")
+        assert pauses >= 1
+        paused_ms = llm.metric("llm_batch_pause_seconds_sum") / pauses * 1000
+        record_property("measured: from the yield request to every stream paused", f"{paused_ms:.1f} ms")
         record_property(
             "measured: ask to grant (pause, offload, release)",
             f"{(moments['granted'] - moments['asked']) * 1000:.0f} ms",
