@@ -162,6 +162,8 @@ def yields(history: list[dict[str, Any]], samples: list[dict[str, float]]) -> li
     latencies = []
     for sample in samples:
         chat = min((h for h in ordered if h["holder"] == "llm"), key=lambda h: abs(h["requested_at"] - sample["sent"]))
+        if not sample["sent"] - 0.05 <= chat["requested_at"] <= sample["sent"] + sample["ttft"]:
+            continue  # no ask of its own: it ran under a lease the LLM already held (the keep-alive)
         before = [h for h in ordered if h["fence"] < chat["fence"]]
         if not before or before[-1]["holder"] != "transcription" or before[-1]["ended_at"] < chat["requested_at"]:
             continue  # the card was free when it asked
