@@ -29,7 +29,7 @@ import httpx
 import redis
 
 from benchmarks.support import coordinated, dev_token, ratio, save, service_token, summary_ms, table
-from shared.gpu import GpuClient
+from shared.gpu import GpuClient, LeaseRequest
 
 LOCK_NAME = "bench:lock"
 
@@ -159,7 +159,7 @@ def yield_holder_role(conn: Any, url: str, token: str) -> None:
         gpu = GpuClient(url, lambda: holder)
         await gpu.wait_subscribed()
         while conn.recv()[0] == "hold":
-            lease = await gpu.acquire("transcription", "batch", wait_s=30)
+            lease = await gpu.acquire(LeaseRequest("transcription", "batch", wait_s=30))
             conn.send("holding")
             seen = await asyncio.to_thread(_seen_yield, lease)
             await lease.release()

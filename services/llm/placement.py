@@ -33,7 +33,7 @@ from services.llm.engine import Engine, can_offload
 from services.llm.settings import LLMSettings
 from shared.aio import unless
 from shared.errors import ServiceUnavailable
-from shared.gpu import Gpu, GpuUnavailable, Handover, HeldLease, LeaseEvent
+from shared.gpu import Gpu, GpuUnavailable, Handover, HeldLease, LeaseEvent, LeaseRequest
 from shared.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -179,19 +179,23 @@ class GpuPolicy:
         if self._acquiring is None or self._acquiring.done():
             self._acquiring = asyncio.create_task(self._acquire(), name="llm-gpu-ask")
 
+    def _lease_request(self) -> LeaseRequest:
+        """Every ask of the LLM's: interactive, each try bounded by GEMMA_GPU_WAIT_MS."""
+        return LeaseRequest(
+            HOLDER,
+            "interactive",
+            wait_s=self._settings.gpu_wait_ms / 1000,
+            ttl_ms=self._settings.lease_ttl_ms,
+            vram_mb=self.vram_mb,
+        )
+
     async def _acquire(self) -> HeldLease | None:
         """Wait for the lease as long as it takes (each try bounded by GEMMA_GPU_WAIT_MS);
         adopt it: layers on, the engine moved between two steps."""
         while True:
             started = time.monotonic()
             try:
-                lease = await self._gpu.acquire(
-                    HOLDER,
-                    "interactive",
-                    wait_s=self._settings.gpu_wait_ms / 1000,
-                    ttl_ms=self._settings.lease_ttl_ms,
-                    vram_mb=self.vram_mb,
-                )
+                lease = await self._gpu.acquire(self._lease_request())
             except GpuUnavailable as exc:
                 log.info("GPU not granted yet; asking again", extra={"reason": exc.reason})
                 await asyncio.sleep(min(1.0, exc.retry_after_s))
@@ -349,13 +353,7 @@ class GpuPolicy:
     async def _take_back(self) -> None:
         """After a hand-over: the card again for the streams that wait, or the CPU."""
         try:
-            lease = await self._gpu.acquire(
-                HOLDER,
-                "interactive",
-                wait_s=self._settings.gpu_wait_ms / 1000,
-                ttl_ms=self._settings.lease_ttl_ms,
-                vram_mb=self.vram_mb,
-            )
+            lease = await self._gpu.acquire(self._lease_request())
         except GpuUnavailable:
             if self.moves_layers and self.engine.gpu_layers != 0:
                 await asyncio.to_thread(self.engine.load, 0)  # nothing on the card without a lease

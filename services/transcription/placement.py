@@ -32,7 +32,7 @@ from typing import Any
 from services.transcription.pool import WorkerPool
 from services.transcription.worker import Work, Worker, WorkerDied, WorkerFailed, process_state
 from shared import cuda_checkpoint
-from shared.gpu import Gpu, GpuUnavailable, Handover, HeldLease, LeaseEvent, Priority
+from shared.gpu import Gpu, GpuUnavailable, Handover, HeldLease, LeaseEvent, LeaseRequest, Priority
 from shared.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -103,13 +103,14 @@ class Placement:
         """The lease; ``wait_s`` None waits as long as it takes (jobs)."""
         while True:
             try:
-                return await self._gpu.acquire(
+                request = LeaseRequest(
                     HOLDER,
                     priority,
                     wait_s=300 if wait_s is None else wait_s,
                     ttl_ms=self._ttl_ms,
                     vram_mb=self.vram_mb,
                 )
+                return await self._gpu.acquire(request)
             except GpuUnavailable as exc:
                 if wait_s is not None:
                     raise

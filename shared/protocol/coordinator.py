@@ -1,6 +1,6 @@
 """The coordinator's API: what a lease request, a grant, a renewal, the card's state and
 its history look like on the wire. The coordinator answers with these models and
-shared/gpu.py reads its answers with them."""
+shared/gpu/ reads its answers with them."""
 
 from __future__ import annotations
 

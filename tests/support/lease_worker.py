@@ -22,7 +22,7 @@ import time
 import redis
 
 from shared.auth import SCOPES, TokenIssuer
-from shared.gpu import GpuClient, LeaseLost, Priority
+from shared.gpu import GpuClient, LeaseLost, LeaseRequest, Priority
 from shared.settings import AuthSettings, load_settings
 
 # Accept a write only if its fence is at least the highest seen: what a fenced
@@ -56,7 +56,7 @@ async def cycles(args: argparse.Namespace) -> None:
     with open(args.out, "w") as out:
         for _ in range(args.cycles):
             priority: Priority = "interactive" if rng.random() < 0.5 else "batch"
-            async with gpu.lease(args.holder, priority, wait_s=120) as lease:
+            async with gpu.lease(LeaseRequest(args.holder, priority, wait_s=120)) as lease:
                 start = time.monotonic()
                 lease.check()
                 time.sleep(rng.random() * 0.001)  # the "GPU work": blocks, like a kernel would
@@ -69,7 +69,7 @@ async def hold(args: argparse.Namespace) -> None:
     gpu = client(args.url, args.ttl_ms, args.holder)
     store = redis.Redis.from_url(args.redis) if args.redis else None
     write = store.register_script(FENCED_WRITE) if store else None
-    lease = await gpu.acquire(args.holder, args.priority, wait_s=60)
+    lease = await gpu.acquire(LeaseRequest(args.holder, args.priority, wait_s=60))
     say(event="acquired", fence=lease.fence, ttl_ms=lease.ttl_ms)
     writes = 0
     try:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from shared.gpu import GpuClient
+from shared.gpu import GpuClient, LeaseRequest
 from tests.services.coordinator.conftest import Api, StartCoordinator
 from tests.support.servers import REPO_ROOT, RedisServer, ServiceProcess, free_port
 
@@ -103,7 +103,9 @@ async def test_kill_9_holder_next_waiter_within_ttl_plus_1s(
     holder = worker("hold", "--url", coordinator.url, "--holder", "victim", "--ttl-ms", "2000")
     with reaped(holder):
         acquired = read_event(holder)
-        waiter = asyncio.create_task(gpu_factory(coordinator, "next").acquire("next", "interactive", wait_s=30))
+        waiter = asyncio.create_task(
+            gpu_factory(coordinator, "next").acquire(LeaseRequest("next", "interactive", wait_s=30))
+        )
         await api.wait_queue(1)
         killed_at = time.monotonic()
         holder.kill()
@@ -149,7 +151,7 @@ async def test_sigstop_holder_loses_its_lease_and_cannot_write(
                 await asyncio.sleep(0.01)
         stopped_at = time.monotonic()
         holder.send_signal(signal.SIGSTOP)
-        lease = await gpu_factory(coordinator, "next").acquire("next", "interactive", wait_s=30)
+        lease = await gpu_factory(coordinator, "next").acquire(LeaseRequest("next", "interactive", wait_s=30))
         granted_after = time.monotonic() - stopped_at
         assert fenced_write(keys=[register, register + ":log"], args=[lease.fence, "next"]) == "accepted"
         await asyncio.sleep(max(0.0, 2 * ttl_s - (time.monotonic() - stopped_at)))  # the pause lasts 2 x TTL
@@ -207,11 +209,11 @@ async def test_coordinator_restart_keeps_the_lease_and_the_queue(
     port = free_port()
     first = start_coordinator(port=port, waiter_heartbeat_ms=3000)
     holder = gpu_factory(first, "holder")
-    lease = await holder.acquire("holder", "batch", wait_s=5, ttl_ms=4000)
+    lease = await holder.acquire(LeaseRequest("holder", "batch", wait_s=5, ttl_ms=4000))
     api = api_factory(first)
-    w1 = asyncio.create_task(gpu_factory(first, "w1").acquire("w1", "batch", wait_s=60))
+    w1 = asyncio.create_task(gpu_factory(first, "w1").acquire(LeaseRequest("w1", "batch", wait_s=60)))
     await api.wait_queue(1)
-    w2 = asyncio.create_task(gpu_factory(first, "w2").acquire("w2", "batch", wait_s=60))
+    w2 = asyncio.create_task(gpu_factory(first, "w2").acquire(LeaseRequest("w2", "batch", wait_s=60)))
     await api.wait_queue(2)
 
     first.kill()  # kill -9: no goodbye

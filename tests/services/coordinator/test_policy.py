@@ -9,7 +9,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from shared.gpu import GpuClient, LeaseLost
+from shared.gpu import GpuClient, LeaseLost, LeaseRequest
 from tests.services.coordinator.conftest import Api, Events, StartCoordinator
 from tests.support.servers import ServiceProcess
 
@@ -201,9 +201,9 @@ async def test_the_client_sees_the_yield_and_hands_over(
 ) -> None:
     coordinator = start_coordinator()
     holder, asker = gpu_factory(coordinator, "transcription"), gpu_factory(coordinator, "llm")
-    lease = await holder.acquire("transcription", "batch", wait_s=5)
+    lease = await holder.acquire(LeaseRequest("transcription", "batch", wait_s=5))
     assert not lease.yield_requested
-    asking = asyncio.create_task(asker.acquire("llm", "interactive", wait_s=10))
+    asking = asyncio.create_task(asker.acquire(LeaseRequest("llm", "interactive", wait_s=10)))
     async with asyncio.timeout(5):
         await lease.wait_yield()
     assert lease.yield_requested

@@ -23,6 +23,7 @@ from fastapi.responses import StreamingResponse
 
 from services.llm.backends import BackendsFileError, load
 from services.llm.remote import Breaker
+from shared.gpu import LeaseRequest
 from shared.presets import PRESETS
 from tests.conftest import Mint
 from tests.services.llm.conftest import Llm, StartLlm, closed_url
@@ -389,7 +390,7 @@ async def test_a_gpu_held_past_the_rules_wait_sends_a_local_chat_to_the_backend(
     baton = start_llm(backends_file=str(path), keep_alive_s=0)
     body = {"model": baton.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
     holder = baton.holder("transcription")
-    lease = await holder.acquire("transcription", "interactive", wait_s=30)  # and never yields
+    lease = await holder.acquire(LeaseRequest("transcription", "interactive", wait_s=30))  # and never yields
     try:
         async with httpx.AsyncClient(
             base_url=baton.url, headers={"Authorization": f"Bearer {baton.token}"}, timeout=60

@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from services.llm.schemas import ChatCompletionChunk
+from shared.gpu import LeaseRequest
 from shared.sse_reader import read_events
 from tests.services.llm.conftest import Llm, StartLlm, closed_url
 from tests.support.servers import RedisServer, ServiceProcess, wait_until
@@ -191,7 +192,9 @@ def test_cold_request_is_one_grant_and_reloads_layers(start_llm: StartLlm) -> No
 
 async def test_a_batch_holder_is_asked_to_yield_and_the_request_waits_for_it(llm: Llm) -> None:
     holder = llm.holder("transcription")
-    lease = await holder.acquire("transcription", "batch", wait_s=30)  # the LLM's keep-alive hands it over
+    lease = await holder.acquire(
+        LeaseRequest("transcription", "batch", wait_s=30)
+    )  # the LLM's keep-alive hands it over
     try:
         async with httpx.AsyncClient(
             base_url=llm.url, headers={"Authorization": f"Bearer {llm.token}"}, timeout=60
@@ -239,7 +242,7 @@ async def test_layers_are_offloaded_only_when_memory_must_be_freed(
         assert llm.chat("Hi", max_tokens=3).status_code == 200
         assert llm.gpu()["holder"] == "llm"  # kept alive
         holder = llm.holder("transcription")
-        lease = await holder.acquire("transcription", "batch", wait_s=30, vram_mb=500)
+        lease = await holder.acquire(LeaseRequest("transcription", "batch", wait_s=30, vram_mb=500))
         await lease.release()
         await holder.aclose()
         released = next(h for h in llm.history(5) if h["holder"] == "llm")
@@ -301,7 +304,7 @@ async def test_a_forced_hand_over_mid_batch_loses_nothing_and_no_stream_steps_wh
                 await asyncio.sleep(0.01)
             holder = llm.holder("transcription")
             moments["asked"] = time.monotonic()
-            lease = await holder.acquire("transcription", "interactive", wait_s=60, vram_mb=500)
+            lease = await holder.acquire(LeaseRequest("transcription", "interactive", wait_s=60, vram_mb=500))
             moments["granted"] = time.monotonic()
             for _ in range(10):  # the card is the transcription's: the batch must not step
                 steps.append(await asyncio.to_thread(llm.metric, "llm_batch_steps_total"))
@@ -372,7 +375,7 @@ def test_asked_for_the_card_mid_stream_the_stream_pauses_and_goes_on(llm: Llm) -
 
     async def preempt() -> None:
         other = llm.holder("transcription")
-        lease = await other.acquire("transcription", "interactive", wait_s=30)
+        lease = await other.acquire(LeaseRequest("transcription", "interactive", wait_s=30))
         await lease.release()
         await other.aclose()
 
@@ -409,7 +412,7 @@ def test_gpu_busy_falls_back_to_cpu_or_fails(start_llm: StartLlm, llm: Llm) -> N
 
     async def hold_and_ask() -> tuple[httpx.Response, httpx.Response]:
         holder = llm.holder("transcription")
-        lease = await holder.acquire("transcription", "batch", wait_s=30, ttl_ms=20000)
+        lease = await holder.acquire(LeaseRequest("transcription", "batch", wait_s=30, ttl_ms=20000))
         try:
             return await asyncio.to_thread(patient.chat, "Hi", max_tokens=3), await asyncio.to_thread(
                 strict.chat, "Hi", max_tokens=3

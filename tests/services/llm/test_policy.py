@@ -13,7 +13,7 @@ import pytest
 from services.llm.engine import Engine
 from services.llm.placement import GpuPolicy, PlacementMetrics
 from services.llm.settings import LLMSettings
-from shared.gpu import GpuUnavailable, Handover, Listener
+from shared.gpu import GpuUnavailable, Handover, LeaseRequest, Listener
 from shared.metrics import Metrics
 
 LAYERS = 12
@@ -88,9 +88,6 @@ class ScriptedLease:
     async def wait_yield(self) -> None:
         await self._yield.wait()
 
-    async def wait_lost(self) -> None:
-        await asyncio.Event().wait()
-
     async def release(self, handover: Handover | None = None, handover_ms: float = 0.0) -> None:
         self.handover = handover
         self.released.set()
@@ -104,12 +101,12 @@ class ScriptedGpu:
         self.refusals = 0
         self.asked = 0
 
-    async def acquire(self, holder: str, priority: str = "interactive", *args: Any, **kwargs: Any) -> ScriptedLease:
-        assert (holder, priority) == ("llm", "interactive")
+    async def acquire(self, request: LeaseRequest) -> ScriptedLease:
+        assert (request.holder, request.priority) == ("llm", "interactive")
         self.asked += 1
         if self.refusals:
             self.refusals -= 1
-            await asyncio.sleep(kwargs.get("wait_s", 0))
+            await asyncio.sleep(request.wait_s)
             raise GpuUnavailable("busy", retry_after_s=0.01, reason="wait_over")
         self.leases.append(ScriptedLease(len(self.leases) + 1))
         return self.leases[-1]

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from services.transcription.worker import process_state
+from shared.gpu import LeaseRequest
 from tests.conftest import Mint
 from tests.services.transcription.conftest import MEETING, StartTx, Tx
 from tests.services.transcription.test_transcription import wait_for_job
@@ -96,7 +97,7 @@ def reference(start_tx: StartTx) -> Iterator[dict[str, Any]]:
 async def take_gpu(tx: Tx, vram_mb: int = 0) -> Any:
     """An interactive lease, as a chat would take it."""
     asker = tx.holder("llm")
-    lease = await asker.acquire("llm", "interactive", wait_s=60, vram_mb=vram_mb)
+    lease = await asker.acquire(LeaseRequest("llm", "interactive", wait_s=60, vram_mb=vram_mb))
     return asker, lease
 
 

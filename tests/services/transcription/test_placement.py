@@ -17,7 +17,7 @@ from services.transcription import audio
 from services.transcription.placement import Placement, PlacementMetrics
 from services.transcription.pool import WorkerPool
 from services.transcription.worker import Work, WorkerSpec, process_state
-from shared.gpu import LeaseEvent, Listener
+from shared.gpu import LeaseEvent, LeaseRequest, Listener
 from shared.metrics import Metrics
 from shared.presets import resolve
 from tests.services.transcription.conftest import MEETING
@@ -73,9 +73,6 @@ class Lease:
     async def wait_yield(self) -> None:
         await self._asked.wait()
 
-    async def wait_lost(self) -> None:
-        await asyncio.Event().wait()
-
     async def release(self, handover: str | None = None, handover_ms: float = 0.0) -> None:
         self.released = handover or "release"
 
@@ -87,7 +84,7 @@ class Gpu:
     def __init__(self) -> None:
         self.leases: list[Lease] = []
 
-    async def acquire(self, holder: str, priority: str = "batch", **_: Any) -> Lease:
+    async def acquire(self, request: LeaseRequest) -> Lease:
         lease = Lease(len(self.leases) + 1, asked=not self.leases)
         self.leases.append(lease)
         return lease

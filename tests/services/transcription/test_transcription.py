@@ -18,6 +18,7 @@ import pytest
 from pydantic import TypeAdapter
 
 from services.transcription.schemas import TranscriptDelta, TranscriptDone
+from shared.gpu import LeaseRequest
 from shared.sse_reader import read_json
 from tests.services.transcription.conftest import MEETING, REFERENCES, SPEECH, StartTx, Tx, edits, silence
 from tests.support.servers import RedisServer, ServiceProcess, free_port, wait_until
@@ -130,7 +131,7 @@ def test_a_preempted_job_gives_exactly_the_unpreempted_transcript(tx: Tx) -> Non
                             break
                         assert job["state"] != "done", "the job ended before it could be preempted"
                         await asyncio.sleep(0.02)
-                lease = await asker.acquire("llm", "interactive", wait_s=30)  # the job yields
+                lease = await asker.acquire(LeaseRequest("llm", "interactive", wait_s=30))  # the job yields
                 fences.append(lease.fence)
                 paused = (await http.get(f"/v1/jobs/{job_id}")).json()
                 assert paused["state"] == "paused"
@@ -195,7 +196,7 @@ def test_rag_down_then_back_indexes_the_transcript(start_tx: StartTx, log_dir: P
 
 async def test_cancel_a_job(tx: Tx) -> None:
     holder = tx.holder("llm")
-    lease = await holder.acquire("llm", "interactive", wait_s=30, ttl_ms=30000)  # the job cannot start
+    lease = await holder.acquire(LeaseRequest("llm", "interactive", wait_s=30, ttl_ms=30000))  # the job cannot start
     try:
         async with httpx.AsyncClient(base_url=tx.url, headers={"Authorization": f"Bearer {tx.token}"}) as http:
             with MEETING.open("rb") as handle:
