@@ -28,8 +28,8 @@ import httpx
 
 from benchmarks.llm import CONTEXT, two_paths, two_paths_report
 from benchmarks.support import coordinated, dev_token, save
+from harness.servers import ServiceProcess, free_port, wait_until
 from shared.presets import resolve
-from tests.support.servers import ServiceProcess, free_port, wait_until
 
 REMOTE = "remote-smol"
 

@@ -49,9 +49,9 @@ from typing import Any
 import httpx
 
 from benchmarks.support import dev_token, percentile, save, table
+from harness.servers import ServiceProcess, free_port, wait_until
 from shared.presets import resolve
 from shared.sse_reader import read_json
-from tests.support.servers import ServiceProcess, free_port, wait_until
 
 TOPICS = [
     "the ocean", "a lighthouse keeper", "winter in Oslo", "a broken clock", "the first snow", "a city at night",

@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 
 from benchmarks.support import coordinated, dev_token, percentile, save, table
+from harness.servers import ServiceProcess, free_port
 from shared.sse_reader import read_json
-from tests.support.servers import ServiceProcess, free_port
 
 WEEKS = ["rain", "sun", "wind", "fog", "snow", "heat", "storms", "frost", "clouds", "hail", "mist", "drizzle"]
 

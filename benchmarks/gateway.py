@@ -31,7 +31,7 @@ from fastapi.responses import StreamingResponse
 
 from benchmarks.llm import two_paths, two_paths_report
 from benchmarks.support import coordinated, dev_token, save
-from tests.support.servers import ServiceProcess, UvicornThread, free_port
+from harness.servers import ServiceProcess, UvicornThread, free_port
 
 
 def main() -> None:

@@ -31,8 +31,8 @@ import httpx
 import llama_cpp
 
 from benchmarks.support import coordinated, dev_token, metric, save, service_token, table
+from harness.servers import ServiceProcess, free_port
 from shared.presets import resolve
-from tests.support.servers import ServiceProcess, free_port
 
 CONTEXT = 4096
 

@@ -31,9 +31,9 @@ import httpx
 import llama_cpp
 
 from benchmarks.support import coordinated, dev_token, metric, save, table
+from harness.servers import ServiceProcess, free_port, wait_until
 from shared.presets import resolve
 from shared.sse_reader import read_json
-from tests.support.servers import ServiceProcess, free_port, wait_until
 
 TOPICS = [
     "the ocean",

@@ -32,9 +32,9 @@ import numpy as np
 from chromadb.api.shared_system_client import SharedSystemClient
 
 from benchmarks.support import RESULTS, dev_token, ratio, save, summary_ms, table
+from harness.servers import ServiceProcess
 from services.rag.store import MiniLM
 from shared.presets import PRESETS
-from tests.support.servers import ServiceProcess
 
 COLLECTION = "memories"
 SUBJECTS = [

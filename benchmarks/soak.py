@@ -36,8 +36,8 @@ from typing import Any
 import httpx
 
 from benchmarks.support import MEETING, percentile, save, table
+from harness.launched import LaunchedStack
 from shared.sse_reader import read_json
-from tests.support.launched import LaunchedStack
 
 MODEL = "smollm2-135m-instruct"
 VICTIMS = ("llm", "transcription", "rag", "coordinator", "gateway", "redis")

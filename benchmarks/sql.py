@@ -6,7 +6,7 @@ The service's own prompt and grammar (services/llm/sql), greedy decoding, over t
 example databases (baton/demo/databases.py) and the 44 questions of
 tests/services/llm/data/sql_questions.json. Validity: the statement passes the checks
 (one SELECT over real tables and columns). Execution accuracy: its rows are the
-reference query's (tests/support/sql.py). The model that scores better is the one to
+reference query's (harness/sql.py). The model that scores better is the one to
 run; the service's tests use the default, SmolLM2.
 """
 
@@ -21,13 +21,13 @@ from typing import Any
 
 from baton.demo.databases import build
 from benchmarks.support import save, table
+from harness.sql import LABELLED, same_result
 from services.llm.engine import Engine, Finished, Params, Prompt
 from services.llm.sql.check import Refused, check
 from services.llm.sql.databases import QueryFailed, SqliteDatabase
 from services.llm.sql.grammar import select_grammar
 from services.llm.sql.service import prompt
 from shared.presets import resolve
-from tests.support.sql import LABELLED, same_result
 
 
 async def answer(engine: Engine, asked: Prompt, params: Params) -> str:

@@ -42,8 +42,8 @@ from typing import Any
 import httpx
 
 from benchmarks.support import coordinated, dev_token, long_meeting, percentile, save, table
+from harness.servers import ServiceProcess, free_port, running
 from shared.sse_reader import read_json
-from tests.support.servers import ServiceProcess, free_port, running
 
 TOPICS = ["the sea", "a clock", "winter", "a train", "a garden", "the moon", "a river", "a market", "rain", "a bridge"]
 MAX_BATCH_WAIT_MS = 5000

@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.support.servers import RedisServer, ServiceProcess
-from tests.support.speech import long_meeting as long_meeting  # the benchmarks use the tests' recordings
+from harness.servers import RedisServer, ServiceProcess
+from harness.speech import long_meeting as long_meeting  # the benchmarks use the tests' recordings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MEETING = Path(__file__).resolve().parents[1] / "baton" / "demo" / "speech" / "meeting.ogg"

@@ -27,10 +27,10 @@ import httpx
 from faster_whisper import WhisperModel
 
 from benchmarks.support import MEETING, coordinated, dev_token, long_meeting, percentile, save, service_token, table
+from harness.servers import ServiceProcess, free_port, running
 from services.transcription import audio
 from shared.presets import PRESETS
 from shared.sse_reader import read_json
-from tests.support.servers import ServiceProcess, free_port, running
 
 
 def in_process(model: WhisperModel, path: Path, job_like: bool) -> float:

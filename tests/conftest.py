@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from harness.launched import LaunchedStack
+from harness.servers import RedisServer
 from shared.auth import SCOPES, TokenIssuer
 from shared.settings import AuthSettings
-from tests.support.launched import LaunchedStack
-from tests.support.servers import RedisServer
 
 Mint = Callable[..., str]
 

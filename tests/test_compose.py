@@ -16,13 +16,13 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
+from harness.servers import free_port
 from services.coordinator.settings import CoordinatorSettings
 from services.gateway.settings import GatewaySettings
 from services.llm.settings import LLMSettings
 from services.rag.settings import RAGSettings
 from services.transcription.settings import TranscriptionSettings
 from shared.settings import AuthSettings, BatonSettings, LimitSettings
-from tests.support.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS: dict[str, type[BatonSettings]] = {

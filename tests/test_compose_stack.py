@@ -3,7 +3,7 @@ the whole stack started in containers on the CPU, driven over its published port
 user would, Redis restarted under a lease, and everything taken down, volumes included.
 
 The runtime is Debian's podman behind its Docker API, driven by Debian's docker-compose
-(tests/support/containers.py). Base images cannot be pulled here, so every image is
+(harness/containers.py). Base images cannot be pulled here, so every image is
 built on a local Debian base (build argument), Chroma from the pinned chromadb and
 Redis from Debian's redis-server (docker/local/). The compose file the test runs is
 derived from compose.yaml: the CPU variant of compose.cpu.yaml applied (docker-compose v1
@@ -28,11 +28,11 @@ import httpx
 import pytest
 import yaml
 
+from harness.apt import Unavailable
+from harness.containers import Podman, ensure_installed
+from harness.servers import REPO_ROOT, free_port, wait_until
+from harness.speech import long_meeting
 from tests.conftest import Mint
-from tests.support.apt import Unavailable
-from tests.support.containers import Podman, ensure_installed
-from tests.support.servers import REPO_ROOT, free_port, wait_until
-from tests.support.speech import long_meeting
 from tests.test_compose import SERVICES, SETTINGS, load
 
 # The first test builds the images: about 4 minutes without a cache, under 1 with one.

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
 
-from tests.support import speech
-from tests.support.apt import Unavailable
-from tests.support.browser import OUTPUT, chromium
-from tests.support.launched import LaunchedStack
+from harness import speech
+from harness.apt import Unavailable
+from harness.browser import OUTPUT, chromium
+from harness.launched import LaunchedStack
 
 pytestmark = pytest.mark.slow
 

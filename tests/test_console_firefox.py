@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.apt import Unavailable
-from tests.support.firefox import Firefox
-from tests.support.launched import LaunchedStack
-from tests.support.servers import wait_until
+from harness.apt import Unavailable
+from harness.firefox import Firefox
+from harness.launched import LaunchedStack
+from harness.servers import wait_until
 
 pytestmark = pytest.mark.slow
 

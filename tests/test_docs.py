@@ -16,8 +16,8 @@ import pytest
 from fastapi import FastAPI
 
 from baton.cli import build_parser
+from harness.servers import REPO_ROOT
 from shared.openapi import honest_openapi
-from tests.support.servers import REPO_ROOT
 
 PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")

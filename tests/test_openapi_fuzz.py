@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.launched import LaunchedStack
+from harness.launched import LaunchedStack
 
 pytestmark = pytest.mark.slow
 

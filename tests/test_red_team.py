@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.launched import LaunchedStack
+from harness.servers import wait_until
 from shared.sse_reader import read_json
-from tests.support.launched import LaunchedStack
-from tests.support.servers import wait_until
 
 pytestmark = pytest.mark.slow
 

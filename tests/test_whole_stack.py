@@ -11,10 +11,10 @@ from typing import Any
 import openai
 import pytest
 
+from harness.launched import LaunchedStack
+from harness.servers import wait_until
+from harness.speech import long_meeting
 from shared.sse_reader import read_json
-from tests.support.launched import LaunchedStack
-from tests.support.servers import wait_until
-from tests.support.speech import long_meeting
 
 pytestmark = pytest.mark.slow
 

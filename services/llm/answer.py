@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+
+from shared.aio import Interrupted, unless
 
 
 @dataclass
@@ -59,3 +61,26 @@ class Answer:
 
     async def close(self, *, client_gone: bool) -> None:
         raise NotImplementedError
+
+
+class ClientGone(Exception):
+    """The client disconnected before its turn: nothing to answer."""
+
+
+async def whole(answer: Answer, gone: Callable[[], Awaitable[None]]) -> tuple[str, Done]:
+    """The whole answer and how it ended, the answer closed either way; ClientGone (and
+    the generation stopped within a token) if ``gone`` returns first."""
+
+    async def gather() -> str:
+        return "".join([piece async for piece in answer.tokens()])
+
+    try:
+        text = await unless(gather(), gone())
+    except Interrupted:
+        await answer.close(client_gone=True)
+        raise ClientGone() from None
+    except BaseException as error:
+        await answer.close(client_gone=isinstance(error, ClientGone))
+        raise
+    await answer.close(client_gone=False)
+    return text, answer.result

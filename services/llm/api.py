@@ -11,10 +11,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
 
-from services.llm.chat import Answering, ChatService, ClientGone, Done, Job
+from services.llm.answer import Done, whole
+from services.llm.chat import Answering, ChatService
 from services.llm.conversations import ConversationStore
 from services.llm.engine import Params
 from services.llm.engine.grammar import GrammarLimits
+from services.llm.job import Job
 from services.llm.schemas import (
     AssistantMessage,
     BatonExtras,
@@ -36,7 +38,6 @@ from services.llm.schemas import (
     prompt_messages,
 )
 from services.llm.tools import BadTool, Tool, chosen, grammar, parse_calls, parse_tools, with_tools
-from shared.aio import Interrupted, unless
 from shared.errors import BadRequest
 from shared.limits import StreamSlot
 from shared.openapi import answers
@@ -68,27 +69,9 @@ async def client_gone(_: Request, __: Exception) -> Response:
     return Response(status_code=CLIENT_GONE)
 
 
-async def _collect(session: Answering, request: Request) -> str:
-    """A whole answer; stops (within a token) if the client goes away meanwhile."""
-
-    async def gather() -> str:
-        return "".join([piece async for piece in session.tokens()])
-
-    try:
-        return await unless(gather(), until_disconnected(request))
-    except Interrupted:
-        raise ClientGone() from None
-
-
 async def answer_whole(session: Answering, request: Request) -> tuple[str, Done]:
-    """The whole answer and how it ended; the session is closed either way."""
-    try:
-        text = await _collect(session, request)
-    except BaseException as error:
-        await session.close(client_gone=isinstance(error, ClientGone))
-        raise
-    await session.close(client_gone=False)
-    return text, session.result
+    """The whole answer of a request; stops within a token if its client goes away."""
+    return await whole(session, lambda: until_disconnected(request))
 
 
 def build_router(chat: ChatService, auth: Auth, conversations: ConversationStore) -> APIRouter:

@@ -9,11 +9,12 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from services.llm.answer import ClientGone
 from services.llm.api import build_router, client_gone
 from services.llm.backends import BackendsFileError
 from services.llm.backends import load as load_backends
 from services.llm.cache import ResponseCache
-from services.llm.chat import ChatMetrics, ChatService, ClientGone
+from services.llm.chat import ChatMetrics, ChatService
 from services.llm.conversations import ConversationStore
 from services.llm.engine import Engine, can_offload
 from services.llm.engine.grammar import GrammarLimits

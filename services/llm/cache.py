@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from services.llm.chat import Done, Job
+    from services.llm.answer import Done
+    from services.llm.job import Job
     from services.llm.memories import Passage
 
 

@@ -15,21 +15,20 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.llm.answer import Answer, Done
+from services.llm.answer import Answer, ClientGone, Done
 from services.llm.cache import Cached, ResponseCache
 from services.llm.conversations import Conversation, ConversationStore
 from services.llm.engine import BadSchema, Cancelled, Engine, Finished, Generation, Message, Params, grammar_text
 from services.llm.engine.grammar import GrammarRefused
 from services.llm.engine.kv import common_prefix
+from services.llm.job import Job
 from services.llm.memories import Memories, Passage, sources
 from services.llm.placement import Ask, GpuBusy, GpuPolicy, Placement
 from services.llm.prompting import ContextTooLong, Fitted, fit, with_memories
 from services.llm.remote import Remote, RemoteSession, Upstream
-from services.llm.schemas import RagOptions
 from services.llm.settings import LLMSettings
 from shared.aio import Interrupted, unless
 from shared.errors import BadRequest, NotFound, TooManyRequests
@@ -48,10 +47,6 @@ SUMMARY_REPEAT_PENALTY = 1.3
 """Small models loop in summaries ("I have a dog named Biscuit." four times) without it."""
 SUMMARY_TOKENS = 200
 """The longest summary the model may write."""
-
-
-class ClientGone(Exception):
-    """The client disconnected before its turn: nothing to answer."""
 
 
 class ChatMetrics:
@@ -73,35 +68,6 @@ class ChatMetrics:
         self.reused = metrics.counter(
             "llm_kv_reused_tokens_total", "Prompt tokens taken from the KV cache instead of read again."
         )
-
-
-@dataclass
-class Job:
-    """A validated request."""
-
-    messages: list[Message]
-    params: Params
-    rag: RagOptions | None = None
-    context: list[str] = field(default_factory=list)
-    subject: str = ""
-    """Whose memories the answer may use (the caller's own and shared ones), and whose
-    cached prefixes its prompt may start from."""
-    reveal: bool = True
-    """Whether ``sources`` may show the memories' text and metadata (scope rag:read)."""
-    conversation: Conversation | None = None
-    """The stored conversation this turn continues: its summary and the turns the
-    summary does not cover go in front of ``messages``."""
-    use_cache: bool = True
-    """False: answer afresh (the request said ``Cache-Control: no-cache``)."""
-    cache_key: str | None = None
-    model: str = ""
-    """The model the request names ("" or the local model's id: the local model)."""
-    route: str | None = None
-    """The request's routing hint, matched against the backends file's ``hint`` rules."""
-    shared_prefix: list[Message] | None = None
-    """Messages the service wrote, the same for every user (text-to-SQL's instructions
-    and examples): as far as the prompt's tokens start with theirs, any user may reuse
-    them from the KV cache."""
 
 
 class Admission:

@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from baton.cli import parse_duration
+from harness.servers import REPO_ROOT
 from shared.auth import TokenVerifier
 from shared.settings import AuthSettings
-from tests.support.servers import REPO_ROOT
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("24h", 86400), ("7d", 604800)])

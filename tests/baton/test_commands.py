@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from baton.launcher import _alive
-from tests.support.launched import LaunchedStack
-from tests.support.servers import REPO_ROOT, free_port
+from harness.launched import LaunchedStack
+from harness.servers import REPO_ROOT, free_port
 
 pytestmark = pytest.mark.slow
 

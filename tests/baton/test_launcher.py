@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from baton.launcher import _alive
-from tests.support.launched import LaunchedStack
-from tests.support.servers import REPO_ROOT, wait_until
+from harness.launched import LaunchedStack
+from harness.servers import REPO_ROOT, wait_until
 
 pytestmark = pytest.mark.slow
 

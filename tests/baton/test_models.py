@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from baton import models
+from harness.servers import REPO_ROOT, free_port
 from shared.presets import PRESETS, UnknownModel, models_dir, resolve
-from tests.support.servers import REPO_ROOT, free_port
 
 
 def test_every_bundled_model_is_present_and_verified() -> None:

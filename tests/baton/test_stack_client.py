@@ -6,7 +6,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from baton.stack import Stack, check
-from tests.support.servers import UvicornThread
+from harness.servers import UvicornThread
 
 
 def limited_app(refusals: int) -> tuple[FastAPI, list[str]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from baton.launcher import LauncherSettings, Supervisor, read_supervisor
-from tests.support.servers import wait_until
+from harness.servers import wait_until
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 

@@ -18,11 +18,11 @@ from fastapi import Depends, FastAPI
 from jose import jwe, jwt
 from pydantic import SecretStr
 
+from harness.servers import UvicornThread
 from shared.auth import InvalidToken, TokenIssuer, TokenVerifier
 from shared.metrics import Metrics
 from shared.settings import AuthSettings, ConfigError
 from shared.web import Auth, create_service_app
-from tests.support.servers import UvicornThread
 
 
 def build_app(settings: AuthSettings) -> FastAPI:

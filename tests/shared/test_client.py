@@ -8,8 +8,8 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from harness.servers import UvicornThread, free_port
 from shared.client import ServiceClient, ServiceUnreachable
-from tests.support.servers import UvicornThread, free_port
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 from fastapi import Depends, FastAPI
 from pydantic import BaseModel, Field
 
+from harness.servers import UvicornThread
 from shared.auth import TokenVerifier
 from shared.errors import BadRequest
 from shared.metrics import Metrics
@@ -18,7 +19,6 @@ from shared.settings import AuthSettings
 from shared.sse import frame, sse_response
 from shared.web import Auth, create_service_app
 from tests.conftest import Mint
-from tests.support.servers import UvicornThread
 
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
 

@@ -10,13 +10,13 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from harness.servers import UvicornThread
 from shared.auth import TokenVerifier
 from shared.logs import JsonFormatter, request_id_var
 from shared.metrics import Metrics
 from shared.settings import AuthSettings
 from shared.web import Auth, create_service_app
 from tests.conftest import Mint
-from tests.support.servers import UvicornThread
 
 
 def test_a_record_is_one_json_object_with_structured_fields() -> None:

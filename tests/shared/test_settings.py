@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.servers import REPO_ROOT
 from services.llm.settings import LLMSettings
 from shared.auth import TokenVerifier
 from shared.settings import AuthSettings, ConfigError, load_settings
-from tests.support.servers import REPO_ROOT
 
 
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:

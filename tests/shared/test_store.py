@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from harness.servers import RedisServer
 from shared.store import open_redis
-from tests.support.servers import RedisServer
 
 
 async def test_after_redis_is_killed_and_back_no_command_fails_on_a_dead_connection(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from services.llm.api import answer_whole
+from services.llm.answer import whole
 from services.llm.chat import ChatService
 from services.llm.engine import Params
 from services.llm.sql.schemas import SeedInfo, SeedQueryRequest, SeedQueryResponse, SqlRequest, SqlResponse
@@ -44,7 +44,7 @@ def build_router(chat: ChatService, sql: SqlService, auth: Auth, about: Callable
         )
         job = sql.job(target, question, Params(max_tokens=limit, temperature=temperature))
         session = await chat.open(job, lambda: until_disconnected(request))
-        text, done = await answer_whole(session, request)
+        text, done = await whole(session, lambda: until_disconnected(request))
         return await sql.finish(text, target, execute, max_rows), done.completion_tokens
 
     @router.post("/v1/sql", dependencies=chatter, response_model=SqlResponse, responses=REFUSED)

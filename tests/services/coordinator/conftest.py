@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.servers import RedisServer, ServiceProcess
 from shared.gpu import GpuClient
 from shared.sse_reader import aread_events
 from tests.conftest import Mint
-from tests.support.servers import RedisServer, ServiceProcess
 
 StartCoordinator = Callable[..., ServiceProcess]
 

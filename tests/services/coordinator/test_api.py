@@ -9,9 +9,9 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from harness.servers import ServiceProcess
 from tests.conftest import Mint
 from tests.services.coordinator.conftest import Api, Events, StartCoordinator
-from tests.support.servers import ServiceProcess
 
 pytestmark = pytest.mark.slow  # real processes: a coordinator and Redis
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from harness.servers import REPO_ROOT, RedisServer, ServiceProcess, free_port
 from shared.gpu import GpuClient, LeaseRequest
 from tests.services.coordinator.conftest import Api, StartCoordinator
-from tests.support.servers import REPO_ROOT, RedisServer, ServiceProcess, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ ApiFactory = Callable[[ServiceProcess], Api]
 
 def worker(*args: str, stdout: Any = subprocess.PIPE) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.support.lease_worker", *args],
+        [sys.executable, "-m", "harness.lease_worker", *args],
         cwd=REPO_ROOT,
         env=os.environ,
         stdout=stdout,
@@ -124,7 +124,7 @@ async def test_sigstop_holder_loses_its_lease_and_cannot_write(
     redis_server: RedisServer,
     key_prefix: str,
 ) -> None:
-    from tests.support.lease_worker import FENCED_WRITE
+    from harness.lease_worker import FENCED_WRITE
 
     coordinator = start_coordinator()
     register = key_prefix + "register"

@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.servers import RedisServer, ServiceProcess
 from tests.conftest import Mint
 from tests.services.coordinator.conftest import Api, Events, StartCoordinator
-from tests.support.servers import RedisServer, ServiceProcess
 
 pytestmark = pytest.mark.slow
 

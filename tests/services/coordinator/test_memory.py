@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import pytest
 
+from harness.servers import ServiceProcess
 from tests.services.coordinator.conftest import Api, Events, StartCoordinator
-from tests.support.servers import ServiceProcess
 
 pytestmark = pytest.mark.slow  # real processes: a coordinator and Redis
 

@@ -13,10 +13,10 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from harness.servers import REPO_ROOT, UvicornThread, free_port
 from services.gateway.app import create_app
 from services.gateway.routes import ROUTES, service_for
 from services.gateway.settings import GatewaySettings
-from tests.support.servers import REPO_ROOT, UvicornThread, free_port
 
 
 @pytest.mark.parametrize(

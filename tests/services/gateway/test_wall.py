@@ -17,12 +17,12 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from harness.servers import UvicornThread, free_port
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 from shared.metrics import Metrics
 from shared.runner import HttpTimeouts
 from shared.web import RequestContextMiddleware
-from tests.support.servers import UvicornThread, free_port
 
 LIMIT_MB = 1
 TIMEOUTS = HttpTimeouts(header_s=0.5, body_s=0.5, idle_s=5.0)

@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.servers import RedisServer, ServiceProcess, free_port
 from shared.gpu import GpuClient
 from tests.conftest import Mint
-from tests.support.servers import RedisServer, ServiceProcess, free_port
 
 
 class Llm:

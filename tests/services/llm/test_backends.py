@@ -21,13 +21,13 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
+from harness.servers import ServiceProcess, UvicornThread, free_port, wait_until
 from services.llm.backends import BackendsFileError, load
 from services.llm.remote import Breaker
 from shared.gpu import LeaseRequest
 from shared.presets import PRESETS
 from tests.conftest import Mint
 from tests.services.llm.conftest import Llm, StartLlm, closed_url
-from tests.support.servers import ServiceProcess, UvicornThread, free_port, wait_until
 
 REMOTE_MODEL = "remote-smol"
 

@@ -8,10 +8,10 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.servers import ServiceProcess
 from shared.sse_reader import read_json
 from tests.conftest import Mint
 from tests.services.llm.conftest import Llm
-from tests.support.servers import ServiceProcess
 
 pytestmark = pytest.mark.slow
 

@@ -14,11 +14,11 @@ import httpx
 import openai
 import pytest
 
+from harness.servers import RedisServer, ServiceProcess, wait_until
 from services.llm.schemas import ChatCompletionChunk
 from shared.gpu import LeaseRequest
 from shared.sse_reader import read_events
 from tests.services.llm.conftest import Llm, StartLlm, closed_url
-from tests.support.servers import RedisServer, ServiceProcess, wait_until
 
 pytestmark = pytest.mark.slow
 

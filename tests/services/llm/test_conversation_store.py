@@ -14,9 +14,9 @@ import pytest
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
+from harness.servers import RedisServer
 from services.llm.conversations import ConversationStore, size_of
 from shared.errors import TooManyRequests, install_error_handlers
-from tests.support.servers import RedisServer
 
 
 @pytest.fixture

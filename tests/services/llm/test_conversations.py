@@ -9,10 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.servers import RedisServer
 from shared.sse_reader import read_json
 from tests.conftest import Mint
 from tests.services.llm.conftest import Llm, StartLlm
-from tests.support.servers import RedisServer
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.support.servers import REPO_ROOT
+from harness.servers import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def test_without_the_gates_llama_cpp_dies_of_the_red_teams_schema() -> None:
 
 def test_three_hundred_grammar_bombs_never_kill_the_process(record_property: Callable[[str, object], None]) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "tests.support.grammar_fuzz", "300", "2026"],
+        [sys.executable, "-m", "harness.grammar_fuzz", "300", "2026"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -14,6 +14,7 @@ import pytest
 from llama_cpp import llama_grammar
 
 from baton.demo.databases import INVENTORY_DDL, SHOP_DDL, build
+from harness.sql import LABELLED, same_result
 from services.llm.sql.check import Refused, check
 from services.llm.sql.databases import QueryFailed, QueryTimeout, SqliteDatabase, open_database
 from services.llm.sql.grammar import from_clauses, select_grammar
@@ -21,7 +22,6 @@ from services.llm.sql.schema import BadSchema, parse_ddl
 from services.llm.sql.service import SqlService
 from shared.errors import Unprocessable
 from tests.services.llm.conftest import Llm, StartLlm
-from tests.support.sql import LABELLED, same_result
 
 
 @pytest.fixture(scope="module")

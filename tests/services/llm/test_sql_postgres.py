@@ -13,11 +13,11 @@ import psycopg
 import pytest
 
 from baton.demo.databases import INVENTORY_DDL, build
+from harness.apt import Unavailable
+from harness.postgres import PostgresServer
+from harness.servers import free_port
 from services.llm.sql.databases import DatabaseUnavailable, PostgresDatabase, QueryFailed, QueryTimeout
 from tests.services.llm.conftest import Llm, StartLlm
-from tests.support.apt import Unavailable
-from tests.support.postgres import PostgresServer
-from tests.support.servers import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.servers import ChromaServer, RedisServer, ServiceProcess
 from tests.conftest import Mint
-from tests.support.servers import ChromaServer, RedisServer, ServiceProcess
 
 
 @dataclass

@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.servers import REPO_ROOT, ServiceProcess
 from tests.conftest import Mint
-from tests.support.servers import REPO_ROOT, ServiceProcess
 
 pytestmark = pytest.mark.slow
 

@@ -10,10 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.servers import RedisServer, ServiceProcess
 from shared.auth import ON_BEHALF_OF
 from tests.conftest import Mint
 from tests.services.rag.conftest import Rag
-from tests.support.servers import RedisServer, ServiceProcess
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from baton.demo.speech.make_speech import write_ogg
+from harness.servers import RedisServer, ServiceProcess
 from shared.gpu import GpuClient
 from tests.conftest import Mint
-from tests.support.servers import RedisServer, ServiceProcess
 
 SPEECH = Path(__file__).resolve().parents[3] / "baton" / "demo" / "speech"
 MEETING = SPEECH / "meeting.ogg"

@@ -18,13 +18,13 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.servers import RedisServer, ServiceProcess, wait_until
+from harness.speech import long_meeting
 from services.transcription.worker import process_state
 from shared.gpu import LeaseRequest
 from tests.conftest import Mint
 from tests.services.transcription.conftest import MEETING, StartTx, Tx
 from tests.services.transcription.test_transcription import wait_for_job
-from tests.support.servers import RedisServer, ServiceProcess, wait_until
-from tests.support.speech import long_meeting
 
 pytestmark = pytest.mark.slow
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from redis.asyncio import Redis
 
+from harness.servers import RedisServer
 from services.transcription import audio
 from services.transcription.jobs import FINAL, JobMetrics, JobRunner, JobStore
 from services.transcription.placement import Placement
@@ -23,7 +24,6 @@ from services.transcription.worker import Work
 from shared.client import ServiceClient
 from shared.events import Subscription
 from shared.metrics import Metrics
-from tests.support.servers import RedisServer
 
 WINDOW = 3000
 """Frames per decode window (30 s), as faster-whisper's."""

@@ -7,10 +7,10 @@ import secrets
 import httpx
 import pytest
 
+from harness.servers import RedisServer, ServiceProcess, wait_until
 from tests.conftest import Mint
 from tests.services.transcription.conftest import MEETING, SPEECH, StartTx, Tx
 from tests.services.transcription.test_transcription import wait_for_job
-from tests.support.servers import RedisServer, ServiceProcess, wait_until
 
 pytestmark = pytest.mark.slow
 

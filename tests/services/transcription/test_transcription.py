@@ -17,11 +17,11 @@ import openai
 import pytest
 from pydantic import TypeAdapter
 
+from harness.servers import RedisServer, ServiceProcess, free_port, wait_until
 from services.transcription.schemas import TranscriptDelta, TranscriptDone
 from shared.gpu import LeaseRequest
 from shared.sse_reader import read_json
 from tests.services.transcription.conftest import MEETING, REFERENCES, SPEECH, StartTx, Tx, edits, silence
-from tests.support.servers import RedisServer, ServiceProcess, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 
 Playwright's own browser downloads need a host this machine cannot reach, so it drives
 the system's ``chromium`` (installed with apt when root and missing, as
-tests/support/postgres.py does for PostgreSQL). The tests write what they want a person
+harness/postgres.py does for PostgreSQL). The tests write what they want a person
 to look at (screenshots) under ``OUTPUT``: ``test-output/`` at the top of the checkout
 (ignored by git), or ``BATON_TEST_OUTPUT``.
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.support.apt import command
-from tests.support.servers import REPO_ROOT
+from harness.apt import command
+from harness.servers import REPO_ROOT
 
 OUTPUT = Path(os.environ.get("BATON_TEST_OUTPUT") or REPO_ROOT / "test-output")
 

@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from baton.launcher import HOST_VARIABLES, PORT_VARIABLES, find_redis_server
 from shared.runner import HttpTimeouts, server_config
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:

@@ -2,7 +2,7 @@
 and a runner that sends each through the service's gates and, when they pass, through
 the real model.
 
-``python -m tests.support.grammar_fuzz COUNT SEED`` runs COUNT of them in this process
+``python -m harness.grammar_fuzz COUNT SEED`` runs COUNT of them in this process
 and prints one JSON line of what happened; it must exit 0 (a segfault is exit -11). The
 test (tests/services/llm/test_grammar_fuzz.py) runs it in a child process for that reason.
 """

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from tests.support.servers import REPO_ROOT, free_port
+from harness.servers import REPO_ROOT, free_port
 
 
 class LaunchedStack:

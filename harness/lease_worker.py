@@ -1,10 +1,10 @@
 """A GPU holder in its own process, for the coordinator's multi-process tests.
 
-    python -m tests.support.lease_worker cycles --url U --holder w1 --cycles 200 --out F
+    python -m harness.lease_worker cycles --url U --holder w1 --cycles 200 --out F
         acquire / hold / release N times; one JSON line per cycle in F:
         {"fence", "start", "end"} on CLOCK_MONOTONIC (one clock for every process).
 
-    python -m tests.support.lease_worker hold --url U --holder h [--redis R --register K]
+    python -m harness.lease_worker hold --url U --holder h [--redis R --register K]
         acquire, print {"event": "acquired", "fence"}, then work every 10 ms (a fenced
         write to the register, if given) until the lease is lost; print what happened.
 

@@ -3,7 +3,7 @@ speaks natively: no geckodriver and no Playwright build of Firefox, neither of w
 can be had here. Just enough of the protocol for the console's test: open a page, run a
 script in it, and record its script errors and every request it sends.
 
-The browser is installed with apt when missing and root, as tests/support/browser.py
+The browser is installed with apt when missing and root, as harness/browser.py
 does for Chromium.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from tests.support.apt import Unavailable, command
+from harness.apt import Unavailable, command
 
 PREFS = """
 user_pref("app.normandy.enabled", false);

@@ -1,7 +1,7 @@
 """A throwaway PostgreSQL server (Debian's package) for the text-to-SQL tests.
 
 ``initdb`` and ``pg_ctl`` come from the machine (installed with apt when root and
-missing, as tests/support/containers.py does for podman). PostgreSQL refuses to run as
+missing, as harness/containers.py does for podman). PostgreSQL refuses to run as
 root, so as root the cluster belongs to Debian's ``postgres`` user. Trust
 authentication on 127.0.0.1 only; the cluster is deleted afterwards.
 """
@@ -16,8 +16,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.support.apt import Unavailable, install
-from tests.support.servers import free_port
+from harness.apt import Unavailable, install
+from harness.servers import free_port
 
 
 def _binaries() -> Path | None:

@@ -23,8 +23,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.support.apt import install
-from tests.support.servers import REPO_ROOT
+from harness.apt import install
+from harness.servers import REPO_ROOT
 
 PACKAGES = (
     "podman",

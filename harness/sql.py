@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 LABELLED: list[dict[str, str]] = json.loads(
-    (Path(__file__).resolve().parents[1] / "services" / "llm" / "data" / "sql_questions.json").read_text()
+    (Path(__file__).resolve().parents[1] / "tests" / "services" / "llm" / "data" / "sql_questions.json").read_text()
 )
 """Question, reference SQL and database (inventory or shop: baton/demo/databases.py)."""
 

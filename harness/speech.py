@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from baton.demo.speech.make_speech import write_ogg
+from harness.servers import REPO_ROOT
 from services.transcription import audio
-from tests.support.servers import REPO_ROOT
 
 MEETING = REPO_ROOT / "baton" / "demo" / "speech" / "meeting.ogg"
 

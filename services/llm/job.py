@@ -1,0 +1,39 @@
+"""A chat request once it is validated: what the chat service answers, what the response
+cache keys, and what text-to-SQL submits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.llm.conversations import Conversation
+from services.llm.engine import Message, Params
+from services.llm.schemas import RagOptions
+
+
+@dataclass
+class Job:
+    """A validated request."""
+
+    messages: list[Message]
+    params: Params
+    rag: RagOptions | None = None
+    context: list[str] = field(default_factory=list)
+    subject: str = ""
+    """Whose memories the answer may use (the caller's own and shared ones), and whose
+    cached prefixes its prompt may start from."""
+    reveal: bool = True
+    """Whether ``sources`` may show the memories' text and metadata (scope rag:read)."""
+    conversation: Conversation | None = None
+    """The stored conversation this turn continues: its summary and the turns the
+    summary does not cover go in front of ``messages``."""
+    use_cache: bool = True
+    """False: answer afresh (the request said ``Cache-Control: no-cache``)."""
+    cache_key: str | None = None
+    model: str = ""
+    """The model the request names ("" or the local model's id: the local model)."""
+    route: str | None = None
+    """The request's routing hint, matched against the backends file's ``hint`` rules."""
+    shared_prefix: list[Message] | None = None
+    """Messages the service wrote, the same for every user (text-to-SQL's instructions
+    and examples): as far as the prompt's tokens start with theirs, any user may reuse
+    them from the KV cache."""
