@@ -37,20 +37,13 @@ import httpx
 
 from benchmarks.support import MEETING, percentile, save, table
 from harness.launched import LaunchedStack
+from harness.samples import WEATHER_TOOL as TOOL
 from shared.sse_reader import read_json
 
 MODEL = "smollm2-135m-instruct"
 VICTIMS = ("llm", "transcription", "rag", "coordinator", "gateway", "redis")
 SPEECH = MEETING.parent
 DOCUMENTED_5XX = {(503, "service_unavailable"), (503, "service_failed"), (503, "store_unavailable"), (503, "busy")}
-TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 
 
 @dataclass

@@ -295,8 +295,9 @@ def test_a_stream_whose_service_dies_ends_with_an_error_event_and_done(gateway: 
     served(gateway)
 
 
-def test_a_plain_answer_cut_short_stays_cut() -> None:
-    """A JSON body cannot carry an error event: the client sees it incomplete."""
+def gateway_before_one_shot_rag(answer: bytes) -> UvicornThread:
+    """A gateway whose RAG service reads one request's head, sends ``answer`` (perhaps
+    nothing) and closes the connection."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
@@ -304,26 +305,22 @@ def test_a_plain_answer_cut_short_stays_cut() -> None:
         with conn:
             while b"\r\n\r\n" not in conn.recv(65536):
                 pass
-            conn.sendall(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"a":')
+            conn.sendall(answer)
 
     threading.Thread(target=serve, daemon=True).start()
     settings = GatewaySettings.model_validate({"rag_url": f"http://127.0.0.1:{listener.getsockname()[1]}"})
-    with UvicornThread(create_app(settings)) as server, pytest.raises(httpx.RemoteProtocolError):
+    return UvicornThread(create_app(settings))
+
+
+def test_a_plain_answer_cut_short_stays_cut() -> None:
+    """A JSON body cannot carry an error event: the client sees it incomplete."""
+    cut = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"a":'
+    with gateway_before_one_shot_rag(cut) as server, pytest.raises(httpx.RemoteProtocolError):
         httpx.get(f"{server.url}/v1/stats", timeout=10)
 
 
 def test_a_service_that_dies_before_its_answer_is_503_service_failed() -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            while b"\r\n\r\n" not in conn.recv(65536):
-                pass  # the request's head read; then it dies without a word
-
-    threading.Thread(target=serve, daemon=True).start()
-    settings = GatewaySettings.model_validate({"rag_url": f"http://127.0.0.1:{listener.getsockname()[1]}"})
-    with UvicornThread(create_app(settings)) as server:
+    with gateway_before_one_shot_rag(b"") as server:
         answer = httpx.get(f"{server.url}/v1/stats", timeout=10)
     assert answer.status_code == 503
     assert answer.json()["error"]["code"] == "service_failed"

@@ -13,6 +13,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from harness.samples import WEATHER_TOOL as TOOL
 from services.llm.engine import Cancelled, Engine, Finished, Message, Params
 from services.llm.engine.model import Model, Shape
 from services.llm.sql.check import check
@@ -72,14 +73,6 @@ SCHEMA = {
         "days": {"type": "integer", "minimum": 1, "maximum": 7},
     },
     "required": ["city", "days"],
-}
-TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
 }
 DDL = "CREATE TABLE pets (id INTEGER PRIMARY KEY, name TEXT, kind TEXT, age INTEGER);"
 
