@@ -11,7 +11,8 @@ and redis is killed; the launcher's supervisor starts it again.
 
 It prints: every answer's status by kind; each 5xx with its code (the documented ones are
 503s: ``service_unavailable`` and ``service_failed`` while a process is started again,
-``store_unavailable`` while Redis is); streams cut by a kill (an error event and
+``store_unavailable`` while Redis is, ``gpu_unavailable`` for an upload that waited out
+its GPU wait); what got no answer at all, by exception; streams cut by a kill (an error event and
 ``[DONE]``); whether every job finished with the transcript of an uninterrupted run; each
 process's memory (RSS, its children included) at the start, before its kill, after its
 restart and at the end; and the p90 first token of the chats in the minute before each
@@ -43,7 +44,13 @@ from shared.sse_reader import read_json
 MODEL = "smollm2-135m-instruct"
 VICTIMS = ("llm", "transcription", "rag", "coordinator", "gateway", "redis")
 SPEECH = MEETING.parent
-DOCUMENTED_5XX = {(503, "service_unavailable"), (503, "service_failed"), (503, "store_unavailable"), (503, "busy")}
+DOCUMENTED_5XX = {
+    (503, "service_unavailable"),
+    (503, "service_failed"),
+    (503, "store_unavailable"),
+    (503, "busy"),
+    (503, "gpu_unavailable"),
+}
 
 
 @dataclass
@@ -74,8 +81,10 @@ class Soak:
         headers = {"Authorization": f"Bearer {self.tokens[user]}", "Cache-Control": "no-cache"}
         return httpx.AsyncClient(base_url=self.stack.url("gateway"), headers=headers, timeout=180)
 
-    def note(self, user: str, kind: str, response: httpx.Response | None, **extra: Any) -> None:
-        code = None
+    def note(
+        self, user: str, kind: str, response: httpx.Response | None, error: str | None = None, **extra: Any
+    ) -> None:
+        code = error
         if response is not None and response.status_code >= 400:
             try:
                 code = response.json()["error"]["code"]
@@ -94,8 +103,8 @@ class Soak:
                 kind = chooser.choice(kinds)
                 try:
                     await getattr(self, kind)(http, name, chooser)
-                except httpx.HTTPError:
-                    self.note(name, kind, None)
+                except httpx.HTTPError as exc:
+                    self.note(name, kind, None, error=type(exc).__name__)
                 await asyncio.sleep(1.0)
 
     async def chat(self, http: httpx.AsyncClient, name: str, chooser: random.Random) -> None:
@@ -275,7 +284,7 @@ def report(soak: Soak, outcome: dict[str, str], started: float) -> dict[str, Any
     errors = Counter((a.status, a.code) for a in soak.answers if a.status >= 500)
     undocumented = {k: v for k, v in errors.items() if k not in DOCUMENTED_5XX}
     print(f"5xx: {dict(errors)}; not documented: {dict(undocumented)}")
-    unanswered = Counter(a.kind for a in soak.answers if a.status == 0)
+    unanswered = Counter(f"{a.kind} {a.code}" for a in soak.answers if a.status == 0)
     print(f"no answer at all (the gateway itself down, or a timeout): {dict(unanswered)}")
     cut = sum(1 for a in soak.answers if a.cut)
     print(f"streams cut by a kill (an error event, then [DONE]), or a tool answer without a call: {cut}")

@@ -32,6 +32,7 @@ from typing import Any
 from services.transcription.pool import WorkerPool
 from services.transcription.worker import Work, Worker, WorkerDied, WorkerFailed, process_state
 from shared import cuda_checkpoint
+from shared.aio import Interrupted, unless
 from shared.gpu import Gpu, GpuUnavailable, Handover, HeldLease, LeaseEvent, LeaseRequest, Priority
 from shared.metrics import Metrics
 
@@ -136,13 +137,12 @@ class Placement:
         Raises GpuUnavailable (interactive: the card did not come back in time),
         WorkerFailed, or WorkerDied.
         """
-        lease = lease or await self.acquire(priority, wait_s)
-        worker: Worker | None = None
+        worker: Worker | None
+        worker, lease = await self._worker_then_lease(lease, priority, wait_s)
         busy = False  # the worker has a request of ours
         try:
             if on_state is not None:
                 await on_state("running")
-            worker = await self.pool.take()
             deaths = 0
             send = True
             while True:
@@ -218,6 +218,40 @@ class Placement:
             if worker is not None:
                 self._disarm(worker)
             await asyncio.shield(self._finish(worker, lease))
+
+    async def _worker_then_lease(
+        self, lease: HeldLease | None, priority: Priority, wait_s: float | None
+    ) -> tuple[Worker, HeldLease]:
+        """An idle worker first, then the card. A request that holds the card without a
+        worker can do nothing with it and hears no yield (only an armed worker does): in
+        the soak an upload held the card for 100 s, waiting for a worker that a paused job
+        and a paused upload held, both waiting for that card, until the coordinator
+        revoked it; 15 times in 30 minutes, every chat meanwhile waiting out its GPU wait.
+        So a lease handed in (the route takes one before a stream starts, to refuse with
+        503 while it still can) is given back if someone asks for it before a worker is
+        free, and asked for again once one is."""
+        taking = asyncio.ensure_future(self.pool.take())
+        try:
+            if lease is not None:
+                try:
+                    await unless(asyncio.shield(taking), lease.wait_yield())
+                except Interrupted:
+                    await lease.release("pause", 0.0)
+                    lease = None
+            worker = await taking
+        except BaseException:
+            if taking.done() and not taking.cancelled() and taking.exception() is None:
+                self.pool.give(taking.result())
+            else:
+                taking.cancel()
+            raise
+        if lease is None:
+            try:
+                lease = await self.acquire(priority, wait_s)
+            except BaseException:
+                self.pool.give(worker)
+                raise
+        return worker, lease
 
     async def _unless_stalled(self, work: Awaitable[Any]) -> Any:
         """``work``, unless the worker makes no progress for ``stall_s`` (Stalled). Time

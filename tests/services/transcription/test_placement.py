@@ -171,3 +171,32 @@ async def test_a_worker_that_makes_no_progress_is_restarted_from_the_checkpoint(
     assert stopped and process_state(stopped[0]) is None  # the stalled worker was ended
     assert gpu.leases[1].released == "restart"
     assert "transcription_stalls_total 1.0" in metrics.render().decode()
+
+
+async def test_a_lease_is_not_held_while_the_request_waits_for_a_worker(pool: WorkerPool) -> None:
+    """The soak's stall: an upload held the card for 100 s waiting for a worker that a
+    paused job and a paused upload held, both waiting for that card. A request with no
+    worker now gives a lease back when someone asks for it, and asks again once it has one."""
+    samples = await meeting()
+    busy = [await pool.take(), await pool.take()]  # both workers held by paused requests
+    gpu = Gpu()
+    gpu.leases.append(Lease(0, asked=False))  # the next grant is not asked for at once
+    handed = Lease(100, asked=False)  # the route's lease, taken before the stream starts
+    windows: list[Any] = []
+
+    async def on_message(_: str, window: Any) -> None:
+        windows.append(window)
+
+    work = Work("windows", samples, {"seek": 0, "first_id": 0, "language": None, "prompt": None})
+    running = asyncio.ensure_future(
+        placement(pool, gpu).run(lambda: work, priority="interactive", wait_s=30, on_message=on_message, lease=handed)
+    )
+    handed.ask()  # a chat asks for the card
+    async with asyncio.timeout(10):
+        while handed.released is None:
+            await asyncio.sleep(0.01)
+    assert handed.released == "pause" and not running.done()  # given back with no worker yet
+    pool.give(busy.pop())  # a worker comes free
+    await asyncio.wait_for(running, 120)
+    assert windows and len(gpu.leases) == 2  # asked again, and ran under the new lease
+    pool.give(busy.pop())
