@@ -205,7 +205,24 @@ def allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
-def map_errors(app: FastAPI, mapping: Mapping[type[Exception], Callable[[Any], APIError]]) -> None:
+ErrorTable = Mapping[type[Exception], Callable[[Any], APIError]]
+"""How one service answers its domain's exceptions: each one's API error. Every service
+has one (its ``errors.py``, or the coordinator's ``DOMAIN_ERRORS``); the app installs it
+with ``map_errors`` and its streams turn failures into error events with ``as_api_error``,
+so a domain error is answered the same before a stream starts and after."""
+
+
+def as_api_error(exc: BaseException, table: ErrorTable) -> APIError | None:
+    """The API error ``table`` makes of ``exc`` (an APIError is its own), or None."""
+    if isinstance(exc, APIError):
+        return exc
+    for kind, make in table.items():
+        if isinstance(exc, kind):
+            return make(exc)
+    return None
+
+
+def map_errors(app: FastAPI, mapping: ErrorTable) -> None:
     """Answer each domain exception with the API error its function makes, once per service,
     so that routes let domain errors through instead of translating them one by one."""
 

@@ -16,11 +16,12 @@ from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
-from shared.errors import APIError, envelope, internal_message
+from shared.errors import ErrorTable, as_api_error, envelope, internal_message
 
 log = logging.getLogger(__name__)
 
 DONE = "data: [DONE]\n\n"
+NO_ERRORS: ErrorTable = {}
 
 
 def frame(data: dict[str, Any] | str, event: str | None = None) -> str:
@@ -29,9 +30,10 @@ def frame(data: dict[str, Any] | str, event: str | None = None) -> str:
     return f"{prefix}data: {payload}\n\n"
 
 
-def error_frames(exc: BaseException) -> list[str]:
-    if isinstance(exc, APIError):
-        body = exc.body()
+def error_frames(exc: BaseException, errors: ErrorTable = NO_ERRORS) -> list[str]:
+    answered = as_api_error(exc, errors)
+    if answered is not None:
+        body = answered.body()
     elif isinstance(exc, RedisError):
         body = envelope(
             "the service's store is unavailable; try again shortly",
@@ -43,8 +45,9 @@ def error_frames(exc: BaseException) -> list[str]:
     return [frame(body), DONE]
 
 
-async def guarded(frames: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Pass frames through; turn a failure into an error event and [DONE]."""
+async def guarded(frames: AsyncIterator[str], errors: ErrorTable = NO_ERRORS) -> AsyncIterator[str]:
+    """Pass frames through; turn a failure into an error event and [DONE] (a domain
+    error as the service's ``errors`` table answers it)."""
     try:
         async for item in frames:
             yield item
@@ -53,9 +56,9 @@ async def guarded(frames: AsyncIterator[str]) -> AsyncIterator[str]:
     except Exception as exc:
         if isinstance(exc, RedisError):
             log.warning("store unavailable mid-stream", extra={"error": type(exc).__name__})
-        elif not isinstance(exc, APIError):
+        elif as_api_error(exc, errors) is None:
             log.error("stream failed after it started", exc_info=exc)
-        for item in error_frames(exc):
+        for item in error_frames(exc, errors):
             yield item
 
 
@@ -64,10 +67,15 @@ class ClosingStream(StreamingResponse):
     the first byte (a generator's ``finally`` never runs for a stream never started).
     ``on_close`` gets whether the stream ran to its end."""
 
-    def __init__(self, frames: AsyncIterator[str], on_close: Callable[[bool], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        frames: AsyncIterator[str],
+        on_close: Callable[[bool], Awaitable[None]],
+        errors: ErrorTable = NO_ERRORS,
+    ) -> None:
         self._finished = False
         super().__init__(
-            guarded(self._track(frames)),
+            guarded(self._track(frames), errors),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

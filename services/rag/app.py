@@ -6,15 +6,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from services.rag.api import EMBEDDING_MODEL, build_router
+from services.rag.errors import ERRORS
 from services.rag.journal import Busy
 from services.rag.settings import RAGSettings
-from services.rag.store import MemoryStore, StoreFailed
-from shared.errors import ServiceUnavailable, error_response
+from services.rag.store import MemoryStore
+from shared.errors import map_errors
 from shared.presets import UnknownModel
 from shared.service import Foundation
 from shared.settings import ConfigError, load_settings
@@ -71,9 +71,6 @@ def create_app(settings: RAGSettings | None = None, store: MemoryStore | None = 
 
     app = base.app(settings.max_body_mb, lifespan=lifespan, ready=ready, info=info, public_info=public_info)
 
-    async def store_failed(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(ServiceUnavailable(str(exc), retry_after_s=5, code="store_unavailable"))
-
-    app.add_exception_handler(StoreFailed, store_failed)
+    map_errors(app, ERRORS)
     app.include_router(build_router(memories, auth, settings.max_documents))
     return app

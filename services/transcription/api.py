@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from services.transcription import audio
+from services.transcription.errors import ERRORS
 from services.transcription.formats import Format, srt, text_of, verbose, vtt
 from services.transcription.jobs import FINAL, Job, JobRunner
 from services.transcription.placement import Placement
@@ -35,7 +36,7 @@ from services.transcription.settings import TranscriptionSettings
 from services.transcription.whisper import Piece, check_language
 from services.transcription.worker import Work
 from shared.errors import BadRequest, NotFound, PayloadTooLarge, ServiceUnavailable
-from shared.gpu import GpuUnavailable, HeldLease
+from shared.gpu import HeldLease
 from shared.limits import StreamSlot
 from shared.metrics import Metrics
 from shared.openapi import answers
@@ -202,10 +203,7 @@ def build_router(
                 {"language": language, "prompt": prompt, "temperature": temperature, "words": words},
             )
             wait_s = settings.gpu_wait_ms / 1000
-            try:
-                lease = await placement.acquire("interactive", wait_s)
-            except GpuUnavailable as exc:
-                raise _not_granted(exc) from None
+            lease = await placement.acquire("interactive", wait_s)  # not granted: 503 (errors.py)
             if slot is not None:
                 streaming = True  # the stream releases the slot and the budget when it ends
                 return _stream(placement, lease, work, wait_s, slot, held)
@@ -216,12 +214,9 @@ def build_router(
                 if piece.id >= len(pieces):  # a rerun (after the worker was ended) repeats earlier pieces
                     pieces.append(piece)
 
-            try:
-                info = await placement.run(
-                    lambda: work, priority="interactive", wait_s=wait_s, on_message=keep, lease=lease
-                )
-            except GpuUnavailable as exc:
-                raise _not_granted(exc) from None
+            info = await placement.run(
+                lambda: work, priority="interactive", wait_s=wait_s, on_message=keep, lease=lease
+            )
             speed.observe(audio.duration_s(samples) / max(1e-6, time.monotonic() - started))
             return _render(pieces, info, response_format, words)
         finally:
@@ -319,15 +314,9 @@ def build_router(
         async def give_back(_: bool) -> None:
             await slot.close()
 
-        return ClosingStream(frames(), give_back)
+        return ClosingStream(frames(), give_back, ERRORS)
 
     return router
-
-
-def _not_granted(exc: GpuUnavailable) -> ServiceUnavailable:
-    return ServiceUnavailable(
-        f"the GPU was not granted in time ({exc.reason})", retry_after_s=exc.retry_after_s, code="gpu_unavailable"
-    )
 
 
 def _render(pieces: list[Piece], info: dict[str, Any], response_format: str, words: bool) -> Response:
@@ -367,10 +356,7 @@ def _stream(
         while (piece := await pieces.get()) is not None:
             sent += 1
             yield frame({"type": "transcript.text.delta", "delta": piece.text, "segment": piece.public()})
-        try:
-            await task
-        except GpuUnavailable as exc:
-            raise _not_granted(exc) from None
+        await task  # its failure becomes an error event (errors.py)
         yield frame({"type": "transcript.text.done", "text": text_of(seen[:sent])})
         yield DONE
 
@@ -382,4 +368,4 @@ def _stream(
         held.release()
         await slot.close()
 
-    return ClosingStream(frames(), close)
+    return ClosingStream(frames(), close, ERRORS)

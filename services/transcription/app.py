@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 
 from services.transcription import audio
 from services.transcription.api import build_router
+from services.transcription.errors import ERRORS
 from services.transcription.jobs import JobMetrics, JobRunner, JobStore
 from services.transcription.placement import Placement, PlacementMetrics
 from services.transcription.pool import WorkerPool
@@ -19,6 +20,7 @@ from services.transcription.settings import TranscriptionSettings
 from services.transcription.whisper import LANGUAGES
 from services.transcription.worker import WorkerSpec
 from shared.client import ServiceClient
+from shared.errors import map_errors
 from shared.gpu import vram_estimate_mb
 from shared.service import Foundation, model
 from shared.settings import load_settings
@@ -112,6 +114,7 @@ def create_app(settings: TranscriptionSettings | None = None) -> FastAPI:
     max_body_mb = settings.max_upload_mb + UPLOAD_OVERHEAD_MB
     app = base.app(max_body_mb, lifespan=lifespan, ready=ready, info=info, public_info=public_info)
 
+    map_errors(app, ERRORS)
     app.include_router(build_router(placement, runner, decoder, settings, model_id, auth, metrics))
 
     def languages_in_schema(document: dict[str, Any]) -> None:
