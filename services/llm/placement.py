@@ -351,22 +351,22 @@ class GpuPolicy:
             scheduler.open()
 
     async def _take_back(self) -> None:
-        """After a hand-over: the card again for the streams that wait, or the CPU."""
+        """After a hand-over: the card again for the streams that wait, or the CPU. Through
+        the one ask the policy keeps (``_acquiring``): an ask of its own beside it was a
+        second waiter of the same holder, and when the coordinator granted the other one
+        this ask waited for a card its own process held, while the hand-over under way
+        kept that lease's yield request from being heard: 10 s (GEMMA_GPU_WAIT_MS) each
+        time, over and over in the soak."""
+        self._start_acquiring()
+        assert self._acquiring is not None
         try:
-            lease = await self._gpu.acquire(self._lease_request())
-        except GpuUnavailable:
+            await unless(asyncio.shield(self._acquiring), timeout_s=self._settings.gpu_wait_ms / 1000)
+        except TimeoutError:
             if self.moves_layers and self.engine.gpu_layers != 0:
                 await asyncio.to_thread(self.engine.load, 0)  # nothing on the card without a lease
             log.warning("GPU not granted back in time; the streams go on on the CPU")
-            self._start_acquiring()
             return
-        self._lease = lease
         self._used = True
-        self._metrics.lease_held.set(1)
-        lease.listen(self._heard)
-        if self.engine.gpu_layers != self.target_layers:
-            seconds = await asyncio.to_thread(self.engine.load, self.target_layers)
-            self._metrics.reloads.observe(seconds)
 
     async def close(self) -> None:
         for task in (self._keeper, self._acquiring, self._handing, self._releasing):

@@ -100,16 +100,28 @@ class ScriptedGpu:
         self.leases: list[ScriptedLease] = []
         self.refusals = 0
         self.asked = 0
+        self.waiting = 0
+        """Asks in flight now; the most there ever were at once."""
+        self.most_waiting = 0
+        self.gate: asyncio.Event | None = None
+        """Set: grants wait until it is."""
 
     async def acquire(self, request: LeaseRequest) -> ScriptedLease:
         assert (request.holder, request.priority) == ("llm", "interactive")
         self.asked += 1
-        if self.refusals:
-            self.refusals -= 1
-            await asyncio.sleep(request.wait_s)
-            raise GpuUnavailable("busy", retry_after_s=0.01, reason="wait_over")
-        self.leases.append(ScriptedLease(len(self.leases) + 1))
-        return self.leases[-1]
+        self.waiting += 1
+        self.most_waiting = max(self.most_waiting, self.waiting)
+        try:
+            if self.refusals:
+                self.refusals -= 1
+                await asyncio.sleep(request.wait_s)
+                raise GpuUnavailable("busy", retry_after_s=0.01, reason="wait_over")
+            if self.gate is not None:
+                await self.gate.wait()
+            self.leases.append(ScriptedLease(len(self.leases) + 1))
+            return self.leases[-1]
+        finally:
+            self.waiting -= 1
 
     async def aclose(self) -> None:
         return None
@@ -227,5 +239,28 @@ async def test_not_granted_in_time_it_serves_on_the_cpu_and_moves_to_the_card_on
             break
         await asyncio.sleep(0.01)
     assert engine.loads == [LAYERS]  # the ask went on, and the engine moved once it was granted
+    await made.finish(placement, client_gone=False)
+    await made.close()
+
+
+async def test_a_hand_over_and_a_request_arriving_meanwhile_make_one_ask_not_two() -> None:
+    """The soak's 10 s stalls: the hand-over took the card back with an ask of its own
+    while a new request's ask was out too; the coordinator granted one, and the other
+    waited for a card its own process held."""
+    made, gpu, _ = policy()
+    placement = await made.place(made.want())
+    lease = cast(ScriptedLease, placement.lease)
+    gpu.gate = asyncio.Event()  # the card is someone else's for a while
+    lease.ask_to_yield()
+    await asyncio.wait_for(lease.released.wait(), 10)
+    arriving = made.want()  # a new request while the streams wait for the card back
+    async with asyncio.timeout(10):
+        while gpu.waiting == 0:
+            await asyncio.sleep(0.01)
+    gpu.gate.set()
+    second = await made.place(arriving)
+    assert gpu.most_waiting == 1  # one ask for both
+    assert second.lease is gpu.leases[-1] and len(gpu.leases) == 2
+    await made.finish(second, client_gone=False)
     await made.finish(placement, client_gone=False)
     await made.close()
