@@ -56,8 +56,9 @@ if op == 'init' then
   -- ARGV 9: epoch to create if none  10: epoch this coordinator knew ('' if none)
   --      11: quarantine length in ms when the data was lost  12: waiter heartbeat ms
   --      13: the card's memory in MB (0: unknown)  14: guaranteed batch slice in ms
-  --      15: a holder's turn in ms (see outranked)
-  redis.call('HSET', K_META, 'card_mb', ARGV[13], 'batch_slice_ms', ARGV[14], 'turn_ms', ARGV[15])
+  --      15: a holder's turn in ms (see outranked)  16: an interactive holder's least hold in ms
+  redis.call('HSET', K_META, 'card_mb', ARGV[13], 'batch_slice_ms', ARGV[14], 'turn_ms', ARGV[15],
+    'min_hold_ms', ARGV[16] or '0')
   local stored = redis.call('GET', K_EPOCH)
   if stored then
     -- A (re)starting coordinator: queued waiters could not refresh their heartbeat
@@ -248,17 +249,22 @@ local function grant(id, w)
 end
 
 -- Whether someone waiting should have the card now rather than after the holder's
--- turn: an interactive waiter outranks a batch holder and any holder of another
--- service (a chat during an upload), and a starving batch waiter outranks everyone.
--- Anyone else (a second upload of the same service, a job behind an upload or an idle
--- LLM) asks once the holder has had the card for a turn (meta turn_ms): holders that
--- pause at once would otherwise swap the card every few milliseconds.
+-- turn: an interactive waiter outranks a batch holder, and any interactive holder of
+-- another service (a chat during an upload) once that one has held the card for its
+-- least hold (meta min_hold_ms); a starving batch waiter outranks everyone. Anyone else
+-- (a second upload of the same service, a job behind an upload or an idle LLM) asks once
+-- the holder has had the card for a turn (meta turn_ms): holders that pause at once
+-- would otherwise swap the card every few milliseconds. The least hold is that rule for
+-- two services that both serve users: in the soak the batching LLM and an upload, each
+-- asked to yield the instant it was granted, swapped the card every 10-40 ms and got
+-- next to nothing done between swaps.
 local function outranked(l)
   local b = redis.call('ZRANGE', K_QB, 0, 0)[1]
   if b and starving(waiter_get(b)) then return true end
+  local held_enough = now >= l.granted_at + meta_number('min_hold_ms')
   for _, id in ipairs(redis.call('ZRANGE', K_QI, 0, -1)) do
     local w = waiter_get(id)
-    if w and (l.priority == 'batch' or w.holder ~= l.holder) then return true end
+    if w and (l.priority == 'batch' or (w.holder ~= l.holder and held_enough)) then return true end
   end
   return false
 end
@@ -308,6 +314,7 @@ local function advance()
     elseif l.revoked == 0 and interactive + batch > 0 and l.yield_requested == 0
         and now < l.granted_at + meta_number('turn_ms') and not outranked(l) then
       soon(l.granted_at + meta_number('turn_ms'))
+      if now < l.granted_at + meta_number('min_hold_ms') then soon(l.granted_at + meta_number('min_hold_ms')) end
     elseif l.revoked == 0 and interactive + batch > 0 then
       -- The table of needs may have grown since the grant (a new service asked).
       local free = must_free(l.holder, l.vram_mb)

@@ -216,6 +216,7 @@ class LeaseManager:
                 self.card_mb,
                 self._settings.batch_slice_ms,
                 self._settings.turn_ms,
+                self._settings.min_hold_ms,
             )
             self._epoch = result["epoch"]
             if result.get("lost"):

@@ -52,6 +52,11 @@ class CoordinatorSettings(ServiceSettings):
     batch_slice_ms: int = Field(default=5000, ge=0, le=600000)
     """A batch holder granted because it starved keeps the card this long before it is
     asked to yield."""
+    min_hold_ms: int = Field(default=50, ge=0, le=600000)
+    """An interactive holder keeps the card at least this long before another service's
+    interactive waiter asks for it (a batch holder is asked at once), so that two services
+    serving users at once take turns with work done in each instead of swapping the card
+    every few milliseconds (measured in the soak: the LLM and an upload, 10-40 ms apart)."""
     turn_ms: int = Field(default=250, ge=0, le=600000)
     """A holder is asked to yield at once only for a waiter that outranks it (interactive
     over batch, another service's interactive request, a starving batch waiter); for

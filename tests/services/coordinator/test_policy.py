@@ -181,6 +181,25 @@ async def test_only_a_waiter_that_outranks_the_holder_asks_before_its_turn(
     assert (await queued).json()["holder"] == waiter[0]
 
 
+async def test_an_interactive_holder_keeps_the_card_its_least_hold_before_another_service_asks(
+    start_coordinator: StartCoordinator, api_factory: ApiFactory
+) -> None:
+    """The soak's swap storm: the LLM and an upload, each asked to yield the instant it
+    was granted. A batch holder is still asked at once (the upload-job case above)."""
+    api = api_factory(start_coordinator(min_hold_ms=1000, turn_ms=60000))
+    held = (await api.acquire("transcription", "interactive", ttl_ms=5000)).json()
+    queued = await enqueue(api, "llm", "interactive", 1)
+    assert (await api.renew(held["lease_id"])).json()["yield_requested"] is False  # within its least hold
+    async with asyncio.timeout(20):
+        while not (await api.renew(held["lease_id"])).json()["yield_requested"]:
+            await asyncio.sleep(0.05)
+    asked_after = time.time() - held["granted_at"]
+    assert asked_after >= 1.0  # not before the least hold
+    assert asked_after < 30  # and long before the turn
+    await api.release(held["lease_id"])
+    assert (await queued).json()["holder"] == "llm"
+
+
 async def test_a_peer_gets_the_card_after_the_holders_turn(
     start_coordinator: StartCoordinator, api_factory: ApiFactory
 ) -> None:
