@@ -30,7 +30,18 @@ from functools import partial
 from typing import Any
 
 from services.transcription.pool import WorkerPool
-from services.transcription.worker import Work, Worker, WorkerDied, WorkerFailed, process_state
+from services.transcription.worker import (
+    Decoded,
+    Died,
+    Ended,
+    Failed,
+    HandedOver,
+    Work,
+    Worker,
+    WorkerDied,
+    WorkerFailed,
+    process_state,
+)
 from shared import cuda_checkpoint
 from shared.aio import Interrupted, unless
 from shared.gpu import Gpu, GpuUnavailable, Handover, HeldLease, LeaseEvent, LeaseRequest, Priority
@@ -158,24 +169,24 @@ class Placement:
                     self._arm(worker, lease)
                 while True:
                     try:
-                        kind, body = await self._unless_stalled(worker.receive())
+                        message = await self._unless_stalled(worker.receive())
                     except Stalled:
-                        kind, body = "stalled", None
+                        message = None
                         break
-                    if kind in ("window", "piece"):
+                    if isinstance(message, Decoded):
                         deaths = 0
-                        await on_message(kind, body)
-                    elif kind == "handover" and body != lease.fence:
+                        await on_message(message.kind, message.body)
+                    elif isinstance(message, HandedOver) and message.fence != lease.fence:
                         continue  # a stale signal from an earlier lease
                     else:
                         break
-                if kind == "end":
+                if isinstance(message, Ended):
                     busy = False
-                    return body
-                if kind == "error":
+                    return message.result
+                if isinstance(message, Failed):
                     busy = False
-                    raise WorkerFailed(str(body))
-                if kind == "stalled":
+                    raise WorkerFailed(message.error)
+                if message is None:
                     # The watchdog: no word from the worker for stall_s while it holds the
                     # card. End it, give the card back, and start again from the checkpoint.
                     await self._stalled(worker, lease)
@@ -184,7 +195,7 @@ class Placement:
                     worker = await self.pool.replace(worker)
                     send = True
                     continue
-                if kind == "died":
+                if isinstance(message, Died):
                     deaths += 1
                     self._metrics.worker_deaths.inc()
                     log.warning("a whisper worker died mid-request; replacing it", extra={"deaths": deaths})
@@ -195,7 +206,7 @@ class Placement:
                     send = True
                     if not lease.lost:
                         continue
-                # kind == "handover" (or a death without a lease): give the card back, get it again.
+                # HandedOver (or a death without a lease): give the card back, get it again.
                 if on_state is not None:
                     await on_state("paused")
                 restart = await self._hand_over(worker, lease)

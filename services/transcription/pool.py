@@ -13,7 +13,7 @@ import contextlib
 import logging
 from typing import Any
 
-from services.transcription.worker import Work, Worker, WorkerDied, WorkerSpec
+from services.transcription.worker import Ended, Work, Worker, WorkerDied, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,9 @@ class WorkerPool:
         try:
             for worker in idle:
                 if worker.alive:
-                    kind, _ = await worker.call(Work("free_device"))
-                    if kind != "end":
-                        log.warning("an idle worker could not free the device", extra={"answer": kind})
+                    answer = await worker.call(Work("free_device"))
+                    if not isinstance(answer, Ended):
+                        log.warning("an idle worker could not free the device", extra={"answer": str(answer)})
         finally:
             for worker in idle:
                 self.give(worker)

@@ -89,6 +89,62 @@ def take_work(conn: Connection) -> Work:
     return Work(op, samples, options)
 
 
+# -- what the worker says (and what the service says in its place) ----------------
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The model is loaded."""
+
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A piece of the answer under way: a ``window`` of a job or a ``piece`` of an upload."""
+
+    kind: str
+    body: Any
+
+
+@dataclass(frozen=True)
+class OnDevice:
+    """Whether the weights are on the device now (after each request)."""
+
+    on: bool
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The request's end, with what it returned."""
+
+    result: Any = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request raised inside the worker (the worker lives on)."""
+
+    error: str
+
+
+@dataclass(frozen=True)
+class Died:
+    """The worker's pipe closed: it ended (put by the service's reader thread)."""
+
+
+@dataclass(frozen=True)
+class HandedOver:
+    """Paused for the lease with this fence (put by the service when a yield came)."""
+
+    fence: int
+
+
+Message = Ready | Decoded | OnDevice | Ended | Failed | Died | HandedOver
+Answer = Ended | Failed | Died
+"""How a request ends."""
+
+
 class WorkerDied(Exception):
     """The worker process ended while it had a request."""
 
@@ -139,7 +195,7 @@ def _child(conn: Connection, spec: WorkerSpec, deadline: Synchronized[float], pa
     )
     busy = threading.Event()
     threading.Thread(target=_fence, args=(deadline, busy), name="fence", daemon=True).start()
-    conn.send(("ready", {"multilingual": transcriber.multilingual, "pid": os.getpid()}))
+    conn.send(Ready({"multilingual": transcriber.multilingual, "pid": os.getpid()}))
     while True:
         try:
             request = take_work(conn)
@@ -147,34 +203,36 @@ def _child(conn: Connection, spec: WorkerSpec, deadline: Synchronized[float], pa
             return
         if request.op in DECODES:
             busy.set()  # fenced: only decoding runs under a lease; freeing memory never waits for one
-        answer: tuple[str, Any]
+        answer: Ended | Failed
         try:
             options = request.options or {}
             samples = request.samples if request.samples is not None else np.zeros(0, dtype=np.float32)
             if request.op == "windows":
                 for window in transcriber.windows(samples, **options):
-                    conn.send(("window", window))
-                answer = ("end", None)
+                    conn.send(Decoded("window", window))
+                answer = Ended()
             elif request.op == "transcribe":
                 # The temperature fallback samples: a fixed seed makes a rerun (after the
                 # worker was ended to free memory) give the same text as the first run.
                 ctranslate2.set_random_seed(0)
-                _, info = transcriber.transcribe(samples, on_piece=lambda piece: conn.send(("piece", piece)), **options)
-                answer = ("end", info)
+                _, info = transcriber.transcribe(
+                    samples, on_piece=lambda piece: conn.send(Decoded("piece", piece)), **options
+                )
+                answer = Ended(info)
             elif request.op == "free_device":
-                answer = ("end", transcriber.free_device())
+                answer = Ended(transcriber.free_device())
             elif request.op == "to_device":
-                answer = ("end", transcriber.to_device())
+                answer = Ended(transcriber.to_device())
             else:
-                answer = ("error", f"unknown op {request.op!r}")
+                answer = Failed(f"unknown op {request.op!r}")
         except (BrokenPipeError, EOFError):
             return
         except Exception as exc:
-            answer = ("error", f"{type(exc).__name__}: {exc}")
+            answer = Failed(f"{type(exc).__name__}: {exc}")
         finally:
             busy.clear()
         try:
-            conn.send(("device", transcriber.on_device))  # whether the weights are on it now
+            conn.send(OnDevice(transcriber.on_device))
             conn.send(answer)
         except (BrokenPipeError, EOFError):
             return
@@ -200,7 +258,7 @@ class Worker:
         self.spec = spec
         self._context = multiprocessing.get_context("spawn")
         self._deadline: Synchronized[float] = self._context.Value("d", 0.0, lock=False)
-        self._inbox: ThreadInbox[tuple[str, Any]] = ThreadInbox()
+        self._inbox: ThreadInbox[Message] = ThreadInbox()
         self._state_lock = threading.Lock()
         self.paused = False
         self._sending = False
@@ -229,7 +287,7 @@ class Worker:
             try:
                 message = self._conn.recv()
             except (EOFError, OSError):  # the worker ended (its reaping is kill()'s)
-                self._inbox.put(("died", None))
+                self._inbox.put(Died())
                 return
             self._inbox.put(message)
 
@@ -240,13 +298,13 @@ class Worker:
     async def ready(self) -> dict[str, Any]:
         """Wait until the model is loaded (at once if it already was)."""
         if not self.info:
-            kind, body = await self._inbox.get()
-            if kind != "ready":
-                raise WorkerDied(f"the worker did not start ({kind}: {body})")
-            self.info = body
+            message = await self._inbox.get()
+            if not isinstance(message, Ready):
+                raise WorkerDied(f"the worker did not start ({message})")
+            self.info = message.info
         return self.info
 
-    def post(self, message: tuple[str, Any]) -> None:
+    def post(self, message: Message) -> None:
         """Put a message of the service's own into this worker's inbox (any thread)."""
         self._inbox.put(message)
 
@@ -281,7 +339,7 @@ class Worker:
                 self._pending = fence
                 return
         self.pause()
-        self.post(("handover", fence))
+        self.post(HandedOver(fence))
 
     def resume(self) -> None:
         """SIGCONT (also undoes a stop the worker's own fence made)."""
@@ -320,20 +378,20 @@ class Worker:
             if pending is not None:
                 self.hand_over(pending)
 
-    async def receive(self) -> tuple[str, Any]:
-        """The next message; the worker's ``device`` reports are taken in here."""
+    async def receive(self) -> Message:
+        """The next message; the worker's OnDevice reports are taken in here."""
         while True:
-            kind, body = await self._inbox.get()
-            if kind != "device":
-                return kind, body
-            self.on_device = bool(body)
+            message = await self._inbox.get()
+            if not isinstance(message, OnDevice):
+                return message
+            self.on_device = message.on
 
-    async def call(self, request: Work) -> tuple[str, Any]:
-        """Send a short request (free_device, to_device) and return its answer,
+    async def call(self, request: Work) -> Answer:
+        """Send a short request (free_device, to_device) and return how it ended,
         skipping the service's own signals."""
         await self.ready()
         await self.send(request)
         while True:
-            kind, body = await self.receive()
-            if kind in ("end", "error", "died"):
-                return kind, body
+            message = await self.receive()
+            if isinstance(message, Ended | Failed | Died):
+                return message
