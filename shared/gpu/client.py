@@ -69,8 +69,16 @@ class GpuClient:
 
     def renew(self, lease_id: str) -> httpx.Response:
         """The one renewal request, blocking (renewal threads). Raises httpx.TransportError,
-        or RuntimeError once the client is closed."""
-        return self._sync_http.post(f"/v1/leases/{lease_id}/renew", headers=self.auth_headers())
+        or RuntimeError once the client is closed. Sent once more on a fresh connection when
+        the kept one turns out closed ("Server disconnected without sending a response":
+        the coordinator closes idle connections, and a renewal can meet one as it closes;
+        in the soak that failed an upload with a 500). A renewal only extends the same
+        lease, so sending it twice is harmless; the caller's send time, taken before,
+        stays the safe base of the deadline."""
+        try:
+            return self._sync_http.post(f"/v1/leases/{lease_id}/renew", headers=self.auth_headers())
+        except httpx.RemoteProtocolError:
+            return self._sync_http.post(f"/v1/leases/{lease_id}/renew", headers=self.auth_headers())
 
     async def give_back(self, lease_id: str, params: dict[str, str] | None) -> httpx.Response:
         return await self.http.delete(f"/v1/leases/{lease_id}", headers=self.auth_headers(), params=params)
@@ -195,7 +203,13 @@ class GpuClient:
         if time.monotonic() - sent > (ttl_s - lease.margin_s) / 2:
             # We waited long: our only safe base (the send time) is old. Renew once now.
             sent = time.monotonic()
-            response = await asyncio.to_thread(self.renew, lease.lease_id)
+            try:
+                response = await asyncio.to_thread(self.renew, lease.lease_id)
+            except (httpx.TransportError, RuntimeError):
+                await lease.release()
+                raise GpuUnavailable(
+                    "the coordinator did not answer right after the grant", reason="unreachable"
+                ) from None
             if response.status_code != 200:
                 await lease.release()
                 raise GpuUnavailable("the lease was lost right after it was granted", reason="lost")
