@@ -63,6 +63,8 @@ class Answer:
     first_token_s: float | None = None
     cut: bool = False
     """A stream that ended with an error event (its service was killed)."""
+    no_call: bool = False
+    """A tool answer without a call (cut by max_tokens inside it: returned as text)."""
 
 
 @dataclass
@@ -143,7 +145,7 @@ class Soak:
             try:
                 json.loads(response.json()["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])
             except (ValueError, KeyError, IndexError, TypeError):
-                self.note(name, "tool", response, cut=True)  # 200 without a call: counted apart
+                self.note(name, "tool", response, no_call=True)  # 200 without a call: counted apart
                 return
         self.note(name, "tool", response)
 
@@ -287,7 +289,8 @@ def report(soak: Soak, outcome: dict[str, str], started: float) -> dict[str, Any
     unanswered = Counter(f"{a.kind} {a.code}" for a in soak.answers if a.status == 0)
     print(f"no answer at all (the gateway itself down, or a timeout): {dict(unanswered)}")
     cut = sum(1 for a in soak.answers if a.cut)
-    print(f"streams cut by a kill (an error event, then [DONE]), or a tool answer without a call: {cut}")
+    no_call = sum(1 for a in soak.answers if a.no_call)
+    print(f"streams cut by a kill (an error event, then [DONE]): {cut}; tool answers without a call: {no_call}")
     print(f"jobs: {dict(Counter(outcome.values()))} of {len(outcome)}")
     kills = []
     for kill in soak.kills:
@@ -328,6 +331,7 @@ def report(soak: Soak, outcome: dict[str, str], started: float) -> dict[str, Any
         "undocumented_5xx": sum(undocumented.values()),
         "unanswered": dict(unanswered),
         "cut_streams": cut,
+        "tool_answers_without_a_call": no_call,
         "jobs": outcome,
         "kills": kills,
         "memory": soak.memory,
