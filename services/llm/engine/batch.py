@@ -663,8 +663,12 @@ class Scheduler:
             generation = self._queue.pop()
             try:
                 sampler = Sampler(model.vocab, model.n_vocab, request.sampling, request.grammar)
-            except ValueError as exc:
+            except ValueError as exc:  # llama.cpp refused the grammar
                 generation.inbox.put(exc)
+                continue
+            except Exception:  # popped already: it is answered here or never
+                log.exception("a sampler could not be made; ending that request")
+                generation.inbox.put(RuntimeError("the model failed while generating"))
                 continue
             slot = self._free_slots.pop()
             model.forget(slot)

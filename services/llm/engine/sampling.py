@@ -66,7 +66,7 @@ class Sampler:
             add(
                 self.chain,
                 llama_cpp.llama_sampler_init_penalties(
-                    PENALTY_WINDOW, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
+                    n_vocab, PENALTY_WINDOW, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
                 ),
             )
         if params.temperature <= 0:

@@ -223,6 +223,33 @@ async def test_stop_strings_max_tokens_and_the_time_budget(engine: Engine) -> No
     assert cut.reason == "length" and cut.cut == "deadline" and cut.completion_tokens < 900
 
 
+async def test_penalties_change_a_repetitive_answer(engine: Engine) -> None:
+    # The summaries ask for repeat_penalty and users for frequency/presence penalties; each
+    # goes through llama.cpp's penalties sampler, whose signature changed between releases.
+    prompt = ask("Repeat after me: la la la la la la la la la la la la")
+    plain, _ = await run(engine, prompt, greedy(24), keep=False)
+    for extra in ({"repeat_penalty": 1.5}, {"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        penalized, finished = await run(engine, prompt, greedy(24, **extra), keep=False)
+        assert finished.completion_tokens > 0
+        assert penalized != plain, extra
+
+
+async def test_a_request_whose_sampler_fails_is_answered_with_the_error_and_the_batch_goes_on(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.llm.engine import batch
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise TypeError("a binding that changed")
+
+    monkeypatch.setattr(batch, "Sampler", broken)
+    with pytest.raises(RuntimeError, match="the model failed"):
+        await asyncio.wait_for(run(engine, ask("Hello"), greedy(4), keep=False), 30)
+    monkeypatch.undo()
+    text, finished = await run(engine, ask("Hello"), greedy(4), keep=False)
+    assert finished.completion_tokens == 4 and engine.scheduler.running == 0
+
+
 async def test_a_stream_survives_a_reload_mid_answer_unchanged(engine: Engine) -> None:
     """The layers move (here: the CPU build reloads with 0 layers) in the middle of an
     answer: the stream goes on from its cells, and greedy text is unchanged."""
