@@ -246,7 +246,7 @@ async def test_a_request_whose_sampler_fails_is_answered_with_the_error_and_the_
     with pytest.raises(RuntimeError, match="the model failed"):
         await asyncio.wait_for(run(engine, ask("Hello"), greedy(4), keep=False), 30)
     monkeypatch.undo()
-    text, finished = await run(engine, ask("Hello"), greedy(4), keep=False)
+    _, finished = await run(engine, ask("Hello"), greedy(4), keep=False)
     assert finished.completion_tokens == 4 and engine.scheduler.running == 0
 
 
