@@ -105,6 +105,27 @@ class Auth:
         return dependency
 
 
+def signed_in(*scopes: str) -> Callable[[Request], Awaitable[Principal]]:
+    """``Auth.require`` for routes declared at module level: the app's own ``Auth``
+    (``app.state.auth``, set by ``create_service_app``)."""
+
+    async def dependency(request: Request) -> Principal:
+        auth: Auth = request.app.state.auth
+        return await auth.require(*scopes)(request)
+
+    return dependency
+
+
+def calling(*scopes: str) -> Callable[[Request], Awaitable[Caller]]:
+    """``Auth.caller`` for routes declared at module level: the caller, typed."""
+
+    async def dependency(request: Request) -> Caller:
+        auth: Auth = request.app.state.auth
+        return await auth.caller(*scopes)(request)
+
+    return dependency
+
+
 def caller(request: Request) -> Caller:
     """The caller an ``Auth.caller`` dependency of this route worked out."""
     found = getattr(request.state, "caller", None)
@@ -368,6 +389,7 @@ def create_service_app(
         openapi_url=None,
     )
     install_error_handlers(app)
+    app.state.auth = auth  # for the module-level routes' dependencies (signed_in, calling)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=max_body_bytes, audit=audit)
     admin = [Depends(auth.require("admin"))]
 
