@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from harness.servers import REPO_ROOT, ServiceProcess
+from harness.servers import REPO_ROOT, ChromaServer, ServiceProcess
 from tests.conftest import Mint
 
 pytestmark = pytest.mark.slow
@@ -121,3 +121,49 @@ def test_a_store_from_before_the_journal_is_copied_into_it(tmp_path: Path, log_d
     checked = rebuild(service.env, "--check")
     assert checked.returncode == 0, checked.stderr
     assert "(2 records)" in checked.stdout
+
+
+@pytest.mark.parametrize("backend", ["embedded", "server"])
+def test_reingesting_adds_nothing_and_the_data_survives_a_restart(
+    backend: str, tmp_path: Path, log_dir: Path, mint: Mint
+) -> None:
+    """A process restart: the in-process tests (test_rag.py) cannot show this, as Chroma
+    keeps an embedded store open per path for the life of the process."""
+    chroma = ChromaServer(tmp_path / "chroma-server").start() if backend == "server" else None
+    env = {"RAG_CHROMA_URL": chroma.url} if chroma else {"RAG_CHROMA_PATH": str(tmp_path / "chroma")}
+    service = ServiceProcess("rag", env | {"RAG_JOURNAL_PATH": str(tmp_path / "journal.sqlite3")}, log_dir)
+    token = mint("rag:read", "rag:write", sub="service:test")
+    docs = [{"id": "a", "text": "Alpha launches in May."}, {"text": "Beta is paused until the audit ends."}]
+
+    def ingest(http: httpx.Client) -> dict[str, Any]:
+        response = http.post("/v1/documents", json={"documents": docs, "collection": "restart"})
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    def count(http: httpx.Client) -> int:
+        return int(http.get("/v1/stats").json()["collections"].get("restart", 0))
+
+    def client() -> httpx.Client:
+        return httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {token}"}, timeout=120)
+
+    try:
+        service.start()
+        with client() as http:
+            first = ingest(http)
+            assert first["chunks"] == 2
+            assert first["ids"][0] == "a" and str(first["ids"][1]).startswith("doc-")
+            assert ingest(http) == {"ids": first["ids"], "chunks": 0}
+            assert count(http) == 2
+        service.stop()
+        service.start()
+        with client() as http:
+            assert count(http) == 2
+            found = http.post(
+                "/v1/query", json={"query": "When does Alpha launch?", "collection": "restart", "top_k": 1}
+            )
+            assert found.json()["results"][0]["id"] == "a#0"
+            assert ingest(http)["chunks"] == 0
+    finally:
+        service.stop()
+        if chroma:
+            chroma.stop()

@@ -2,30 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+from fastapi.testclient import TestClient
 
-from harness.servers import RedisServer, ServiceProcess
+from harness.servers import RedisServer
+from services.rag.app import create_app
+from services.rag.settings import RAGSettings
 from shared.auth import ON_BEHALF_OF
+from shared.settings import AuthSettings, LimitSettings
 from tests.conftest import Mint
-from tests.services.rag.conftest import Rag
-
-pytestmark = pytest.mark.slow
+from tests.services.rag.conftest import As, Rag, bearer
 
 DOOR = "The door code of the Harbor office is 4711."
 
 
 class User:
     def __init__(self, rag: Rag, token: str, collection: str, **headers: str) -> None:
-        self.http = httpx.Client(base_url=rag.url, headers={"Authorization": f"Bearer {token}", **headers}, timeout=60)
+        self.http = rag.client(token, **headers)
         self.collection = collection
 
-    def ingest(self, *documents: dict[str, Any]) -> httpx.Response:
+    def ingest(self, *documents: dict[str, Any]) -> Any:
         return self.http.post("/v1/documents", json={"documents": list(documents), "collection": self.collection})
 
     def query(self, text: str, **options: object) -> list[dict[str, Any]]:
@@ -123,25 +124,24 @@ def test_a_service_acts_for_a_user_but_a_user_cannot_pose_as_another(
 
 
 @pytest.fixture(scope="module")
-def small_quota(tmp_path_factory: pytest.TempPathFactory, log_dir: Path, redis_server: RedisServer) -> Iterator[str]:
-    """A RAG service whose users may store 2,000 bytes of text each."""
-    env = {
-        "RAG_CHROMA_PATH": str(tmp_path_factory.mktemp("rag-quota") / "chroma"),
-        "BATON_REDIS_URL": redis_server.url,
-        "BATON_KEY_PREFIX": f"quota-{secrets.token_hex(4)}:",
-        "BATON_LIMIT_STORED_MB": str(2000 / 1_048_576),
-    }
-    service = ServiceProcess("rag", env, log_dir).start()
-    yield service.url
-    service.stop()
+def small_quota(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, auth_settings: AuthSettings
+) -> Iterator[Any]:
+    """A RAG app whose users may store 2,000 bytes of text each."""
+    folder = tmp_path_factory.mktemp("rag-quota")
+    limits = LimitSettings(
+        redis_url=redis_server.url, key_prefix=f"quota-{secrets.token_hex(4)}:", limit_stored_mb=2000 / 1_048_576
+    )
+    app = create_app(RAGSettings(auth=auth_settings, chroma_path=folder / "chroma", limits=limits))
+    with TestClient(app, base_url="http://rag") as client:
+        yield client
 
 
-def test_stored_text_is_counted_per_user_against_their_quota(small_quota: str, mint: Mint) -> None:
-    def user(sub: str) -> httpx.Client:
-        token = mint("rag:read", "rag:write", sub=sub)
-        return httpx.Client(base_url=small_quota, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+def test_stored_text_is_counted_per_user_against_their_quota(small_quota: Any, mint: Mint) -> None:
+    def user(sub: str) -> contextlib.nullcontext[As]:
+        return contextlib.nullcontext(As(small_quota, bearer(mint("rag:read", "rag:write", sub=sub))))
 
-    def ingest(http: httpx.Client, doc_id: str, size: int) -> httpx.Response:
+    def ingest(http: As, doc_id: str, size: int) -> Any:
         return http.post("/v1/documents", json={"documents": [{"id": doc_id, "text": "word " * (size // 5)}]})
 
     with user("alice") as alice, user("bob") as bob:

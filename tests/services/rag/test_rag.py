@@ -1,4 +1,4 @@
-"""The RAG service over real HTTP, on embedded Chroma and on a Chroma server."""
+"""The RAG service through its in-process app, on embedded Chroma and on a Chroma server."""
 
 from __future__ import annotations
 
@@ -8,15 +8,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import openai
 import pytest
 
 from tests.conftest import Mint
 from tests.services.rag.conftest import Rag
-
-pytestmark = pytest.mark.slow
 
 LABELLED = json.loads((Path(__file__).parent / "data" / "labelled.json").read_text())
 
@@ -55,22 +52,6 @@ def test_recall_at_5_on_the_labelled_set(
     recall = hits / len(questions)
     record_property(f"measured: recall@5, {rag.backend} Chroma", f"{hits}/{len(questions)} = {recall:.2f}")
     assert recall >= 0.9, misses
-
-
-def test_reingesting_adds_nothing_and_the_data_survives_a_restart(rag: Rag, collection: str) -> None:
-    docs = [{"id": "a", "text": "Alpha launches in May."}, {"text": "Beta is paused until the audit ends."}]
-    first = ingest(rag, collection, *docs)
-    assert first["chunks"] == 2
-    assert first["ids"][0] == "a" and str(first["ids"][1]).startswith("doc-")
-    again = ingest(rag, collection, *docs)
-    assert again == {"ids": first["ids"], "chunks": 0}
-    assert count(rag, collection) == 2
-
-    rag.restart()
-    assert count(rag, collection) == 2
-    results = query(rag, collection, "When does Alpha launch?", top_k=1)
-    assert results[0]["id"] == "a#0"
-    assert ingest(rag, collection, *docs)["chunks"] == 0
 
 
 def test_same_id_with_new_text_replaces_the_document(rag: Rag, collection: str) -> None:
@@ -192,7 +173,7 @@ def test_delete_unknown_is_404(rag: Rag, collection: str) -> None:
 
 
 def test_the_openai_client_gets_embeddings(rag: Rag, mint: Mint) -> None:
-    client = openai.OpenAI(base_url=f"{rag.url}/v1", api_key=mint("rag:read"))
+    client = openai.OpenAI(base_url="http://rag/v1", api_key=mint("rag:read"), http_client=rag.client_of_app)
     result = client.embeddings.create(model="all-minilm-l6-v2", input=["a cat on a mat", "a dog on a log"])
     vectors = [np.array(item.embedding) for item in result.data]
     assert [len(v) for v in vectors] == [384, 384]
@@ -293,7 +274,7 @@ def test_invalid_utf8_and_oversized_bodies(rag: Rag) -> None:
 
 
 def test_scopes(rag: Rag, mint: Mint) -> None:
-    reader = {"Authorization": f"Bearer {mint('rag:read')}"}
-    assert httpx.post(f"{rag.url}/v1/documents", json={"documents": [{"text": "x"}]}, headers=reader).status_code == 403
-    assert httpx.post(f"{rag.url}/v1/query", json={"query": "x"}, headers=reader).status_code == 200
-    assert httpx.post(f"{rag.url}/v1/query", json={"query": "x"}).status_code == 401
+    reader = rag.client(mint("rag:read"))
+    assert reader.post("/v1/documents", json={"documents": [{"text": "x"}]}).status_code == 403
+    assert reader.post("/v1/query", json={"query": "x"}).status_code == 200
+    assert rag.client().post("/v1/query", json={"query": "x"}).status_code == 401

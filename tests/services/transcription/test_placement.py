@@ -18,6 +18,7 @@ from services.transcription.placement import Placement, PlacementMetrics
 from services.transcription.pool import WorkerPool
 from services.transcription.worker import Work, WorkerSpec, process_state
 from shared.gpu import LeaseEvent, LeaseRequest, Listener
+from shared.gpu.standin import NoLease
 from shared.metrics import Metrics
 from shared.presets import resolve
 from tests.services.transcription.conftest import MEETING
@@ -25,14 +26,12 @@ from tests.services.transcription.conftest import MEETING
 pytestmark = pytest.mark.slow
 
 
-class Lease:
+class Lease(NoLease):
     """A lease the test holds the strings of: asked to yield from its grant, or not."""
 
     def __init__(self, fence: int, asked: bool) -> None:
+        super().__init__()
         self.fence = fence
-        self.yield_seen_at: float | None = None
-        self.lost_reason: str | None = None
-        self.free_memory = False
         self.released: str | None = None
         self._listeners: list[Listener] = []
         self._asked = asyncio.Event()
@@ -46,19 +45,8 @@ class Lease:
             listener("yield")
 
     @property
-    def lost(self) -> bool:
-        return False
-
-    @property
     def yield_requested(self) -> bool:
         return self._asked.is_set()
-
-    @property
-    def deadline(self) -> float:
-        return float("inf")
-
-    def check(self) -> None:
-        return None
 
     def listen(self, listener: Listener) -> None:
         self._listeners.append(listener)
