@@ -1,4 +1,7 @@
-"""A real coordinator process on a real Redis, and helpers to drive it."""
+"""The coordinator on a real Redis: its app served in this process over real HTTP
+(``serve_coordinator``: a thread, started in milliseconds), or a real process
+(``start_coordinator``) for the tests about processes (restarts, limits across
+processes); and helpers to drive either."""
 
 from __future__ import annotations
 
@@ -6,13 +9,16 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import pytest
 
-from harness.servers import RedisServer, ServiceProcess
+from harness.servers import RedisServer, ServiceProcess, UvicornThread
+from services.coordinator.app import create_app
+from services.coordinator.settings import CoordinatorSettings
 from shared.gpu import GpuClient
+from shared.settings import AuthSettings
 from shared.sse_reader import aread_events
 from tests.conftest import Mint
 
@@ -44,6 +50,37 @@ def start_coordinator(redis_server: RedisServer, key_prefix: str, log_dir: Path)
     yield start
     for service in started:
         service.stop()
+
+
+class Served(Protocol):
+    @property
+    def url(self) -> str: ...
+
+
+ServeCoordinator = Callable[..., Served]
+
+
+@pytest.fixture
+def serve_coordinator(
+    redis_server: RedisServer, key_prefix: str, auth_settings: AuthSettings
+) -> Iterator[ServeCoordinator]:
+    """``create_app(settings)`` on loopback in a thread of the test process: the same app
+    and the same HTTP as the process, without starting Python again."""
+    served: list[UvicornThread] = []
+
+    def serve(redis_url: str | None = None, **settings: Any) -> Served:
+        # Tests name holders freely (a, b, w1...): let any service ask for interactive.
+        settings = {"other_services": "interactive"} | settings
+        chosen = CoordinatorSettings(
+            auth=auth_settings, redis_url=redis_url or redis_server.url, key_prefix=key_prefix, **settings
+        )
+        server = UvicornThread(create_app(chosen)).__enter__()
+        served.append(server)
+        return server
+
+    yield serve
+    for server in served:
+        server.__exit__()
 
 
 @pytest.fixture
@@ -99,10 +136,10 @@ class Api:
 
 
 @pytest.fixture
-async def api_factory(gpu_token: str, mint: Mint) -> AsyncIterator[Callable[[ServiceProcess], Api]]:
+async def api_factory(gpu_token: str, mint: Mint) -> AsyncIterator[Callable[[Served], Api]]:
     made: list[Api] = []
 
-    def make(coordinator: ServiceProcess) -> Api:
+    def make(coordinator: Served) -> Api:
         api = Api(coordinator.url, gpu_token, mint)
         made.append(api)
         return api
@@ -116,7 +153,7 @@ async def api_factory(gpu_token: str, mint: Mint) -> AsyncIterator[Callable[[Ser
 async def gpu_factory(mint: Mint) -> AsyncIterator[Callable[..., GpuClient]]:
     made: list[GpuClient] = []
 
-    def make(coordinator: ServiceProcess, holder: str, **options: Any) -> GpuClient:
+    def make(coordinator: Served, holder: str, **options: Any) -> GpuClient:
         """The client of service ``holder``: it acquires as ``holder`` only."""
         token = mint("gpu", sub=f"service:{holder}")
         client = GpuClient(coordinator.url, lambda: token, **options)
@@ -178,5 +215,5 @@ class Events:
 
 
 @pytest.fixture
-def events_for(gpu_token: str) -> Callable[[ServiceProcess], Events]:
+def events_for(gpu_token: str) -> Callable[[Served], Events]:
     return lambda coordinator: Events(coordinator.url, gpu_token)

@@ -9,17 +9,14 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from harness.servers import ServiceProcess
 from tests.conftest import Mint
-from tests.services.coordinator.conftest import Api, Events, StartCoordinator
+from tests.services.coordinator.conftest import Api, Events, ServeCoordinator, Served
 
-pytestmark = pytest.mark.slow  # real processes: a coordinator and Redis
-
-ApiFactory = Callable[[ServiceProcess], Api]
+ApiFactory = Callable[[Served], Api]
 
 
-async def test_grant_renew_release(start_coordinator: StartCoordinator, api_factory: ApiFactory) -> None:
-    api = api_factory(start_coordinator())
+async def test_grant_renew_release(serve_coordinator: ServeCoordinator, api_factory: ApiFactory) -> None:
+    api = api_factory(serve_coordinator())
     granted = await api.acquire("llm", ttl_ms=5000)
     assert granted.status_code == 201
     grant = granted.json()
@@ -63,9 +60,9 @@ async def test_grant_renew_release(start_coordinator: StartCoordinator, api_fact
 
 
 async def test_stale_and_forged_lease_ids_leave_the_lease_alone(
-    start_coordinator: StartCoordinator, api_factory: ApiFactory
+    serve_coordinator: ServeCoordinator, api_factory: ApiFactory
 ) -> None:
-    api = api_factory(start_coordinator())
+    api = api_factory(serve_coordinator())
     old = (await api.acquire("old")).json()
     assert (await api.release(old["lease_id"])).status_code == 204
     current = (await api.acquire("current", ttl_ms=5000)).json()
@@ -77,8 +74,8 @@ async def test_stale_and_forged_lease_ids_leave_the_lease_alone(
     assert (await api.renew(current["lease_id"])).status_code == 200
 
 
-async def test_wait_over_is_503_with_retry_after(start_coordinator: StartCoordinator, api_factory: ApiFactory) -> None:
-    api = api_factory(start_coordinator())
+async def test_wait_over_is_503_with_retry_after(serve_coordinator: ServeCoordinator, api_factory: ApiFactory) -> None:
+    api = api_factory(serve_coordinator())
     assert (await api.acquire("holder")).status_code == 201
     tried_once = await api.acquire("other", wait_ms=0)
     assert tried_once.status_code == 503
@@ -91,8 +88,8 @@ async def test_wait_over_is_503_with_retry_after(start_coordinator: StartCoordin
     assert (await api.gpu())["queue"] == []
 
 
-async def test_queue_full_is_429_with_retry_after(start_coordinator: StartCoordinator, api_factory: ApiFactory) -> None:
-    api = api_factory(start_coordinator(max_queue=2))
+async def test_queue_full_is_429_with_retry_after(serve_coordinator: ServeCoordinator, api_factory: ApiFactory) -> None:
+    api = api_factory(serve_coordinator(max_queue=2))
     held = (await api.acquire("holder")).json()
     waiters = [asyncio.create_task(api.acquire(f"w{i}", wait_ms=30000)) for i in range(2)]
     await api.wait_queue(2)
@@ -108,9 +105,9 @@ async def test_queue_full_is_429_with_retry_after(start_coordinator: StartCoordi
 
 
 async def test_a_waiter_whose_connection_drops_leaves_the_queue(
-    start_coordinator: StartCoordinator, api_factory: ApiFactory, events_for: Callable[[ServiceProcess], Events]
+    serve_coordinator: ServeCoordinator, api_factory: ApiFactory, events_for: Callable[[Served], Events]
 ) -> None:
-    coordinator = start_coordinator()
+    coordinator = serve_coordinator()
     api = api_factory(coordinator)
     await api.acquire("holder")
     async with events_for(coordinator) as events:
@@ -123,9 +120,9 @@ async def test_a_waiter_whose_connection_drops_leaves_the_queue(
 
 
 async def test_history_records_how_each_grant_ended(
-    start_coordinator: StartCoordinator, api_factory: ApiFactory
+    serve_coordinator: ServeCoordinator, api_factory: ApiFactory
 ) -> None:
-    api = api_factory(start_coordinator())
+    api = api_factory(serve_coordinator())
     first = (await api.acquire("a", ttl_ms=1000)).json()
     await api.release(first["lease_id"])
     second = (await api.acquire("b", "batch", ttl_ms=1000)).json()
@@ -146,9 +143,9 @@ async def test_history_records_how_each_grant_ended(
 
 
 async def test_events_stream_every_transition(
-    start_coordinator: StartCoordinator, api_factory: ApiFactory, events_for: Callable[[ServiceProcess], Events]
+    serve_coordinator: ServeCoordinator, api_factory: ApiFactory, events_for: Callable[[Served], Events]
 ) -> None:
-    coordinator = start_coordinator()
+    coordinator = serve_coordinator()
     api = api_factory(coordinator)
     async with events_for(coordinator) as events:
         first = (await api.acquire("a")).json()
@@ -187,16 +184,16 @@ async def test_events_stream_every_transition(
     ],
 )
 async def test_bad_requests_are_400_envelopes(
-    start_coordinator: StartCoordinator, api_factory: ApiFactory, body: dict[str, object]
+    serve_coordinator: ServeCoordinator, api_factory: ApiFactory, body: dict[str, object]
 ) -> None:
-    api = api_factory(start_coordinator())
+    api = api_factory(serve_coordinator())
     response = await api.http.post("/v1/leases", json=body)
     assert response.status_code == 400, response.text
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
-async def test_scopes(start_coordinator: StartCoordinator, mint: Mint) -> None:
-    coordinator = start_coordinator()
+async def test_scopes(serve_coordinator: ServeCoordinator, mint: Mint) -> None:
+    coordinator = serve_coordinator()
     body = {"holder": "a", "priority": "batch"}
     async with httpx.AsyncClient(base_url=coordinator.url) as http:
         admin = {"Authorization": f"Bearer {mint('admin')}"}
@@ -208,8 +205,8 @@ async def test_scopes(start_coordinator: StartCoordinator, mint: Mint) -> None:
         assert (await http.post("/v1/leases", json=body)).status_code == 401
 
 
-async def test_only_services_hold_the_gpu_under_their_own_name(start_coordinator: StartCoordinator, mint: Mint) -> None:
-    coordinator = start_coordinator(other_services="batch")
+async def test_only_services_hold_the_gpu_under_their_own_name(serve_coordinator: ServeCoordinator, mint: Mint) -> None:
+    coordinator = serve_coordinator(other_services="batch")
 
     def as_(token: str) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=coordinator.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)

@@ -8,19 +8,14 @@ import contextlib
 import math
 from collections.abc import Callable
 
-import pytest
+from tests.services.coordinator.conftest import Api, Events, ServeCoordinator, Served
 
-from harness.servers import ServiceProcess
-from tests.services.coordinator.conftest import Api, Events, StartCoordinator
-
-pytestmark = pytest.mark.slow  # real processes: a coordinator and Redis
-
-ApiFactory = Callable[[ServiceProcess], Api]
-EventsFor = Callable[[ServiceProcess], Events]
+ApiFactory = Callable[[Served], Api]
+EventsFor = Callable[[Served], Events]
 
 
-async def test_vram_is_declared_and_shown(start_coordinator: StartCoordinator, api_factory: ApiFactory) -> None:
-    api = api_factory(start_coordinator(gpu_memory_mb=24000))
+async def test_vram_is_declared_and_shown(serve_coordinator: ServeCoordinator, api_factory: ApiFactory) -> None:
+    api = api_factory(serve_coordinator(gpu_memory_mb=24000))
     grant = (await api.acquire("llm", vram_mb=2600)).json()
     assert (grant["vram_mb"], grant["free_memory"]) == (2600, False)
     state = await api.gpu()
@@ -31,9 +26,9 @@ async def test_vram_is_declared_and_shown(start_coordinator: StartCoordinator, a
 
 
 async def test_a_card_of_unknown_size_never_asks_to_free(
-    start_coordinator: StartCoordinator, api_factory: ApiFactory, events_for: EventsFor
+    serve_coordinator: ServeCoordinator, api_factory: ApiFactory, events_for: EventsFor
 ) -> None:
-    coordinator = start_coordinator(gpu_memory_mb=0)  # what NVML gives on a machine without a card
+    coordinator = serve_coordinator(gpu_memory_mb=0)  # what NVML gives on a machine without a card
     api = api_factory(coordinator)
     async with events_for(coordinator) as events:
         job = (await api.acquire("transcription", "batch", vram_mb=900_000)).json()
@@ -44,9 +39,9 @@ async def test_a_card_of_unknown_size_never_asks_to_free(
 
 
 async def test_yield_requests_say_whether_memory_must_be_freed(
-    start_coordinator: StartCoordinator, api_factory: ApiFactory, events_for: EventsFor
+    serve_coordinator: ServeCoordinator, api_factory: ApiFactory, events_for: EventsFor
 ) -> None:
-    coordinator = start_coordinator(gpu_memory_mb=4000)
+    coordinator = serve_coordinator(gpu_memory_mb=4000)
     api = api_factory(coordinator)
     async with events_for(coordinator) as events:
         # Both fit (2500 + 1000 <= 4000): pausing compute is enough.
@@ -77,9 +72,9 @@ async def test_yield_requests_say_whether_memory_must_be_freed(
 
 
 async def test_a_starved_batch_holder_keeps_the_card_for_its_slice(
-    start_coordinator: StartCoordinator, api_factory: ApiFactory, events_for: EventsFor
+    serve_coordinator: ServeCoordinator, api_factory: ApiFactory, events_for: EventsFor
 ) -> None:
-    coordinator = start_coordinator(max_batch_wait_ms=200, batch_slice_ms=1500)
+    coordinator = serve_coordinator(max_batch_wait_ms=200, batch_slice_ms=1500)
     api = api_factory(coordinator)
     async with events_for(coordinator) as events:
         chat = (await api.acquire("llm")).json()
@@ -99,11 +94,11 @@ async def test_a_starved_batch_holder_keeps_the_card_for_its_slice(
 
 
 async def test_grants_cut_short_by_chats_do_not_reset_a_batch_waiters_starvation(
-    start_coordinator: StartCoordinator, api_factory: ApiFactory, events_for: EventsFor
+    serve_coordinator: ServeCoordinator, api_factory: ApiFactory, events_for: EventsFor
 ) -> None:
     """A job handed the card between chats for moments at a time still starves once it
     has waited max_batch_wait_ms in all, and then keeps the card for its slice."""
-    coordinator = start_coordinator(max_batch_wait_ms=300, batch_slice_ms=1000)
+    coordinator = serve_coordinator(max_batch_wait_ms=300, batch_slice_ms=1000)
     api = api_factory(coordinator)
     async with events_for(coordinator) as events:
         job = (await api.acquire("transcription", "batch")).json()
@@ -128,7 +123,7 @@ async def test_grants_cut_short_by_chats_do_not_reset_a_batch_waiters_starvation
 
 
 async def test_three_looping_chats_cannot_hold_a_job_below_its_slice(
-    start_coordinator: StartCoordinator, api_factory: ApiFactory, events_for: EventsFor
+    serve_coordinator: ServeCoordinator, api_factory: ApiFactory, events_for: EventsFor
 ) -> None:
     """Three clients chat without pause while a job needs WORK_S of card time. The job
     waits at most MAX_WAIT_S in all before it starves, then holds the card for SLICE_S;
@@ -137,7 +132,7 @@ async def test_three_looping_chats_cannot_hold_a_job_below_its_slice(
     busy machine: 3 x (0.5 + 1.0 + 0.3) + 5 = 10.4 s."""
     max_wait_s, slice_s, chat_s, work_s = 0.5, 1.0, 0.1, 3.0
     bound_s = math.ceil(work_s / slice_s) * (max_wait_s + slice_s + 3 * chat_s) + 5
-    coordinator = start_coordinator(max_batch_wait_ms=int(max_wait_s * 1000), batch_slice_ms=int(slice_s * 1000))
+    coordinator = serve_coordinator(max_batch_wait_ms=int(max_wait_s * 1000), batch_slice_ms=int(slice_s * 1000))
     api = api_factory(coordinator)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

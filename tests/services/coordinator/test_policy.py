@@ -9,13 +9,10 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from harness.servers import ServiceProcess
 from shared.gpu import GpuClient, LeaseLost, LeaseRequest
-from tests.services.coordinator.conftest import Api, Events, StartCoordinator
+from tests.services.coordinator.conftest import Api, Events, ServeCoordinator, Served
 
-pytestmark = pytest.mark.slow  # real processes: a coordinator and Redis
-
-ApiFactory = Callable[[ServiceProcess], Api]
+ApiFactory = Callable[[Served], Api]
 
 
 async def enqueue(api: Api, holder: str, priority: str, position: int) -> asyncio.Task[httpx.Response]:
@@ -26,9 +23,9 @@ async def enqueue(api: Api, holder: str, priority: str, position: int) -> asynci
 
 
 async def test_interactive_before_batch_and_fifo_within_each(
-    start_coordinator: StartCoordinator, api_factory: ApiFactory
+    serve_coordinator: ServeCoordinator, api_factory: ApiFactory
 ) -> None:
-    api = api_factory(start_coordinator())
+    api = api_factory(serve_coordinator())
     held = (await api.acquire("first")).json()
     arrivals = [("b1", "batch"), ("i1", "interactive"), ("b2", "batch"), ("i2", "interactive"), ("b3", "batch")]
     tasks = {name: await enqueue(api, name, priority, n) for n, (name, priority) in enumerate(arrivals, start=1)}
@@ -51,8 +48,8 @@ async def test_interactive_before_batch_and_fifo_within_each(
     assert fences == sorted(fences) and len(set(fences)) == 6
 
 
-async def test_a_starving_batch_waiter_goes_first(start_coordinator: StartCoordinator, api_factory: ApiFactory) -> None:
-    api = api_factory(start_coordinator(max_batch_wait_ms=400, yield_grace_ms=60000))
+async def test_a_starving_batch_waiter_goes_first(serve_coordinator: ServeCoordinator, api_factory: ApiFactory) -> None:
+    api = api_factory(serve_coordinator(max_batch_wait_ms=400, yield_grace_ms=60000))
     held = (await api.acquire("llm")).json()
     batch = await enqueue(api, "transcription", "batch", 1)
 
@@ -75,9 +72,9 @@ async def test_a_starving_batch_waiter_goes_first(start_coordinator: StartCoordi
 
 
 async def test_yield_is_requested_at_once_and_cleared_when_nobody_waits(
-    start_coordinator: StartCoordinator, api_factory: ApiFactory, events_for: Callable[[ServiceProcess], Events]
+    serve_coordinator: ServeCoordinator, api_factory: ApiFactory, events_for: Callable[[Served], Events]
 ) -> None:
-    coordinator = start_coordinator()
+    coordinator = serve_coordinator()
     api = api_factory(coordinator)
     held = (await api.acquire("transcription", "batch", ttl_ms=5000)).json()
     assert (await api.renew(held["lease_id"])).json()["yield_requested"] is False  # sticky while idle
@@ -96,9 +93,9 @@ async def test_yield_is_requested_at_once_and_cleared_when_nobody_waits(
 
 
 async def test_a_holder_that_ignores_the_yield_is_revoked_and_the_waiter_waits_for_its_ttl(
-    start_coordinator: StartCoordinator, api_factory: ApiFactory, events_for: Callable[[ServiceProcess], Events]
+    serve_coordinator: ServeCoordinator, api_factory: ApiFactory, events_for: Callable[[Served], Events]
 ) -> None:
-    coordinator = start_coordinator(yield_grace_ms=300)
+    coordinator = serve_coordinator(yield_grace_ms=300)
     api = api_factory(coordinator)
     stubborn = (await api.acquire("transcription", "batch", ttl_ms=2000)).json()
     async with events_for(coordinator) as events:
@@ -125,11 +122,11 @@ async def test_a_holder_that_ignores_the_yield_is_revoked_and_the_waiter_waits_f
 
 
 async def test_a_holder_that_ignores_a_batch_waiter_is_revoked_too(
-    start_coordinator: StartCoordinator, api_factory: ApiFactory
+    serve_coordinator: ServeCoordinator, api_factory: ApiFactory
 ) -> None:
     """Any waiter starts the grace period once the holder has had its turn: an
     interactive holder cannot keep a job queued by ignoring its yield requests."""
-    api = api_factory(start_coordinator(yield_grace_ms=200, max_batch_wait_ms=60000, turn_ms=300))
+    api = api_factory(serve_coordinator(yield_grace_ms=200, max_batch_wait_ms=60000, turn_ms=300))
     held = (await api.acquire("llm", "interactive", ttl_ms=2000)).json()
     waiter = await enqueue(api, "transcription", "batch", 1)
     asked = []
@@ -159,7 +156,7 @@ async def test_a_holder_that_ignores_a_batch_waiter_is_revoked_too(
     ids=["chat-upload", "upload-job", "chat-job", "upload-upload", "job-upload", "job-llm"],
 )
 async def test_only_a_waiter_that_outranks_the_holder_asks_before_its_turn(
-    start_coordinator: StartCoordinator,
+    serve_coordinator: ServeCoordinator,
     api_factory: ApiFactory,
     holder: tuple[str, str],
     waiter: tuple[str, str],
@@ -167,7 +164,7 @@ async def test_only_a_waiter_that_outranks_the_holder_asks_before_its_turn(
 ) -> None:
     """Holders that pause at once would swap the card every few milliseconds with a
     peer (two uploads, an upload and a job): a peer asks after the holder's turn."""
-    api = api_factory(start_coordinator(turn_ms=60000, max_batch_wait_ms=120000))
+    api = api_factory(serve_coordinator(turn_ms=60000, max_batch_wait_ms=120000))
     held = (await api.acquire(*holder)).json()
     queued = await enqueue(api, *waiter, 1)
     if at_once:
@@ -182,11 +179,11 @@ async def test_only_a_waiter_that_outranks_the_holder_asks_before_its_turn(
 
 
 async def test_an_interactive_holder_keeps_the_card_its_least_hold_before_another_service_asks(
-    start_coordinator: StartCoordinator, api_factory: ApiFactory
+    serve_coordinator: ServeCoordinator, api_factory: ApiFactory
 ) -> None:
     """The soak's swap storm: the LLM and an upload, each asked to yield the instant it
     was granted. A batch holder is still asked at once (the upload-job case above)."""
-    api = api_factory(start_coordinator(min_hold_ms=1000, turn_ms=60000))
+    api = api_factory(serve_coordinator(min_hold_ms=1000, turn_ms=60000))
     held = (await api.acquire("transcription", "interactive", ttl_ms=5000)).json()
     queued = await enqueue(api, "llm", "interactive", 1)
     assert (await api.renew(held["lease_id"])).json()["yield_requested"] is False  # within its least hold
@@ -201,9 +198,9 @@ async def test_an_interactive_holder_keeps_the_card_its_least_hold_before_anothe
 
 
 async def test_a_peer_gets_the_card_after_the_holders_turn(
-    start_coordinator: StartCoordinator, api_factory: ApiFactory
+    serve_coordinator: ServeCoordinator, api_factory: ApiFactory
 ) -> None:
-    api = api_factory(start_coordinator(turn_ms=1000))
+    api = api_factory(serve_coordinator(turn_ms=1000))
     before = time.monotonic()
     held = (await api.acquire("transcription", "interactive", ttl_ms=5000)).json()
     queued = await enqueue(api, "transcription", "interactive", 1)
@@ -216,9 +213,9 @@ async def test_a_peer_gets_the_card_after_the_holders_turn(
 
 
 async def test_the_client_sees_the_yield_and_hands_over(
-    start_coordinator: StartCoordinator, gpu_factory: Callable[..., GpuClient]
+    serve_coordinator: ServeCoordinator, gpu_factory: Callable[..., GpuClient]
 ) -> None:
-    coordinator = start_coordinator()
+    coordinator = serve_coordinator()
     holder, asker = gpu_factory(coordinator, "transcription"), gpu_factory(coordinator, "llm")
     lease = await holder.acquire(LeaseRequest("transcription", "batch", wait_s=5))
     assert not lease.yield_requested
