@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import redis
@@ -130,6 +132,42 @@ class UvicornThread:
     def __exit__(self, *_: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
+
+    def stop(self) -> None:
+        """Its lifespan ends, as a process's does on SIGTERM."""
+        if self.thread.is_alive():
+            self.__exit__()
+
+
+class Served(Protocol):
+    """A service answering at ``url``: a process of its own, or an app in a thread."""
+
+    @property
+    def url(self) -> str: ...
+
+
+@contextlib.contextmanager
+def environment(env: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``env`` set while it lasts: a service's settings read as its
+    process would read them, for an app built in this process."""
+    before = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def serve_in_thread(name: str, env: Mapping[str, str]) -> UvicornThread:
+    """``services.<name>``'s ``create_app`` built from ``env`` as its process would be,
+    served over real HTTP from a thread of this process (started: its lifespan ran)."""
+    module = importlib.import_module(f"services.{name}.app")
+    with environment(env):
+        return UvicornThread(module.create_app()).__enter__()
 
 
 class ServiceProcess:

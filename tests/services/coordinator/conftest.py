@@ -9,12 +9,12 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import pytest
 
-from harness.servers import RedisServer, ServiceProcess, UvicornThread
+from harness.servers import RedisServer, Served, ServiceProcess, UvicornThread
 from services.coordinator.app import create_app
 from services.coordinator.settings import CoordinatorSettings
 from shared.gpu import GpuClient
@@ -50,11 +50,6 @@ def start_coordinator(redis_server: RedisServer, key_prefix: str, log_dir: Path)
     yield start
     for service in started:
         service.stop()
-
-
-class Served(Protocol):
-    @property
-    def url(self) -> str: ...
 
 
 ServeCoordinator = Callable[..., Served]

@@ -1,4 +1,7 @@
-"""Real processes for the LLM tests: Redis, coordinator, RAG (embedded Chroma), LLMs."""
+"""The LLM tests' services: Redis and a coordinator and a RAG service (embedded Chroma)
+as processes, and each LLM app built from its settings in this process, served over real
+HTTP from a thread (``serve_in_thread``): the model loads in well under a second, and
+Python is not started again for each configuration."""
 
 from __future__ import annotations
 
@@ -10,14 +13,14 @@ from typing import Any
 import httpx
 import pytest
 
-from harness.servers import RedisServer, ServiceProcess, free_port
+from harness.servers import RedisServer, Served, ServiceProcess, UvicornThread, free_port, serve_in_thread
 from shared.gpu import GpuClient
 from tests.conftest import Mint
 
 
 class Llm:
     def __init__(
-        self, service: ServiceProcess, token: str, coordinator: ServiceProcess, admin: str, mint: Mint
+        self, service: UvicornThread | ServiceProcess, token: str, coordinator: Served, admin: str, mint: Mint
     ) -> None:
         self.service = service
         self.mint = mint
@@ -67,22 +70,19 @@ class Llm:
 
 @pytest.fixture(scope="module")
 def gpu_stack(
-    redis_server: RedisServer, log_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, ServiceProcess]]:
-    """A coordinator and a RAG service for one test module."""
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, UvicornThread]]:
+    """A coordinator and a RAG service for one test module, in threads of this process."""
     prefix = f"llm-{secrets.token_hex(4)}:"
-    coordinator = ServiceProcess(
+    coordinator = serve_in_thread(
         "coordinator",
         {
             "COORDINATOR_REDIS_URL": redis_server.url,
             "COORDINATOR_KEY_PREFIX": prefix,
             "COORDINATOR_YIELD_GRACE_MS": "300",
         },
-        log_dir,
-    ).start()
-    rag = ServiceProcess(
-        "rag", {"RAG_CHROMA_PATH": str(tmp_path_factory.mktemp("llm-rag") / "chroma")}, log_dir
-    ).start()
+    )
+    rag = serve_in_thread("rag", {"RAG_CHROMA_PATH": str(tmp_path_factory.mktemp("llm-rag") / "chroma")})
     yield {"coordinator": coordinator, "rag": rag}
     rag.stop()
     coordinator.stop()
@@ -92,15 +92,17 @@ StartLlm = Callable[..., Llm]
 
 
 @pytest.fixture(scope="module")
-def start_llm(gpu_stack: dict[str, ServiceProcess], log_dir: Path, mint: Mint) -> Iterator[StartLlm]:
-    started: list[ServiceProcess] = []
+def start_llm(gpu_stack: dict[str, Served], log_dir: Path, mint: Mint) -> Iterator[StartLlm]:
+    started: list[UvicornThread | ServiceProcess] = []
 
     def start(
         rag_url: str | None = None,
-        coordinator: ServiceProcess | None = None,
+        coordinator: Served | None = None,
         env_extra: dict[str, str] | None = None,
+        process: bool = False,
         **settings: object,
     ) -> Llm:
+        """``process``: a process of its own, for a test of what the process writes (its log)."""
         coordinator = coordinator or gpu_stack["coordinator"]
         env = {
             "GPU_COORDINATOR_URL": coordinator.url,
@@ -114,7 +116,7 @@ def start_llm(gpu_stack: dict[str, ServiceProcess], log_dir: Path, mint: Mint) -
         }
         env.update({f"GEMMA_{k.upper()}": str(v) for k, v in settings.items()})
         env.update(env_extra or {})
-        service = ServiceProcess("llm", env, log_dir).start()
+        service = ServiceProcess("llm", env, log_dir).start() if process else serve_in_thread("llm", env)
         started.append(service)
         return Llm(service, mint("chat", "rag:read", sub="tester"), coordinator, mint("admin", "gpu", sub="ops"), mint)
 

@@ -21,7 +21,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
-from harness.servers import ServiceProcess, UvicornThread, free_port, wait_until
+from harness.servers import Served, UvicornThread, free_port, wait_until
 from services.llm.backends import BackendsFileError, load
 from services.llm.remote import Breaker
 from shared.gpu import LeaseRequest
@@ -223,7 +223,7 @@ def test_a_backends_model_is_answered_by_it_after_those_that_fail_before_a_token
 
 @pytest.mark.slow
 def test_memories_and_sources_are_the_same_for_a_remote_answer(
-    routed: Llm, gpu_stack: dict[str, ServiceProcess], mint: Mint
+    routed: Llm, gpu_stack: dict[str, Served], mint: Mint
 ) -> None:
     rag = httpx.Client(
         base_url=gpu_stack["rag"].url, headers={"Authorization": f"Bearer {mint('rag:write', sub='tester')}"}

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from harness.servers import ServiceProcess
+from harness.servers import Served
 from shared.sse_reader import read_json
 from tests.conftest import Mint
 from tests.services.llm.conftest import Llm
@@ -65,9 +65,7 @@ def test_a_deterministic_request_asked_again_is_a_hit_streamed_or_not(llm: Llm, 
     assert seeded.headers["X-Baton-Cache"] == "miss"
 
 
-def test_another_user_never_gets_a_hit_on_a_personal_prompt(
-    llm: Llm, gpu_stack: dict[str, ServiceProcess], mint: Mint
-) -> None:
+def test_another_user_never_gets_a_hit_on_a_personal_prompt(llm: Llm, gpu_stack: dict[str, Served], mint: Mint) -> None:
     writer = httpx.Client(
         base_url=gpu_stack["rag"].url, headers={"Authorization": f"Bearer {mint('rag:write', sub='carol')}"}
     )

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from harness.servers import RedisServer, ServiceProcess, wait_until
+from harness.servers import RedisServer, Served, ServiceProcess, wait_until
 from services.llm.schemas import ChatCompletionChunk
 from shared.gpu import LeaseRequest
 from shared.sse_reader import read_events
@@ -123,7 +123,7 @@ def test_seed_chat_shapes(llm: Llm) -> None:
     assert "".join(e["token"] for e in events[:-1]) == data["response"]
 
 
-def test_a_unique_fact_from_rag_grounds_the_answer(llm: Llm, gpu_stack: dict[str, ServiceProcess], mint: Any) -> None:
+def test_a_unique_fact_from_rag_grounds_the_answer(llm: Llm, gpu_stack: dict[str, Served], mint: Any) -> None:
     rag = httpx.Client(base_url=gpu_stack["rag"].url, headers={"Authorization": f"Bearer {mint('rag:write')}"})
     fact = "The secret code word for the Zephyr project is PLUM-47."
     stored = rag.post(
@@ -579,7 +579,7 @@ def test_gemma_270m_runs_with_the_gemma_template(start_llm: StartLlm) -> None:
 
 
 def test_chat_sources_are_the_callers_own_and_their_text_needs_rag_read(
-    llm: Llm, gpu_stack: dict[str, ServiceProcess], mint: Any
+    llm: Llm, gpu_stack: dict[str, Served], mint: Any
 ) -> None:
     writer = httpx.Client(
         base_url=gpu_stack["rag"].url, headers={"Authorization": f"Bearer {mint('rag:write', sub='alice')}"}

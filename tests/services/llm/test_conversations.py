@@ -79,7 +79,7 @@ def test_a_conversation_is_its_subjects_own_is_continued_and_survives_a_restart(
     assert mallory.get("/v1/conversations").json() == {"data": []}
     assert alice.get("/v1/conversations/conv_nonsense").status_code == 404
 
-    # A new process of the service finds it as it was.
+    # A new instance of the service (the old one stopped) finds it as it was: it lives in Redis.
     llm.service.stop()
     again = start_llm(env_extra=env)
     alice_again = as_user(again, mint, "alice")

@@ -15,7 +15,7 @@ import pytest
 from baton.demo.databases import INVENTORY_DDL, build
 from harness.apt import Unavailable
 from harness.postgres import PostgresServer
-from harness.servers import free_port
+from harness.servers import ServiceProcess, free_port
 from services.llm.sql.databases import DatabaseUnavailable, PostgresDatabase, QueryFailed, QueryTimeout
 from tests.services.llm.conftest import Llm, StartLlm
 
@@ -102,7 +102,7 @@ def test_an_unreachable_server_names_no_address() -> None:
 def pg_llm(start_llm: StartLlm, postgres: PostgresServer) -> Llm:
     gone = f"postgresql://owner:s3cret-pw@127.0.0.1:{free_port()}/inventory"
     urls = {"inventory": postgres.url("owner", "inventory"), "gone": gone}
-    return start_llm(sql_databases=json.dumps(urls), sql_timeout_s=2)
+    return start_llm(process=True, sql_databases=json.dumps(urls), sql_timeout_s=2)  # its log is read
 
 
 def test_the_service_answers_over_postgresql(pg_llm: Llm, postgres: PostgresServer) -> None:
@@ -125,6 +125,7 @@ def test_the_service_answers_over_postgresql(pg_llm: Llm, postgres: PostgresServ
     info = pg_llm.http.get("/v1/info", headers={"Authorization": f"Bearer {pg_llm.admin}"}).json()
     assert {"name": "gone", "kind": "postgresql", "default": False, "tables": None} in info["sql_databases"]
     assert "s3cret" not in json.dumps(info)
+    assert isinstance(pg_llm.service, ServiceProcess)
     logged = pg_llm.service.log_path.read_text(errors="replace")
     assert "database unreachable" in logged and "s3cret" not in logged and "@127.0.0.1" not in logged
     assert counts(postgres) == before
