@@ -10,7 +10,6 @@ from typing import Any
 from fastapi import FastAPI
 
 from services.llm.answer import ClientGone
-from services.llm.api import build_router, client_gone
 from services.llm.backends import BackendsFileError
 from services.llm.backends import load as load_backends
 from services.llm.cache import ResponseCache
@@ -21,6 +20,7 @@ from services.llm.engine.grammar import GrammarLimits
 from services.llm.memories import Memories
 from services.llm.placement import GpuPolicy, PlacementMetrics
 from services.llm.remote import BackendMetrics, Remote
+from services.llm.routes import client_gone, router
 from services.llm.settings import LLMSettings
 from services.llm.sql.api import build_router as build_sql_router
 from services.llm.sql.databases import BadDatabaseUrl, Database, open_database
@@ -137,7 +137,8 @@ def create_app(settings: LLMSettings | None = None) -> FastAPI:
         return {"model": model_id, "threads": engine.threads, "context_size": engine.n_ctx, "version": __version__}
 
     app = base.app(settings.max_body_mb, lifespan=lifespan, ready=ready, info=info, public_info=public_info)
-    app.include_router(build_router(chat, auth, conversations))
+    app.state.chat, app.state.conversations = chat, conversations  # the routes' dependencies
+    app.include_router(router)
     app.include_router(build_sql_router(chat, sql, auth, seed_info))
     app.add_exception_handler(ClientGone, client_gone)
 
