@@ -397,8 +397,12 @@ class Supervisor:
         self.children.append(Child(name, process, log_path, argv, env))
 
     def _write_pids(self) -> None:
+        """Written beside, then renamed: a supervised restart rewrites it while ``baton
+        down`` or a test may be reading it (CI once read it empty, mid-write)."""
         pids = {"launcher": os.getpid(), **{child.name: child.process.pid for child in self.children}}
-        self.paths.pids.write_text(json.dumps(pids))
+        partial = self.paths.pids.with_name(f".{self.paths.pids.name}.partial")
+        partial.write_text(json.dumps(pids))
+        partial.replace(self.paths.pids)
 
     def _check_children(self) -> None:
         for child in self.children:
