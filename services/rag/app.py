@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from services.rag.api import EMBEDDING_MODEL, build_router
+from services.rag.api import EMBEDDING_MODEL, Memories, router
 from services.rag.errors import ERRORS
 from services.rag.journal import Busy
 from services.rag.settings import RAGSettings
@@ -72,5 +72,6 @@ def create_app(settings: RAGSettings | None = None, store: MemoryStore | None = 
     app = base.app(settings.max_body_mb, lifespan=lifespan, ready=ready, info=info, public_info=public_info)
 
     map_errors(app, ERRORS)
-    app.include_router(build_router(memories, auth, settings.max_documents))
+    app.state.memories = Memories(memories, auth.limiter, settings.max_documents)  # the routes' dependency
+    app.include_router(router)
     return app
