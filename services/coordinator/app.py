@@ -9,7 +9,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import FastAPI
 
-from services.coordinator.api import DOMAIN_ERRORS, build_router
+from services.coordinator.api import DOMAIN_ERRORS, router
 from services.coordinator.card import card_memory_mb
 from services.coordinator.leases import CoordinatorMetrics, LeaseManager
 from services.coordinator.settings import CoordinatorSettings
@@ -32,7 +32,7 @@ def redact_url(url: str) -> str:
 def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     settings = settings or load_settings(CoordinatorSettings)
     base = Foundation.build("coordinator", settings)
-    guards, auth, metrics = base.guards, base.auth, base.metrics
+    guards, metrics = base.guards, base.metrics
     timeout = settings.redis_timeout_ms / 1000.0
     redis = open_redis(settings.redis_url, timeout)
     bus = EventBus()
@@ -78,6 +78,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
         }
 
     app = base.app(settings.max_body_mb, lifespan=lifespan, ready=ready, info=info, public_info=public_info)
-    app.include_router(build_router(manager, settings, auth))
+    app.state.manager, app.state.settings = manager, settings  # the routes' dependencies
+    app.include_router(router)
     map_errors(app, DOMAIN_ERRORS)
     return app
