@@ -105,13 +105,23 @@ class Auth:
         return dependency
 
 
+def app_auth(request: Request) -> Auth:
+    """The app's own ``Auth`` (``app.state.auth``, set by ``create_service_app``)."""
+    found: Auth = request.app.state.auth
+    return found
+
+
+async def stream_slot(request: Request) -> StreamSlot:
+    """``Auth.stream_slot`` for routes declared at module level."""
+    return await app_auth(request).stream_slot(request)
+
+
 def signed_in(*scopes: str) -> Callable[[Request], Awaitable[Principal]]:
     """``Auth.require`` for routes declared at module level: the app's own ``Auth``
     (``app.state.auth``, set by ``create_service_app``)."""
 
     async def dependency(request: Request) -> Principal:
-        auth: Auth = request.app.state.auth
-        return await auth.require(*scopes)(request)
+        return await app_auth(request).require(*scopes)(request)
 
     return dependency
 
@@ -120,8 +130,7 @@ def calling(*scopes: str) -> Callable[[Request], Awaitable[Caller]]:
     """``Auth.caller`` for routes declared at module level: the caller, typed."""
 
     async def dependency(request: Request) -> Caller:
-        auth: Auth = request.app.state.auth
-        return await auth.caller(*scopes)(request)
+        return await app_auth(request).caller(*scopes)(request)
 
     return dependency
 

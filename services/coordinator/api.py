@@ -23,7 +23,7 @@ from services.coordinator.settings import CoordinatorSettings
 from shared.auth import SERVICE_SUBJECT_PREFIX
 from shared.errors import APIError, BadRequest, Gone, NotAllowed, ServiceUnavailable, TooManyRequests
 from shared.protocol.coordinator import GpuStatus, Handover, HistoryEntry, LeaseGrant, LeaseRequest, Renewal
-from shared.web import Auth, Caller, calling, signed_in, until_disconnected
+from shared.web import Caller, calling, signed_in, stream_slot, until_disconnected
 from shared.web import principal as principal_of
 
 MAX_LEASE_ID = 128
@@ -146,8 +146,7 @@ async def history(manager: Manager, limit: int = Query(default=50, ge=1, le=1000
 
 @router.get("/events", dependencies=readers, response_class=EventSourceResponse)
 async def events(request: Request, manager: Manager) -> EventSourceResponse:
-    auth: Auth = request.app.state.auth
-    slot = await auth.stream_slot(request)  # a user watching counts against their streams
+    slot = await stream_slot(request)  # a user watching counts against their streams
 
     async def stream() -> AsyncIterator[dict[str, Any]]:
         try:

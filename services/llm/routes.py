@@ -39,7 +39,7 @@ from services.llm.translate import Translator
 from shared.limits import StreamSlot
 from shared.openapi import answers
 from shared.protocol.models import ModelList
-from shared.web import Auth, Caller, calling, signed_in, until_disconnected
+from shared.web import Caller, calling, signed_in, stream_slot, until_disconnected
 
 CLIENT_GONE = 499
 CACHE_HEADER = "X-Baton-Cache"
@@ -108,11 +108,6 @@ def remembering(conversations: ConversationStore, job: Job) -> Callable[[str], A
             await conversations.append(job.conversation, [*job.messages, {"role": "assistant", "content": answer}])
 
     return remember
-
-
-async def stream_slot(request: Request) -> StreamSlot:
-    auth: Auth = request.app.state.auth
-    return await auth.stream_slot(request)
 
 
 @router.get("/v1/models", dependencies=[Depends(signed_in("chat"))], response_model=ModelList)

@@ -33,7 +33,7 @@ from shared.errors import NotFound
 from shared.openapi import answers
 from shared.protocol.models import ModelList
 from shared.sse import DONE, ClosingStream, frame
-from shared.web import Auth, Caller, audit_note, calling, signed_in
+from shared.web import Caller, audit_note, calling, signed_in, stream_slot
 
 
 def parts(request: Request) -> Parts:
@@ -47,11 +47,6 @@ def transcriber(request: Request) -> Transcriber:
 
 def runner(request: Request) -> JobRunner:
     return parts(request).runner
-
-
-def auth(request: Request) -> Auth:
-    found: Auth = request.app.state.auth
-    return found
 
 
 Owner = Annotated[Caller, Depends(calling("transcribe"))]
@@ -106,7 +101,7 @@ async def transcriptions(
 ) -> Response:
     service.check_model(model)
     options = Options(service.language(language), prompt, temperature, response_format, "word" in granularities)
-    slot = await auth(request).stream_slot(request) if stream else None
+    slot = await stream_slot(request) if stream else None
     return await service.transcribe(file, options, slot)
 
 
@@ -171,7 +166,7 @@ async def cancel_job(job_id: str, request: Request, caller: Owner, jobs: Runner)
 @router.get("/jobs/{job_id}/events", response_model=None, responses=answers("text/event-stream", events=JobEvent))
 async def job_events(job_id: str, request: Request, caller: Owner, jobs: Runner) -> Response:
     await owned(job_id, request, caller, jobs)
-    slot = await auth(request).stream_slot(request)
+    slot = await stream_slot(request)
 
     async def frames() -> AsyncIterator[str]:
         async with jobs.events.subscribe(job_id) as queue:
