@@ -80,3 +80,29 @@ def test_nothing_but_tests_imports_tests() -> None:
         if any(target == "tests" or target.startswith("tests.") for target in imported(path))
     ]
     assert offenders == []
+
+
+ROUTE_DECORATORS = {"get", "post", "put", "patch", "delete", "api_route", "websocket"}
+LONGEST_ROUTE = 60
+
+
+def routes() -> dict[str, int]:
+    """Every route function of every service, by name, with its length in lines."""
+    found = {}
+    for name, path in modules().items():
+        if not name.startswith("services."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for decorator in node.decorator_list:
+                call = decorator.func if isinstance(decorator, ast.Call) else None
+                if isinstance(call, ast.Attribute) and call.attr in ROUTE_DECORATORS:
+                    found[f"{name}.{node.name}"] = (node.end_lineno or node.lineno) - node.lineno + 1
+    return found
+
+
+def test_no_route_function_is_over_60_lines() -> None:
+    found = routes()
+    assert len(found) > 30  # the routes were read
+    assert {name: lines for name, lines in found.items() if lines > LONGEST_ROUTE} == {}

@@ -14,9 +14,9 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
@@ -48,59 +48,79 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app = FastAPI(
         title="baton gateway", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
+    app.state.settings, app.state.proxy = settings, proxy  # the routes' dependencies
     install_error_handlers(app)
     app.add_middleware(
         RequestContextMiddleware, metrics=Metrics("gateway"), max_body_bytes=int(settings.max_body_mb * 1_048_576)
     )
-
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok", "service": "gateway", "version": __version__}
-
-    @app.get("/ready")
-    async def ready() -> dict[str, Any]:
-        """The gateway can route as soon as it runs (a service that is down is that
-        request's 503); the services' own readiness is shown beside."""
-        names = list(settings.upstreams())
-        answers = await asyncio.gather(*(proxy.get_json(name, "/ready", {}) for name in names))
-        states = {
-            name: "ready" if status == 200 else "not ready" for name, (status, _) in zip(names, answers, strict=True)
-        }
-        shown: dict[str, Any] = {"status": "ready", "service": "gateway", "services": states}
-        supervised = _supervisor(settings.supervisor_file)
-        if supervised:
-            shown["processes"] = supervised
-        return shown
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        """Every service's models, the LLM's first. The caller's token goes to each; an
-        answer the LLM refuses (401, 403) is the gateway's answer too."""
-        headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "x-request-id")}
-        answers = await asyncio.gather(*(proxy.get_json(name, "/v1/models", headers) for name in MODELS_FROM))
-        first_status, first_body = answers[0]
-        if first_status != 200:
-            return JSONResponse(first_body or {}, status_code=first_status)
-        data: list[Any] = []
-        for status, body in answers:
-            if status == 200 and isinstance(body, dict) and isinstance(body.get("data"), list):
-                data.extend(m for m in body["data"] if m not in data)
-        return JSONResponse({"object": "list", "data": data})
-
+    app.include_router(router)
     mount_console(app, settings.dev_token_file)
-
-    @app.api_route("/{path:path}", methods=METHODS, include_in_schema=False)
-    async def relay(path: str, request: Request) -> Response:
-        decoded, _ = checked_target(request.scope)  # 400 or 404 for a path that leaves its route
-        service = service_for(decoded)
-        if service is None:
-            raise NotFound("no service answers this path", code="not_found")
-        try:
-            return await proxy.forward(service, request)
-        except ClientDisconnect:
-            return Response(status_code=CLIENT_GONE)  # nobody is left to read it
-
+    app.include_router(relay_router)  # last: every path no route above answers
     return app
+
+
+def gateway_settings(request: Request) -> GatewaySettings:
+    found: GatewaySettings = request.app.state.settings
+    return found
+
+
+def gateway_proxy(request: Request) -> Proxy:
+    found: Proxy = request.app.state.proxy
+    return found
+
+
+Settings = Annotated[GatewaySettings, Depends(gateway_settings)]
+Relay = Annotated[Proxy, Depends(gateway_proxy)]
+
+router = APIRouter()
+relay_router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok", "service": "gateway", "version": __version__}
+
+
+@router.get("/ready")
+async def ready(settings: Settings, proxy: Relay) -> dict[str, Any]:
+    """The gateway can route as soon as it runs (a service that is down is that
+    request's 503); the services' own readiness is shown beside."""
+    names = list(settings.upstreams())
+    answers = await asyncio.gather(*(proxy.get_json(name, "/ready", {}) for name in names))
+    states = {name: "ready" if status == 200 else "not ready" for name, (status, _) in zip(names, answers, strict=True)}
+    shown: dict[str, Any] = {"status": "ready", "service": "gateway", "services": states}
+    supervised = _supervisor(settings.supervisor_file)
+    if supervised:
+        shown["processes"] = supervised
+    return shown
+
+
+@router.get("/v1/models")
+async def models(request: Request, proxy: Relay) -> Response:
+    """Every service's models, the LLM's first. The caller's token goes to each; an
+    answer the LLM refuses (401, 403) is the gateway's answer too."""
+    headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "x-request-id")}
+    answers = await asyncio.gather(*(proxy.get_json(name, "/v1/models", headers) for name in MODELS_FROM))
+    first_status, first_body = answers[0]
+    if first_status != 200:
+        return JSONResponse(first_body or {}, status_code=first_status)
+    data: list[Any] = []
+    for status, body in answers:
+        if status == 200 and isinstance(body, dict) and isinstance(body.get("data"), list):
+            data.extend(m for m in body["data"] if m not in data)
+    return JSONResponse({"object": "list", "data": data})
+
+
+@relay_router.api_route("/{path:path}", methods=METHODS, include_in_schema=False)
+async def relay(path: str, request: Request, proxy: Relay) -> Response:
+    decoded, _ = checked_target(request.scope)  # 400 or 404 for a path that leaves its route
+    service = service_for(decoded)
+    if service is None:
+        raise NotFound("no service answers this path", code="not_found")
+    try:
+        return await proxy.forward(service, request)
+    except ClientDisconnect:
+        return Response(status_code=CLIENT_GONE)  # nobody is left to read it
 
 
 def _supervisor(path: Path | None) -> dict[str, Any]:
