@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from services.llm.engine.batch import TokenLogprob
 from shared.aio import Interrupted, unless
 
 
@@ -58,6 +59,11 @@ class Answer:
         """Text pieces as they come; ``done`` is set after the last."""
         raise NotImplementedError
         yield ""
+
+    def logprobs(self) -> list[TokenLogprob]:
+        """The log-probabilities of the tokens whose text came since the last call (an
+        answer that was asked for them; the local model's only)."""
+        return []
 
     async def close(self, *, client_gone: bool) -> None:
         raise NotImplementedError

@@ -39,9 +39,10 @@ class ResponseCache:
         return self.ttl_s > 0 and self.max_entries > 0
 
     def key(self, model: str, job: Job, passages: list[Passage]) -> str | None:
-        """None when the request may not be cached (it samples at random)."""
+        """None when the request may not be cached (it samples at random, or asks for
+        log-probabilities, which the cache does not keep)."""
         params = job.params
-        if not self.enabled or (params.temperature > 0 and params.seed is None):
+        if not self.enabled or (params.temperature > 0 and params.seed is None) or params.logprobs is not None:
             return None
         history = job.conversation.history() if job.conversation is not None else []
         personal = job.conversation is not None or any(p.origin == "memory" for p in passages)

@@ -21,7 +21,17 @@ import numpy as np
 from services.llm.answer import Answer, ClientGone, Done
 from services.llm.cache import Cached, ResponseCache
 from services.llm.conversations import Conversation, ConversationStore
-from services.llm.engine import BadSchema, Cancelled, Engine, Finished, Generation, Message, Params, grammar_text
+from services.llm.engine import (
+    BadSchema,
+    Cancelled,
+    Engine,
+    Finished,
+    Generation,
+    Message,
+    Params,
+    TokenLogprob,
+    grammar_text,
+)
 from services.llm.engine.grammar import GrammarRefused
 from services.llm.engine.kv import common_prefix
 from services.llm.job import Job
@@ -137,6 +147,9 @@ class Session(Answer):
                 first = time.monotonic()
             pieces.append(item)
             yield item
+
+    def logprobs(self) -> list[TokenLogprob]:
+        return self._generation.take_logprobs() if self._generation is not None else []
 
     def _finished(self, item: Finished, started: float, first: float | None) -> Done:
         metrics = self._metrics
@@ -291,6 +304,7 @@ class ChatService:
                 ask.withdraw()
                 if job.params.grammar is not None:
                     raise BadRequest("tools are served by the local model only", param="tools", code="invalid_tool")
+                local_only(job.params)
                 passages, warnings = await self._passages(job)
                 return await self._remote_answer(job, passages, warnings, self.remote.for_model(job.model))
             if self.admitted >= self.capacity:  # every slot busy and the queue full
@@ -318,7 +332,8 @@ class ChatService:
 
     async def _open(self, job: Job, disconnected: Callable[[], Awaitable[object]], ask: Ask) -> Answering:
         passages, warnings = await self._passages(job)
-        remote = self.remote if job.params.grammar is None else None  # tools stay local
+        # Tools, log-probabilities and token biases stay local: token ids are this model's.
+        remote = self.remote if job.params.grammar is None and not needs_local(job.params) else None
         if remote is not None:
             moved = remote.routed(job.route, lambda: self._prompt_size(job, passages))
             if moved:
@@ -460,3 +475,16 @@ class ChatService:
 
 def np_tokens(tokens: list[int]) -> np.ndarray:
     return np.asarray(tokens, dtype=np.int32)
+
+
+def needs_local(params: Params) -> bool:
+    """The request speaks of this model's tokens: log-probabilities or token biases."""
+    return params.logprobs is not None or bool(params.logit_bias)
+
+
+def local_only(params: Params) -> None:
+    """A backend's model was named for a request only the local model can answer."""
+    if params.logprobs is not None:
+        raise BadRequest("logprobs are served by the local model only", param="logprobs")
+    if params.logit_bias:
+        raise BadRequest("logit_bias is served by the local model only (token ids are its own)", param="logit_bias")

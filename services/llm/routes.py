@@ -23,6 +23,7 @@ from services.llm.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ConversationCard,
     ConversationCreate,
     ConversationList,
@@ -32,6 +33,7 @@ from services.llm.schemas import (
     SeedChatResponse,
     ToolCallOut,
     Usage,
+    logprobs_out,
 )
 from services.llm.streaming import closing, extras, openai_frames, seed_frames
 from services.llm.tools import parse_calls
@@ -143,7 +145,9 @@ async def completions(
     remember = remembering(conversations, job)
     if slot is not None:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        frames = openai_frames(session, completion_id, created, chat.model_id, include_usage, remember, tools.active)
+        frames = openai_frames(
+            session, completion_id, created, chat.model_id, include_usage, remember, tools.active, bool(body.logprobs)
+        )
         return marked(closing(frames, session, slot), session)
     text, done = await answer_whole(session, request)
     await remember(text)
@@ -159,11 +163,16 @@ async def completions(
         id=completion_id,
         created=created,
         model=chat.model_id,
-        choices=[Choice(index=0, message=message, finish_reason=finish, logprobs=None)],
+        choices=[Choice(index=0, message=message, finish_reason=finish, logprobs=chosen_logprobs(body, session))],
         usage=Usage(**done.usage()),
         sources=done.sources,
         baton=BatonExtras(**extras(done)),
     )
+
+
+def chosen_logprobs(body: ChatCompletionRequest, session: Answering) -> ChoiceLogprobs | None:
+    """The answer's log-probabilities, when the request asked for them."""
+    return ChoiceLogprobs(**logprobs_out(session.logprobs())) if body.logprobs else None
 
 
 @router.post("/chat", response_model=SeedChatResponse)

@@ -144,8 +144,33 @@ class ToolChoiceFunction(BaseModel):
     function: FunctionName
 
 
+def _null_is_the_default(schema: dict[str, Any]) -> None:
+    """The document says what OpenAI's does: null is allowed here, and means the default."""
+    keep = ("default", "description", "title")
+    branch = {k: schema.pop(k) for k in list(schema) if k not in keep}
+    schema["anyOf"] = [branch, {"type": "null"}]
+
+
+NULL_IS_THE_DEFAULT = ("temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty")
+"""Fields OpenAI's schema calls nullable that have a default here: null means that default."""
+MAX_LOGIT_BIAS = 300
+"""Token biases one request may give (OpenAI's own bound)."""
+MAX_CHOICES = 1
+"""``n``: choices one request may ask for (more than one is not served yet: 400)."""
+UNSUPPORTED = {
+    "functions": "the deprecated functions field is not supported: send tools",
+    "function_call": "the deprecated function_call field is not supported: send tool_choice",
+    "audio": "audio output is not supported by this service",
+    "prediction": "predicted outputs are not supported by this service",
+    "web_search_options": "web search is not supported by this service",
+}
+"""Fields that would change the answer and that this service does not do: a 400, never ignored."""
+
+
 class ChatCompletionRequest(BaseModel):
-    """Unknown fields are ignored, as OpenAI's API does for fields it does not use."""
+    """Unknown fields are ignored, as OpenAI's API does for fields it does not use; the
+    fields that would change the answer and that this service does not do are refused
+    (``UNSUPPORTED``)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -153,16 +178,23 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: PositiveInteger | None = None
     max_completion_tokens: PositiveInteger | None = None
-    temperature: Number = Field(default=0.8, ge=0, le=2)
-    top_p: Number = Field(default=0.95, gt=0, le=1)
+    temperature: Number = Field(default=0.8, ge=0, le=2, json_schema_extra=_null_is_the_default)
+    top_p: Number = Field(default=0.95, gt=0, le=1, json_schema_extra=_null_is_the_default)
     stop: str | list[str] | None = Field(default=None, json_schema_extra=_at_most_four_stops)
     seed: Integer | None = None
-    stream: Boolean = False
+    stream: Boolean = Field(default=False, json_schema_extra=_null_is_the_default)
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
-    presence_penalty: Number = Field(default=0.0, ge=-2, le=2)
-    frequency_penalty: Number = Field(default=0.0, ge=-2, le=2)
-    n: Integer = Field(default=1, ge=1, le=1)
+    presence_penalty: Number = Field(default=0.0, ge=-2, le=2, json_schema_extra=_null_is_the_default)
+    frequency_penalty: Number = Field(default=0.0, ge=-2, le=2, json_schema_extra=_null_is_the_default)
+    n: Integer = Field(default=1, ge=1, le=MAX_CHOICES, json_schema_extra=_null_is_the_default)
+    logit_bias: dict[str, Number] | None = Field(
+        default=None,
+        max_length=MAX_LOGIT_BIAS,
+        description="Token id (as a string) to a bias from -100 to 100, added to the token's logit",
+    )
+    logprobs: Boolean | None = None
+    top_logprobs: Integer | None = Field(default=None, ge=0, le=20)
     rag: RagOptions | None = None
     conversation: str | None = Field(
         default=None,
@@ -175,9 +207,6 @@ class ChatCompletionRequest(BaseModel):
         max_length=64,
         description="A routing hint (e.g. complex) matched against the hint rules of GEMMA_BACKENDS_FILE",
     )
-    # Not supported: the schema says which values pass (a validator below says why the rest do not).
-    logprobs: Boolean | None = Field(default=None, json_schema_extra={"enum": [False, None]})
-    top_logprobs: Integer | None = Field(default=None, json_schema_extra={"enum": [0, None]})
     tools: list[dict[str, Any]] | None = Field(
         default=None,
         max_length=128,
@@ -187,13 +216,36 @@ class ChatCompletionRequest(BaseModel):
     )
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
     parallel_tool_calls: Boolean | None = None
+    user: str | None = Field(default=None, max_length=256, description="Accepted; the caller is the token's subject")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_the_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if not (v is None and k in NULL_IS_THE_DEFAULT)}
+            for name, why in UNSUPPORTED.items():
+                if data.get(name) is not None:
+                    raise ValueError(why)
+        return data
 
     @model_validator(mode="after")
-    def _nothing_ignored_silently(self) -> ChatCompletionRequest:
-        """Features this service does not have are refused, not ignored."""
-        if self.logprobs or self.top_logprobs:
-            raise ValueError("logprobs are not supported by this service")
+    def _logprobs_asked(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isdigit() or len(token) > 9:
+                raise ValueError(f"logit_bias keys are token ids, not {token[:20]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values are from -100 to 100, not {bias}")
+        return value
+
+    def token_biases(self) -> dict[int, float]:
+        return {int(token): float(bias) for token, bias in (self.logit_bias or {}).items()}
 
     @field_validator("stop")
     @classmethod
@@ -270,11 +322,44 @@ class ToolCallDelta(ToolCallOut):
     index: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """OpenAI's ``logprobs`` of a choice: one entry per generated token."""
+
+    content: list[TokenLogprobOut] | None
+    refusal: list[TokenLogprobOut] | None = None
+
+
+def logprobs_out(entries: list[Any]) -> dict[str, Any]:
+    """Engine ``TokenLogprob`` entries in OpenAI's shape (``choice.logprobs``)."""
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": e.bytes,
+                "top_logprobs": [{"token": c.token, "logprob": c.logprob, "bytes": c.bytes} for c in e.top],
+            }
+            for e in entries
+        ],
+        "refusal": None,
+    }
+
+
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -300,7 +385,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

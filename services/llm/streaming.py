@@ -10,6 +10,8 @@ from fastapi import Response
 
 from services.llm.answer import Done
 from services.llm.chat import Answering
+from services.llm.engine import TokenLogprob
+from services.llm.schemas import logprobs_out
 from services.llm.tools import parse_calls
 from shared.limits import StreamSlot
 from shared.sse import DONE, ClosingStream, frame
@@ -36,18 +38,26 @@ def openai_frames(
     include_usage: bool,
     remember: Remember,
     tooling: bool = False,
+    logprobs: bool = False,
 ) -> AsyncIterator[str]:
     """Content as it comes; with tools, an answer that opens with ``{`` is a call: held
-    until it is whole, then sent as ``tool_calls`` deltas, one per call."""
+    until it is whole, then sent as ``tool_calls`` deltas, one per call. ``logprobs``:
+    each chunk carries its tokens' log-probabilities."""
+    taken: list[TokenLogprob] = []
 
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        shown = None
+        if logprobs and "role" not in delta and finish is None:
+            taken.extend(session.logprobs())
+            shown = logprobs_out(taken)
+            taken.clear()
         return frame(
             {
                 "id": completion_id,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": shown}],
                 **extra,
             }
         )
@@ -67,6 +77,8 @@ def openai_frames(
                 piece = "".join(pieces)
             if not held:
                 yield chunk({"content": piece})
+            elif logprobs:
+                taken.extend(session.logprobs())  # the held call's, sent with it
         done = session.result
         text = "".join(pieces)
         await remember(text)

@@ -51,6 +51,7 @@ class Translator:
         calling = tooling(body, chat.engine.grammar_limits, chat.settings.max_tools)
         params = sampling(body, chat.max_tokens(body.max_completion_tokens or body.max_tokens, also=body.max_tokens))
         params.grammar = calling.grammar
+        check_tokens(params.logit_bias, chat.engine.n_vocab)
         job = Job(
             messages=with_tools(prompt_messages(body.messages), calling.tools),
             params=params,
@@ -95,9 +96,22 @@ def sampling(body: ChatCompletionRequest, max_tokens: int) -> Params:
         seed=body.seed,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
+        logit_bias=body.token_biases(),
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         json_schema=schema,
         json_object=fmt is not None and fmt.type == "json_object",
     )
+
+
+def check_tokens(biases: dict[int, float], n_vocab: int) -> None:
+    """Every biased token is one of the model's (400 naming the first that is not)."""
+    for token in biases:
+        if token >= n_vocab:
+            raise BadRequest(
+                f"logit_bias names token {token}; this model's tokens are 0 to {n_vocab - 1}",
+                param="logit_bias",
+                code="invalid_value",
+            )
 
 
 def tooling(body: ChatCompletionRequest, limits: GrammarLimits, max_tools: int) -> Calling:

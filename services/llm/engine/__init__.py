@@ -25,7 +25,7 @@ from typing import Any
 import llama_cpp
 from llama_cpp import llama_grammar
 
-from services.llm.engine.batch import Cancelled, Finished, Generation, Request, Scheduler
+from services.llm.engine.batch import Cancelled, Finished, Generation, Request, Scheduler, TokenLogprob
 from services.llm.engine.grammar import GrammarGuard, GrammarLimits, GrammarRefused, check_schema, route_llama_logs
 from services.llm.engine.model import Model, Shape
 from services.llm.engine.prompts import Message, Prompt, Vocabulary, into_system
@@ -41,6 +41,7 @@ __all__ = [
     "Message",
     "Params",
     "Prompt",
+    "TokenLogprob",
     "can_offload",
     "grammar_text",
     "into_system",
@@ -79,6 +80,9 @@ class Params:
     grammar_param: str = "tools"
     """The request field ``grammar`` was made from, named when it is refused."""
     logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None
+    """None, or how many of the most likely tokens to report beside each token's own
+    log-probability (0: its own only)."""
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -146,6 +150,7 @@ class Engine:
         llama_cpp.llama_backend_init()
         self.path = path
         self.vocabulary = Vocabulary(path, context_size, chat_format)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocabulary.vocab))
         self.n_ctx = self.vocabulary.n_ctx
         self.chat_format = self.vocabulary.chat_format
         self.metadata = self.vocabulary.metadata
@@ -231,6 +236,7 @@ class Engine:
             public_prefix=public_prefix,
             deadline=time.monotonic() + self.budget_s,
             keep=keep,
+            logprobs=params.logprobs,
         )
         return self.scheduler.submit(request)
 

@@ -68,6 +68,26 @@ class Request:
     """Monotonic time at which the generation stops (``finish_reason`` length, ``cut`` deadline)."""
     keep: bool = True
     """Keep its cells, once it ends, for the requests that start the same way."""
+    logprobs: int | None = None
+    """None, or how many of the most likely tokens to report beside each token's own
+    log-probability (0: its own only)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    token: str
+    bytes: list[int]
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability, and the most likely tokens at its place."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+    top: list[Candidate]
 
 
 @dataclass
@@ -98,6 +118,13 @@ class Generation:
         self._cancelled = threading.Event()
         self.submitted = time.monotonic()
         self.finished: Finished | None = None
+        self._logprobs: list[TokenLogprob] = []
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The log-probabilities of the tokens whose text came since the last call (on the
+        loop's thread, between pieces)."""
+        taken, self._logprobs = self._logprobs, []
+        return taken
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -111,6 +138,9 @@ class Generation:
             item = await self.inbox.get()
             if isinstance(item, BaseException):
                 raise item
+            if isinstance(item, TokenLogprob):
+                self._logprobs.append(item)
+                continue
             if isinstance(item, Finished):
                 self.finished = item
                 yield item
@@ -558,7 +588,10 @@ class Scheduler:
             return
         sequence.made += 1
         sequence.last = choice.token
-        text = sequence.bytes.decode(self.model.piece(choice.token))
+        piece = self.model.piece(choice.token)
+        if choice.logprob is not None:
+            sequence.generation.inbox.put(self._logprob(piece, choice))
+        text = sequence.bytes.decode(piece)
         shown, stopped = sequence.stops.feed(text)
         if shown:
             sequence.generation.inbox.put(shown)
@@ -566,6 +599,14 @@ class Scheduler:
             self._end(sequence, "stop", flush=False)
         elif sequence.made >= sequence.request.max_tokens:
             self._end(sequence, "length")
+
+    def _logprob(self, piece: bytes, choice: Choice) -> TokenLogprob:
+        assert choice.logprob is not None
+        top = []
+        for token, logprob in choice.top:
+            spelled = self.model.piece(token)
+            top.append(Candidate(spelled.decode("utf-8", "replace"), list(spelled), logprob))
+        return TokenLogprob(piece.decode("utf-8", "replace"), list(piece), choice.logprob, top)
 
     def _end(self, sequence: _Sequence, reason: str, *, flush: bool = True, cut: str | None = None) -> None:
         if flush:
@@ -662,7 +703,7 @@ class Scheduler:
                 return  # waits for room that the running sequences will give back
             generation = self._queue.pop()
             try:
-                sampler = Sampler(model.vocab, model.n_vocab, request.sampling, request.grammar)
+                sampler = Sampler(model.vocab, model.n_vocab, request.sampling, request.grammar, request.logprobs)
             except ValueError as exc:  # llama.cpp refused the grammar
                 generation.inbox.put(exc)
                 continue

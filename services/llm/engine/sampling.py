@@ -45,11 +45,35 @@ class Choice:
     """The grammar refused the chain's first pick: the whole vocabulary was masked."""
     grammar_ms: float
     """CPU time the grammar took for this token."""
+    logprob: float | None = None
+    """The token's log-probability under the model (asked for with ``logprobs``)."""
+    top: list[tuple[int, float]] = field(default_factory=list)
+    """The ``top_logprobs`` most likely tokens and theirs, most likely first."""
+
+
+def log_probabilities(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The token's log-probability under the model's own distribution (the raw logits'
+    softmax, before any bias, penalty, temperature or grammar, as OpenAI reports it),
+    and the ``top`` most likely tokens with theirs."""
+    values = logits.astype(np.float64)
+    peak = float(values.max())
+    total = peak + float(np.log(np.exp(values - peak).sum()))
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        ids = np.argpartition(-values, top - 1)[:top]
+        ids = ids[np.argsort(-values[ids], kind="stable")]
+        best = [(int(i), float(values[i] - total)) for i in ids]
+    return float(values[token] - total), best
 
 
 class Sampler:
-    def __init__(self, vocab: Any, n_vocab: int, params: SamplingParams, grammar: str | None) -> None:
+    def __init__(
+        self, vocab: Any, n_vocab: int, params: SamplingParams, grammar: str | None, logprobs: int | None = None
+    ) -> None:
+        """``logprobs``: None, or how many of the most likely tokens to report beside each
+        token's own log-probability (0: its own only)."""
         self._n_vocab = n_vocab
+        self._logprobs = logprobs
         self._tokens = np.zeros(n_vocab, dtype=TOKEN_DATA)
         self._ids = np.arange(n_vocab, dtype=np.int32)
         self._pointer = self._tokens.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data))
@@ -98,6 +122,12 @@ class Sampler:
 
     def choose(self, logits: np.ndarray) -> Choice:
         """The next token from ``logits`` (the sequence's row; read before the next decode)."""
+        choice = self._choose(logits)
+        if self._logprobs is not None:
+            choice.logprob, choice.top = log_probabilities(logits, choice.token, self._logprobs)
+        return choice
+
+    def _choose(self, logits: np.ndarray) -> Choice:
         self._fill(logits)
         picked = self._apply(self.chain, self._n_vocab, self._pointer)
         token = int(self._tokens["id"][picked])
