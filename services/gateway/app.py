@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -109,6 +110,22 @@ async def models(request: Request, proxy: Relay) -> Response:
         if status == 200 and isinstance(body, dict) and isinstance(body.get("data"), list):
             data.extend(m for m in body["data"] if m not in data)
     return JSONResponse({"object": "list", "data": data})
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request, proxy: Relay) -> Response:
+    """The service that serves the model answers; an answer the LLM refuses (401, 403)
+    is the gateway's answer too, and no service's model is 404 ``model_not_found``."""
+    headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "x-request-id")}
+    path = f"/v1/models/{quote(model_id, safe='')}"
+    answers = await asyncio.gather(*(proxy.get_json(name, path, headers) for name in MODELS_FROM))
+    for status, body in answers:
+        if status == 200 and isinstance(body, dict):
+            return JSONResponse(body)
+    first_status, first_body = answers[0]
+    if first_status in (401, 403):
+        return JSONResponse(first_body or {}, status_code=first_status)
+    raise NotFound(f"the model {model_id!r} does not exist", param="model", code="model_not_found")
 
 
 @relay_router.api_route("/{path:path}", methods=METHODS, include_in_schema=False)

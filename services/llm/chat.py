@@ -43,6 +43,7 @@ from services.llm.settings import LLMSettings
 from shared.aio import Interrupted, unless
 from shared.errors import BadRequest, NotFound, TooManyRequests
 from shared.metrics import Metrics
+from shared.protocol.models import ModelList, created_at
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,16 @@ class ChatService:
     def models(self) -> list[str]:
         """The local model first, then every backend's."""
         return [self.model_id, *(self.remote.models() if self.remote is not None else [])]
+
+    def model_list(self) -> ModelList:
+        """The local model (created: its file's time), then every backend's (the backends
+        file's time)."""
+        local = ModelList.of("chat", self.model_id, created=created_at(self.engine.path))
+        if self.remote is not None:
+            local.data += ModelList.of(
+                "chat", *self.remote.models(), created=created_at(self.settings.backends_file)
+            ).data
+        return local
 
     def check_model(self, name: str) -> None:
         if name not in self.models():

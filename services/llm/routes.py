@@ -40,7 +40,7 @@ from services.llm.tools import parse_calls
 from services.llm.translate import Translator
 from shared.limits import StreamSlot
 from shared.openapi import answers
-from shared.protocol.models import ModelList
+from shared.protocol.models import ModelCard, ModelList, found_model
 from shared.web import Caller, calling, signed_in, stream_slot, until_disconnected
 
 CLIENT_GONE = 499
@@ -114,7 +114,12 @@ def remembering(conversations: ConversationStore, job: Job) -> Callable[[str], A
 
 @router.get("/v1/models", dependencies=[Depends(signed_in("chat"))], response_model=ModelList)
 async def models(chat: Chat) -> ModelList:
-    return ModelList.of("chat", *chat.models())
+    return chat.model_list()
+
+
+@router.get("/v1/models/{model_id:path}", dependencies=[Depends(signed_in("chat"))], response_model=ModelCard)
+async def model(model_id: str, chat: Chat) -> ModelCard:
+    return found_model(chat.model_list(), model_id)
 
 
 @router.post(

@@ -5,6 +5,7 @@ caller, and the ``Memories`` the app was built with, from ``app.state``); the wo
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -16,7 +17,7 @@ from shared.auth import SERVICE_SUBJECT_PREFIX
 from shared.errors import BadRequest, Forbidden
 from shared.errors import NotFound as NotFoundError
 from shared.limits import Limiter
-from shared.protocol.models import ModelList
+from shared.protocol.models import ModelCard, ModelList, created_at, found_model
 from shared.protocol.rag import (
     CollectionName,
     DocumentsIn,
@@ -115,25 +116,43 @@ async def stats(caller: Reader, kept: TheMemories) -> dict[str, object]:
     return {"collections": counts, "total": sum(counts.values())}
 
 
+def model_list(kept: Memories) -> ModelList:
+    folder = getattr(kept.store.embedder, "DOWNLOAD_PATH", None)
+    return ModelList.of("embeddings", EMBEDDING_MODEL, created=created_at(Path(folder) if folder else None))
+
+
 @router.get("/models", response_model=ModelList)
-async def models(_: Reader) -> ModelList:
-    return ModelList.of("embeddings", EMBEDDING_MODEL)
+async def models(_: Reader, kept: TheMemories) -> ModelList:
+    return model_list(kept)
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard)
+async def model(model_id: str, _: Reader, kept: TheMemories) -> ModelCard:
+    return found_model(model_list(kept), model_id)
 
 
 @router.post("/embeddings")
 async def embeddings(body: EmbeddingsIn, _: Reader, kept: TheMemories) -> dict[str, object]:
     if body.model != EMBEDDING_MODEL:
         raise NotFoundError(f"the model {body.model!r} does not exist; use {EMBEDDING_MODEL!r}", code="model_not_found")
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    if not texts or any(not text for text in texts):
-        raise BadRequest("input must be a non-empty string or a list of non-empty strings", param="input")
-    kept.check_size(len(texts), "inputs")
+    inputs = body.inputs()
+    if not inputs or any(not item for item in inputs):
+        raise BadRequest("input must be non-empty text or token ids, or a list of them", param="input")
+    kept.check_size(len(inputs), "inputs")
     if body.dimensions is not None and body.dimensions != 384:
         raise BadRequest("this model has 384 dimensions", param="dimensions")
+    given_tokens = None
     try:
+        if isinstance(inputs[0], list):
+            ids = inputs
+            given_tokens = sum(len(i) for i in ids)
+            texts = await run_in_threadpool(kept.store.texts_of, ids)
+        else:
+            texts = inputs
         vectors, tokens = await run_in_threadpool(kept.store.embed, texts)
     except InputTooLong as exc:
         raise BadRequest(str(exc), param="input", code="context_length_exceeded") from None
+    tokens = given_tokens if given_tokens is not None else tokens
     data = [
         {"object": "embedding", "index": i, "embedding": _encode(vector, body.encoding_format)}
         for i, vector in enumerate(vectors)

@@ -102,6 +102,15 @@ class MiniLM(ONNXMiniLM_L6_V2):
         tokenizer.no_padding()
         return tokenizer
 
+    @property
+    def vocabulary_size(self) -> int:
+        return int(self._counter.get_vocab_size())
+
+    def text_of(self, ids: list[int]) -> str:
+        """Token ids of this model's vocabulary as the text they spell (special tokens
+        left out: the model adds its own)."""
+        return str(self._counter.decode(ids, skip_special_tokens=True))
+
     def token_counts(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text before truncation (to refuse inputs MiniLM cannot read whole)."""
         return [len(encoding.ids) for encoding in self._counter.encode_batch(list(texts))]
@@ -517,6 +526,14 @@ class MemoryStore:
             collection.name: len(collection.get(where=where, include=[])["ids"])
             for collection in self._client.list_collections()
         }
+
+    def texts_of(self, inputs: Sequence[list[int]]) -> list[str]:
+        """Token-id inputs as text; InputTooLong names an id past the vocabulary."""
+        size = self.embedder.vocabulary_size
+        for i, ids in enumerate(inputs):
+            if any(token >= size for token in ids):
+                raise InputTooLong(f"input {i} holds a token id past this model's vocabulary (0 to {size - 1})")
+        return [self.embedder.text_of(ids) for ids in inputs]
 
     def embed(self, texts: Sequence[str]) -> tuple[list[np.ndarray], int]:
         counts = self.embedder.token_counts(texts)

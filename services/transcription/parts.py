@@ -19,6 +19,7 @@ from services.transcription.transcriber import Transcriber
 from services.transcription.worker import WorkerSpec
 from shared.client import ServiceClient
 from shared.gpu import Gpu, vram_estimate_mb
+from shared.protocol.models import created_at
 from shared.service import Foundation, model
 from shared.settings import load_settings
 from shared.store import open_redis
@@ -96,7 +97,7 @@ def build(
     decoder = audio.Decoder(settings.worker_nice, audio.MemoryBudget(int(settings.decode_budget_mb * 1_048_576)))
     store = JobStore(redis, settings.key_prefix)
     runner = JobRunner(store, placement, rag, settings, JobMetrics(base.metrics), decoder, base.guards.limiter)
-    transcriber = Transcriber(placement, decoder, settings, model_id, base.metrics)
+    transcriber = Transcriber(placement, decoder, settings, model_id, base.metrics, created_at(path))
     return Parts(
         settings, base, model_id, path, vram_mb, redis, gpu, rag, pool, placement, decoder, runner, transcriber
     )

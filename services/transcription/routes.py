@@ -28,10 +28,10 @@ from services.transcription.schemas import (
     Transcription,
     VerboseTranscription,
 )
-from services.transcription.transcriber import ALIASES, Options, Transcriber, display_name
+from services.transcription.transcriber import Options, Transcriber, display_name
 from shared.errors import NotFound
 from shared.openapi import answers
-from shared.protocol.models import ModelList
+from shared.protocol.models import ModelCard, ModelList, found_model
 from shared.sse import DONE, ClosingStream, frame
 from shared.web import Caller, audit_note, calling, signed_in, stream_slot
 
@@ -71,7 +71,12 @@ async def owned(job_id: str, request: Request, caller: Caller, jobs: JobRunner) 
 @router.get("/models", dependencies=user, response_model=ModelList)
 async def models(service: TheTranscriber) -> ModelList:
     """The model served, then the names accepted for it (whisper-1)."""
-    return ModelList.of("transcription", service.model_id, *ALIASES)
+    return service.model_list()
+
+
+@router.get("/models/{model_id:path}", dependencies=user, response_model=ModelCard)
+async def model(model_id: str, service: TheTranscriber) -> ModelCard:
+    return found_model(service.model_list(), model_id)
 
 
 @router.post(

@@ -28,6 +28,7 @@ from shared.errors import BadRequest, NotFound, PayloadTooLarge, ServiceUnavaila
 from shared.gpu import HeldLease
 from shared.limits import StreamSlot
 from shared.metrics import Metrics
+from shared.protocol.models import ModelList
 from shared.sse import DONE, ClosingStream, frame
 
 ALIASES = ("whisper-1",)
@@ -83,17 +84,24 @@ class Transcriber:
         settings: TranscriptionSettings,
         model_id: str,
         metrics: Metrics,
+        model_created: int = 0,
     ) -> None:
         self.placement = placement
         self.decoder = decoder
         self.settings = settings
         self.model_id = model_id
+        self.model_created = model_created
+        """When the model's files were written (``created`` of its model card)."""
         self.uploads = Uploads(settings.data_dir / "uploads", int(settings.max_upload_mb * 1_048_576))
         self._speed = metrics.histogram(
             "transcription_interactive_speed_ratio",
             "Audio seconds per second, interactive.",
             buckets=(1, 2, 5, 10, 20, 50, 100, 200),
         )
+
+    def model_list(self) -> ModelList:
+        """The model served, then the names accepted for it (whisper-1)."""
+        return ModelList.of("transcription", self.model_id, *ALIASES, created=self.model_created)
 
     def check_model(self, model: str) -> None:
         if model not in (self.model_id, *ALIASES):

@@ -5,7 +5,7 @@ build their requests with them."""
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
 from pydantic import (
     AfterValidator,
@@ -194,19 +194,43 @@ class QueryOut(BaseModel):
     results: list[Result]
 
 
+TokenId = Annotated[StrictInt, Field(ge=0)]
+MAX_EMBEDDING_TOKENS = 512
+"""Token ids one input may hold (the model reads 256; more is refused after decoding)."""
+EmbeddingInput = str | list[str] | list[int] | list[list[int]]
+
+
 class EmbeddingsIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    input: str | list[str]
+    input: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
+        description="Text, texts, or the model's own token ids (one list, or a list of lists)"
+    )
     model: str
     encoding_format: Literal["float", "base64"] = "float"
 
     @field_validator("input")
     @classmethod
-    def _utf8_input(cls, value: str | list[str]) -> str | list[str]:
-        for text in [value] if isinstance(value, str) else value:
-            _utf8(text)
+    def _utf8_input(cls, value: EmbeddingInput) -> EmbeddingInput:
+        if isinstance(value, str):
+            _utf8(value)
+        for item in value if isinstance(value, list) else ():
+            if isinstance(item, str):
+                _utf8(item)
+            elif isinstance(item, list) and len(item) > MAX_EMBEDDING_TOKENS:
+                raise ValueError(f"at most {MAX_EMBEDDING_TOKENS} token ids per input")
+        if isinstance(value, list) and value and isinstance(value[0], int) and len(value) > MAX_EMBEDDING_TOKENS:
+            raise ValueError(f"at most {MAX_EMBEDDING_TOKENS} token ids per input")
         return value
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        """The inputs, one per embedding: texts, or token-id lists."""
+        value = self.input
+        if isinstance(value, str):
+            return [value]
+        if value and all(isinstance(item, int) for item in value):
+            return [cast(list[int], value)]
+        return cast(list[str] | list[list[int]], value)
 
     dimensions: Integer | None = None
     user: str | None = None

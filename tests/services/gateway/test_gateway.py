@@ -86,6 +86,14 @@ class Upstream:
                 return JSONResponse({"error": {"message": "no"}}, status_code=401)
             return JSONResponse({"object": "list", "data": [{"id": f"{name}-model", "object": "model"}]})
 
+        @app.get("/v1/models/{model_id}")
+        async def model(model_id: str, request: Request) -> JSONResponse:
+            if request.headers.get("authorization") != "Bearer good":
+                return JSONResponse({"error": {"message": "no"}}, status_code=401)
+            if model_id != f"{name}-model":
+                return JSONResponse({"error": {"code": "model_not_found"}}, status_code=404)
+            return JSONResponse({"id": model_id, "object": "model", "created": 1})
+
         @app.api_route("/{path:path}", methods=["GET", "POST", "DELETE"])
         async def anything(path: str, request: Request) -> StreamingResponse:
             body = await request.body()
@@ -161,6 +169,17 @@ def test_models_are_merged_and_the_llms_refusal_is_the_answer(gateway: str) -> N
     assert [m["id"] for m in merged["data"]] == ["llm-model", "transcription-model", "rag-model"]
     refused = httpx.get(f"{gateway}/v1/models", headers={"Authorization": "Bearer bad"})
     assert refused.status_code == 401 and refused.json() == {"error": {"message": "no"}}
+
+
+def test_a_model_is_retrieved_from_the_service_that_serves_it(gateway: str) -> None:
+    good = {"Authorization": "Bearer good"}
+    for name in ("llm", "transcription", "rag"):
+        found = httpx.get(f"{gateway}/v1/models/{name}-model", headers=good)
+        assert found.status_code == 200 and found.json()["id"] == f"{name}-model"
+    missing = httpx.get(f"{gateway}/v1/models/gpt-9", headers=good)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    refused = httpx.get(f"{gateway}/v1/models/llm-model", headers={"Authorization": "Bearer bad"})
+    assert refused.status_code == 401
 
 
 def test_an_unknown_path_is_404_in_the_envelope(gateway: str) -> None:

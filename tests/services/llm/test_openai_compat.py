@@ -129,3 +129,12 @@ def test_what_cannot_be_honoured_is_400(llm: Served, options: dict[str, Any], pa
     assert isinstance(body, dict) and body["type"] == "invalid_request_error"
     if param is not None:
         assert body["param"] == param
+
+
+def test_a_model_is_retrieved_by_id_with_the_time_its_file_was_written(llm: Served) -> None:
+    listed = llm.client.models.list().data
+    retrieved = llm.client.models.retrieve(llm.model)
+    assert retrieved.id == llm.model and retrieved.created == listed[0].created > 1_600_000_000
+    with pytest.raises(openai.NotFoundError) as missing:
+        llm.client.models.retrieve("gpt-9")
+    assert isinstance(missing.value.body, dict) and missing.value.body["code"] == "model_not_found"

@@ -172,6 +172,21 @@ def test_delete_unknown_is_404(rag: Rag, collection: str) -> None:
     assert response.json()["error"]["type"] == "not_found_error"
 
 
+def test_token_ids_are_embedded_as_the_text_they_spell_and_counted(rag: Rag, mint: Mint) -> None:
+    client = openai.OpenAI(base_url="http://rag/v1", api_key=mint("rag:read"), http_client=rag.client_of_app)
+    text = client.embeddings.create(model="all-minilm-l6-v2", input="a cat on a mat")
+    ids = [1037, 4937, 2006, 1037, 13523]  # MiniLM's WordPiece ids of "a cat on a mat"
+    one = client.embeddings.create(model="all-minilm-l6-v2", input=ids)
+    assert np.allclose(one.data[0].embedding, text.data[0].embedding, atol=1e-5)
+    assert one.usage.prompt_tokens == 5 == one.usage.total_tokens
+    two = client.embeddings.create(model="all-minilm-l6-v2", input=[ids, ids[:2]])
+    assert len(two.data) == 2 and two.usage.prompt_tokens == 7
+    with pytest.raises(openai.BadRequestError, match="vocabulary"):
+        client.embeddings.create(model="all-minilm-l6-v2", input=[10_000_000])
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="all-minilm-l6-v2", input=[-1])
+
+
 def test_the_openai_client_gets_embeddings(rag: Rag, mint: Mint) -> None:
     client = openai.OpenAI(base_url="http://rag/v1", api_key=mint("rag:read"), http_client=rag.client_of_app)
     result = client.embeddings.create(model="all-minilm-l6-v2", input=["a cat on a mat", "a dog on a log"])
@@ -183,6 +198,8 @@ def test_the_openai_client_gets_embeddings(rag: Rag, mint: Mint) -> None:
     assert np.allclose(floats.data[0].embedding, vectors[0], atol=1e-5)
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="text-embedding-3-large", input="x")
+    card = client.models.retrieve("all-minilm-l6-v2")
+    assert card.id == "all-minilm-l6-v2" and card.created > 1_600_000_000
     with pytest.raises(openai.BadRequestError, match="at most 256"):
         client.embeddings.create(model="all-minilm-l6-v2", input="word " * 400)
 

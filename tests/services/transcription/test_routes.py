@@ -89,6 +89,11 @@ async def transcribe(http: httpx.AsyncClient, path: Path, **form: Any) -> httpx.
 async def test_the_models_and_the_ops_routes(tx_app: App, http: httpx.AsyncClient) -> None:
     models = (await http.get("/v1/models")).json()
     assert [m["id"] for m in models["data"]] == ["whisper-tiny.en", "whisper-1"]
+    assert models["data"][0]["created"] > 1_600_000_000  # the model files' time, not 0
+    alias = (await http.get("/v1/models/whisper-1")).json()
+    assert alias["id"] == "whisper-1" and alias["created"] == models["data"][0]["created"]
+    missing = await http.get("/v1/models/whisper-9")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     assert (await http.get("/health")).json()["status"] == "ok"
     assert (await http.get("/ready")).json() == {"status": "ready", "service": "transcription", "redis": "ok",
                                                  "model": "whisper-tiny.en"}  # fmt: skip
