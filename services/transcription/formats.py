@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from services.transcription.whisper import Piece
@@ -35,14 +36,40 @@ def vtt(pieces: list[Piece]) -> str:
     return "WEBVTT\n\n" + "\n".join(cues)
 
 
+SEGMENT_FIELDS = (
+    "id",
+    "seek",
+    "start",
+    "end",
+    "text",
+    "tokens",
+    "temperature",
+    "avg_logprob",
+    "compression_ratio",
+    "no_speech_prob",
+)
+"""OpenAI's verbose_json segment, every field, in its order (strictly typed SDKs need each)."""
+
+
+def segment(piece: Piece) -> dict[str, Any]:
+    shown = piece.public()
+    return {name: shown[name] for name in SEGMENT_FIELDS}
+
+
+def usage(seconds: float) -> dict[str, Any]:
+    """OpenAI's usage of a transcription billed by duration: whole seconds, rounded up."""
+    return {"type": "duration", "seconds": math.ceil(seconds)}
+
+
 def verbose(pieces: list[Piece], info: dict[str, Any], words: bool) -> dict[str, Any]:
     body: dict[str, Any] = {
         "task": "transcribe",
         "language": info.get("language", "en"),
         "duration": round(float(info.get("duration", 0.0)), 3),
         "text": text_of(pieces),
-        "segments": [{k: v for k, v in p.public().items() if k != "words"} | {"temperature": 0.0} for p in pieces],
+        "segments": [segment(p) for p in pieces],
     }
     if words:
         body["words"] = [w for p in pieces for w in (p.words or [])]
+    body["usage"] = usage(float(info.get("duration", 0.0)))
     return body

@@ -32,11 +32,21 @@ class TranscriptDelta(BaseModel):
     segment: dict[str, Any]
 
 
+class DurationUsage(BaseModel):
+    """OpenAI's usage of a transcription billed by duration."""
+
+    type: Literal["duration"] = "duration"
+    seconds: int = Field(description="Seconds of audio, rounded up")
+
+
 class TranscriptDone(BaseModel):
     """The last event of a stream before ``[DONE]``: the whole text."""
 
     type: Literal["transcript.text.done"] = "transcript.text.done"
     text: str
+    usage: DurationUsage
+
+
 
 
 class JobCreated(BaseModel):

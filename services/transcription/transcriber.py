@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from services.transcription import audio
 from services.transcription.errors import ERRORS
-from services.transcription.formats import Format, srt, text_of, verbose, vtt
+from services.transcription.formats import Format, srt, text_of, usage, verbose, vtt
 from services.transcription.placement import Placement
 from services.transcription.settings import TranscriptionSettings
 from services.transcription.whisper import Piece, check_language
@@ -162,7 +162,7 @@ class Transcriber:
             lease = await self.placement.acquire("interactive", wait_s)  # not granted: 503 (errors.py)
             if slot is not None:
                 streaming = True  # the stream releases the slot and the budget when it ends
-                return _stream(self.placement, lease, work, wait_s, slot, held)
+                return _stream(self.placement, lease, work, wait_s, slot, held, audio.duration_s(samples))
             started = time.monotonic()
             pieces: list[Piece] = []
 
@@ -174,7 +174,7 @@ class Transcriber:
                 lambda: work, priority="interactive", wait_s=wait_s, on_message=keep, lease=lease
             )
             self._speed.observe(audio.duration_s(samples) / max(1e-6, time.monotonic() - started))
-            return _render(pieces, info, options.response_format, options.words)
+            return _render(pieces, info, options.response_format, options.words, audio.duration_s(samples))
         finally:
             if not streaming:
                 if held is not None:
@@ -198,7 +198,7 @@ def _refusal(exc: BaseException, max_duration_s: float) -> BaseException:
     return exc
 
 
-def _render(pieces: list[Piece], info: dict[str, Any], response_format: str, words: bool) -> Response:
+def _render(pieces: list[Piece], info: dict[str, Any], response_format: str, words: bool, seconds: float) -> Response:
     if response_format == "text":
         return PlainTextResponse(text_of(pieces) + "\n")
     if response_format == "srt":
@@ -206,12 +206,18 @@ def _render(pieces: list[Piece], info: dict[str, Any], response_format: str, wor
     if response_format == "vtt":
         return PlainTextResponse(vtt(pieces), media_type="text/vtt")
     if response_format == "verbose_json":
-        return JSONResponse(verbose(pieces, info, words))
-    return JSONResponse({"text": text_of(pieces)})
+        return JSONResponse(verbose(pieces, info | {"duration": seconds}, words))
+    return JSONResponse({"text": text_of(pieces), "usage": usage(seconds)})
 
 
 def _stream(
-    placement: Placement, lease: HeldLease, work: Work, wait_s: float, slot: StreamSlot, held: audio.Held
+    placement: Placement,
+    lease: HeldLease,
+    work: Work,
+    wait_s: float,
+    slot: StreamSlot,
+    held: audio.Held,
+    seconds: float,
 ) -> Response:
     """Segments as they are decoded (OpenAI's transcript.text.delta events), then the whole text."""
     pieces: asyncio.Queue[Piece | None] = asyncio.Queue()
@@ -236,7 +242,7 @@ def _stream(
             sent += 1
             yield frame({"type": "transcript.text.delta", "delta": piece.text, "segment": piece.public()})
         await task  # its failure becomes an error event (errors.py)
-        yield frame({"type": "transcript.text.done", "text": text_of(seen[:sent])})
+        yield frame({"type": "transcript.text.done", "text": text_of(seen[:sent]), "usage": usage(seconds)})
         yield DONE
 
     async def close(_: bool) -> None:

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,11 @@ class Piece:
     avg_logprob: float = 0.0
     no_speech_prob: float = 0.0
     words: list[dict[str, Any]] | None = None
+    tokens: list[int] = field(default_factory=list)
+    """The segment's token ids (OpenAI's verbose_json segment has them)."""
+    temperature: float = 0.0
+    """The temperature the segment was decoded at (a fallback raises it)."""
+    compression_ratio: float = 0.0
 
     def public(self) -> dict[str, Any]:
         data = asdict(self)
@@ -205,6 +210,9 @@ class Transcriber:
             text=segment.text,
             avg_logprob=round(float(segment.avg_logprob), 4),
             no_speech_prob=round(float(segment.no_speech_prob), 4),
+            tokens=[int(t) for t in segment.tokens or []],
+            temperature=round(float(segment.temperature or 0.0), 2),
+            compression_ratio=round(float(segment.compression_ratio), 4),
             words=[{"word": w.word, "start": round(w.start, 3), "end": round(w.end, 3)} for w in segment.words or []]
             if words
             else None,

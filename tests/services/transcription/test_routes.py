@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
+from openai.types.audio import Transcription, TranscriptionSegment, TranscriptionVerbose
+from openai.types.audio.transcription import UsageDuration
 from pydantic import TypeAdapter
 
 from harness.servers import RedisServer
@@ -132,6 +135,8 @@ async def test_response_formats(http: httpx.AsyncClient, response_format: str) -
     assert response.status_code == 200, response.text
     if response_format == "json":
         assert "kitchen" in response.json()["text"]
+        usage = Transcription.model_validate(response.json()).usage
+        assert isinstance(usage, UsageDuration) and usage.type == "duration" and usage.seconds > 3
     elif response_format == "text":
         assert "kitchen" in response.text
     elif response_format == "srt":
@@ -143,6 +148,14 @@ async def test_response_formats(http: httpx.AsyncClient, response_format: str) -
         assert body["language"] == "en" and body["duration"] > 3
         assert body["segments"][0]["end"] > body["segments"][0]["start"]
         assert any(w["word"].strip().lower().startswith("kitchen") for w in body["words"])
+        assert body["usage"] == {"type": "duration", "seconds": math.ceil(body["duration"])}
+        # Every field of OpenAI's segment, typed as its SDK types them, from faster-whisper's own values.
+        parsed = TranscriptionVerbose.model_validate(body)
+        for segment in body["segments"]:
+            assert set(segment) == set(TranscriptionSegment.model_fields)
+            assert TranscriptionSegment.model_validate(segment, strict=True).tokens
+            assert segment["compression_ratio"] > 0 and segment["temperature"] == 0.0
+        assert parsed.segments and parsed.segments[0].tokens == body["segments"][0]["tokens"]
 
 
 async def test_a_stream_sends_each_segment_then_the_whole_text(http: httpx.AsyncClient) -> None:
@@ -158,6 +171,7 @@ async def test_a_stream_sends_each_segment_then_the_whole_text(http: httpx.Async
     assert deltas and all(e["type"] == "transcript.text.delta" for e in deltas)
     assert done["type"] == "transcript.text.done" and "kitchen" in done["text"]
     assert done["text"] == "".join(e["delta"] for e in deltas).strip()
+    assert done["usage"]["type"] == "duration" and done["usage"]["seconds"] > 3
 
 
 async def test_silence_gives_empty_text(http: httpx.AsyncClient, tmp_path: Path) -> None:
