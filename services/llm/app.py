@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from services.llm.answer import ClientGone
+from services.llm.completions.routes import router as completions_router
 from services.llm.engine import Engine, can_offload
 from services.llm.parts import Parts, build
 from services.llm.routes import client_gone, router
@@ -72,6 +73,7 @@ def create_app(parts: Parts | LLMSettings | None = None) -> FastAPI:
     app.state.chat, app.state.conversations = chat, made.conversations  # the routes' dependencies
     app.state.sql, app.state.seed_info = made.sql, seed_info
     app.include_router(router)
+    app.include_router(completions_router)
     app.include_router(sql_router)
     app.add_exception_handler(ClientGone, client_gone)
 

@@ -42,7 +42,12 @@ class ResponseCache:
         """None when the request may not be cached (it samples at random, or asks for
         log-probabilities, which the cache does not keep)."""
         params = job.params
-        if not self.enabled or (params.temperature > 0 and params.seed is None) or params.logprobs is not None:
+        if (
+            not self.enabled
+            or (params.temperature > 0 and params.seed is None)
+            or params.logprobs is not None
+            or job.raw is not None  # a completion: raw text, not a chat answer
+        ):
             return None
         history = job.conversation.history() if job.conversation is not None else []
         personal = job.conversation is not None or any(p.origin == "memory" for p in passages)

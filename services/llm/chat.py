@@ -286,6 +286,15 @@ class ChatService:
                 param="messages",
                 code="too_many_messages",
             )
+        if job.raw is not None:
+            need = len(job.raw.tokens) + job.params.max_tokens
+            if need > self.engine.n_ctx:
+                raise BadRequest(
+                    f"this model's context is {self.engine.n_ctx} tokens; the prompt takes {len(job.raw.tokens)} "
+                    f"and max_tokens asks for {job.params.max_tokens}",
+                    param="prompt",
+                    code="context_length_exceeded",
+                )
         chars = sum(len(m["content"]) for m in job.messages) + sum(len(c) for c in job.context)
         if chars > self.engine.max_prompt_chars:
             # Refused by its size before the tokenizer reads it (2 MB took it 10 s).
@@ -315,7 +324,7 @@ class ChatService:
                 ask.withdraw()
                 if job.params.grammar is not None:
                     raise BadRequest("tools are served by the local model only", param="tools", code="invalid_tool")
-                local_only(job.params)
+                local_only(job)
                 passages, warnings = await self._passages(job)
                 return await self._remote_answer(job, passages, warnings, self.remote.for_model(job.model))
             if self.admitted >= self.capacity:  # every slot busy and the queue full
@@ -333,7 +342,9 @@ class ChatService:
             ask.withdraw()  # nothing if the request was placed
 
     async def _passages(self, job: Job) -> tuple[list[Passage], list[str]]:
-        """The request's own context, then the caller's memories."""
+        """The request's own context, then the caller's memories (none for a completion)."""
+        if job.raw is not None:
+            return [], []
         passages, warnings = await self._memories(job)
         given = [
             Passage(f"context-{i}", text, 2.0, {"source": "request"}, origin="request")
@@ -344,7 +355,7 @@ class ChatService:
     async def _open(self, job: Job, disconnected: Callable[[], Awaitable[object]], ask: Ask) -> Answering:
         passages, warnings = await self._passages(job)
         # Tools, log-probabilities and token biases stay local: token ids are this model's.
-        remote = self.remote if job.params.grammar is None and not needs_local(job.params) else None
+        remote = self.remote if job.params.grammar is None and not needs_local(job) else None
         if remote is not None:
             moved = remote.routed(job.route, lambda: self._prompt_size(job, passages))
             if moved:
@@ -419,6 +430,8 @@ class ChatService:
         return session
 
     async def _fit(self, job: Job, passages: list[Passage]) -> Fitted:
+        if job.raw is not None:
+            return Fitted(job.raw, [], 0)
         history = job.conversation.history() if job.conversation is not None else []
         try:
             return await asyncio.to_thread(fit, self.engine, history + job.messages, passages, job.params.max_tokens)
@@ -488,13 +501,17 @@ def np_tokens(tokens: list[int]) -> np.ndarray:
     return np.asarray(tokens, dtype=np.int32)
 
 
-def needs_local(params: Params) -> bool:
-    """The request speaks of this model's tokens: log-probabilities or token biases."""
-    return params.logprobs is not None or bool(params.logit_bias)
+def needs_local(job: Job) -> bool:
+    """The request speaks of this model's tokens (log-probabilities, token biases, a
+    completion's prompt)."""
+    return job.params.logprobs is not None or bool(job.params.logit_bias) or job.raw is not None
 
 
-def local_only(params: Params) -> None:
+def local_only(job: Job) -> None:
     """A backend's model was named for a request only the local model can answer."""
+    params = job.params
+    if job.raw is not None:
+        raise BadRequest("completions are served by the local model only", param="model")
     if params.logprobs is not None:
         raise BadRequest("logprobs are served by the local model only", param="logprobs")
     if params.logit_bias:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.llm.conversations import Conversation
-from services.llm.engine import Message, Params
+from services.llm.engine import Message, Params, Prompt
 from services.llm.schemas import RagOptions
 
 
@@ -37,3 +37,6 @@ class Job:
     """Messages the service wrote, the same for every user (text-to-SQL's instructions
     and examples): as far as the prompt's tokens start with theirs, any user may reuse
     them from the KV cache."""
+    raw: Prompt | None = None
+    """A completion's prompt (``POST /v1/completions``): its tokens are read as they are,
+    with no template, memories or conversation."""

@@ -109,7 +109,7 @@ class RagOptions(BaseModel):
     recency_bias: Fraction | None = None
 
 
-def _at_most_four_stops(schema: dict[str, Any]) -> None:
+def at_most_four_stops(schema: dict[str, Any]) -> None:
     """The document states the validator's bound (a list of at most 4)."""
     for branch in schema.get("anyOf", ()):
         if branch.get("type") == "array":
@@ -144,7 +144,29 @@ class ToolChoiceFunction(BaseModel):
     function: FunctionName
 
 
-def _null_is_the_default(schema: dict[str, Any]) -> None:
+def checked_biases(value: dict[str, float] | None) -> dict[str, float] | None:
+    """``logit_bias``: token ids (as strings) to a bias from -100 to 100."""
+    for token, bias in (value or {}).items():
+        if not token.isdigit() or len(token) > 9:
+            raise ValueError(f"logit_bias keys are token ids, not {token[:20]!r}")
+        if not -100 <= bias <= 100:
+            raise ValueError(f"logit_bias values are from -100 to 100, not {bias}")
+    return value
+
+
+def checked_stops(value: str | list[str] | None) -> str | list[str] | None:
+    if isinstance(value, list) and len(value) > 4:
+        raise ValueError("at most 4 stop sequences")
+    return value
+
+
+def stop_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else value
+
+
+def null_is_the_default(schema: dict[str, Any]) -> None:
     """The document says what OpenAI's does: null is allowed here, and means the default."""
     keep = ("default", "description", "title")
     branch = {k: schema.pop(k) for k in list(schema) if k not in keep}
@@ -178,16 +200,16 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: PositiveInteger | None = None
     max_completion_tokens: PositiveInteger | None = None
-    temperature: Number = Field(default=0.8, ge=0, le=2, json_schema_extra=_null_is_the_default)
-    top_p: Number = Field(default=0.95, gt=0, le=1, json_schema_extra=_null_is_the_default)
-    stop: str | list[str] | None = Field(default=None, json_schema_extra=_at_most_four_stops)
+    temperature: Number = Field(default=0.8, ge=0, le=2, json_schema_extra=null_is_the_default)
+    top_p: Number = Field(default=0.95, gt=0, le=1, json_schema_extra=null_is_the_default)
+    stop: str | list[str] | None = Field(default=None, json_schema_extra=at_most_four_stops)
     seed: Integer | None = None
-    stream: Boolean = Field(default=False, json_schema_extra=_null_is_the_default)
+    stream: Boolean = Field(default=False, json_schema_extra=null_is_the_default)
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
-    presence_penalty: Number = Field(default=0.0, ge=-2, le=2, json_schema_extra=_null_is_the_default)
-    frequency_penalty: Number = Field(default=0.0, ge=-2, le=2, json_schema_extra=_null_is_the_default)
-    n: Integer = Field(default=1, ge=1, le=MAX_CHOICES, json_schema_extra=_null_is_the_default)
+    presence_penalty: Number = Field(default=0.0, ge=-2, le=2, json_schema_extra=null_is_the_default)
+    frequency_penalty: Number = Field(default=0.0, ge=-2, le=2, json_schema_extra=null_is_the_default)
+    n: Integer = Field(default=1, ge=1, le=MAX_CHOICES, json_schema_extra=null_is_the_default)
     logit_bias: dict[str, Number] | None = Field(
         default=None,
         max_length=MAX_LOGIT_BIAS,
@@ -234,30 +256,15 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("top_logprobs needs logprobs: true")
         return self
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for token, bias in (value or {}).items():
-            if not token.isdigit() or len(token) > 9:
-                raise ValueError(f"logit_bias keys are token ids, not {token[:20]!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"logit_bias values are from -100 to 100, not {bias}")
-        return value
+    _biases = field_validator("logit_bias")(checked_biases)
 
     def token_biases(self) -> dict[int, float]:
         return {int(token): float(bias) for token, bias in (self.logit_bias or {}).items()}
 
-    @field_validator("stop")
-    @classmethod
-    def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences")
-        return value
+    _few_stops = field_validator("stop")(checked_stops)
 
     def stops(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else self.stop
+        return stop_list(self.stop)
 
 
 class SeedChatRequest(BaseModel):

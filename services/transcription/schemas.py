@@ -47,8 +47,6 @@ class TranscriptDone(BaseModel):
     usage: DurationUsage
 
 
-
-
 class JobCreated(BaseModel):
     job_id: str
     state: str

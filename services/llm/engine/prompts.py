@@ -105,6 +105,17 @@ class Vocabulary:
         with self._lock:
             return list(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
+    def raw(self, text: str) -> list[int]:
+        """A completion's prompt: the text as tokens, after the model's BOS where its
+        vocabulary asks for one (special tokens read as text)."""
+        with self._lock:
+            return list(self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+
+    def text(self, tokens: list[int]) -> str:
+        """Tokens as the text they spell."""
+        with self._lock:
+            return bytes(self._llama.detokenize(tokens)).decode("utf-8", "replace")
+
     def prompt(self, messages: Sequence[Message]) -> Prompt:
         """The exact tokens the model will read, and the strings that end its turn."""
         if self._formatter is not None:

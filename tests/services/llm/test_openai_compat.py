@@ -29,7 +29,7 @@ class Served:
         return list(self.app.state.parts.engine.vocabulary.tokens(text))
 
     def ask(self, content: str, **options: Any) -> Any:
-        messages = [{"role": "user", "content": content}]
+        messages: Any = [{"role": "user", "content": content}]
         return self.client.chat.completions.create(model=self.model, messages=messages, **options)
 
 
@@ -138,3 +138,64 @@ def test_a_model_is_retrieved_by_id_with_the_time_its_file_was_written(llm: Serv
     with pytest.raises(openai.NotFoundError) as missing:
         llm.client.models.retrieve("gpt-9")
     assert isinstance(missing.value.body, dict) and missing.value.body["code"] == "model_not_found"
+
+
+def test_a_completion_reads_the_prompt_as_raw_text(llm: Served) -> None:
+    prompt = "The capital of France is"
+    tokens = llm.app.state.parts.engine.vocabulary.raw(prompt)
+    done = llm.client.completions.create(model=llm.model, prompt=prompt, max_tokens=6, temperature=0)
+    assert done.object == "text_completion" and done.id.startswith("cmpl-")
+    (choice,) = done.choices
+    assert choice.text and choice.finish_reason in ("length", "stop")
+    assert done.usage is not None and done.usage.prompt_tokens == len(tokens)
+    again = llm.client.completions.create(model=llm.model, prompt=tokens, max_tokens=6, temperature=0)
+    assert again.choices[0].text == choice.text  # token ids read as the text they spell
+    echoed = llm.client.completions.create(model=llm.model, prompt=prompt, max_tokens=6, temperature=0, echo=True)
+    assert echoed.choices[0].text == prompt + choice.text
+
+
+def test_a_completion_streamed_several_prompts_and_legacy_logprobs(llm: Served) -> None:
+    prompts = ["One, two, three,", "Monday, Tuesday,"]
+    whole = llm.client.completions.create(model=llm.model, prompt=prompts, max_tokens=5, temperature=0, logprobs=2)
+    assert [c.index for c in whole.choices] == [0, 1]
+    for choice in whole.choices:
+        shown: Any = choice.logprobs
+        assert "".join(shown.tokens) == choice.text
+        assert shown.text_offset[0] == 0 and all(len(t) <= 2 for t in shown.top_logprobs)
+        assert all(lp <= 0 for lp in shown.token_logprobs)
+    options: dict[str, Any] = {"max_tokens": 5, "temperature": 0, "stream_options": {"include_usage": True}}
+    stream = llm.client.completions.create(model=llm.model, prompt=prompts, stream=True, **options)
+    texts = ["", ""]
+    finished = {}
+    usage = None
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+        usage = chunk.usage or usage
+    assert texts == [c.text for c in whole.choices]  # greedy: the same as whole
+    assert set(finished) == {0, 1}
+    assert usage is not None and whole.usage is not None and usage.completion_tokens == whole.usage.completion_tokens
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        ({"suffix": "end"}, None),
+        ({"best_of": 2}, "best_of"),
+        ({"echo": True, "logprobs": 1}, None),
+        ({"logprobs": 6}, "logprobs"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": ["a"] * 9}, "prompt"),
+        ({"prompt": [10_000_000]}, "prompt"),
+        ({"max_tokens": 5000}, "max_tokens"),
+    ],
+)
+def test_a_completion_that_cannot_be_honoured_is_400(llm: Served, options: dict[str, Any], param: str | None) -> None:
+    body: dict[str, Any] = {"model": llm.model, "prompt": "Hi", "max_tokens": 2} | options
+    with pytest.raises(openai.BadRequestError) as refused:
+        llm.client.completions.create(**body)
+    assert isinstance(refused.value.body, dict) and refused.value.body["type"] == "invalid_request_error"
+    if param is not None:
+        assert refused.value.body["param"] == param
