@@ -22,6 +22,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/chat", "llm", subtree=True),
     Route("/chat", "llm", subtree=True),
     Route("/v1/completions", "llm"),
+    Route("/v1/responses", "llm"),
     Route("/v1/conversations", "llm", subtree=True),
     Route("/v1/sql", "llm"),
     Route("/query", "llm"),

@@ -13,6 +13,8 @@ from services.llm.answer import ClientGone
 from services.llm.completions.routes import router as completions_router
 from services.llm.engine import Engine, can_offload
 from services.llm.parts import Parts, build
+from services.llm.responses.routes import router as responses_router
+from services.llm.responses.store import ResponseLinks
 from services.llm.routes import client_gone, router
 from services.llm.settings import LLMSettings
 from services.llm.sql.routes import router as sql_router
@@ -73,7 +75,9 @@ def create_app(parts: Parts | LLMSettings | None = None) -> FastAPI:
     app.state.chat, app.state.conversations = chat, made.conversations  # the routes' dependencies
     app.state.sql, app.state.seed_info = made.sql, seed_info
     app.include_router(router)
+    app.state.response_links = ResponseLinks(made.conversations, settings.limits.key_prefix)
     app.include_router(completions_router)
+    app.include_router(responses_router)
     app.include_router(sql_router)
     app.add_exception_handler(ClientGone, client_gone)
 

@@ -132,7 +132,7 @@ class Session(Answer):
         """Text pieces as the model makes them; ``self.done`` is set after the last."""
         job = self._job
         generation = self._engine.submit(
-            self._fitted.prompt, job.params, subject=job.subject, public_prefix=self._public_prefix
+            self._fitted.prompt, job.params, subject=job.subject, public_prefix=self._public_prefix, group=job.group
         )
         self._generation = generation
         started = time.monotonic()
@@ -412,7 +412,7 @@ class ChatService:
 
     def _prompt_size(self, job: Job, passages: list[Passage]) -> int:
         """The prompt's tokens by the local model's tokenizer (for prompt-size rules)."""
-        history = job.conversation.history() if job.conversation is not None else []
+        history = job.before()
         messages = with_memories(history + job.messages, passages)
         return sum(self.engine.count(m["content"]) for m in messages)
 
@@ -422,7 +422,7 @@ class ChatService:
         """The answer from the first candidate that gives a first token. The whole
         conversation goes with the memories; fitting it is the backend's business."""
         assert self.remote is not None
-        history = job.conversation.history() if job.conversation is not None else []
+        history = job.before()
         messages = with_memories(history + job.messages, passages)
         rag_used = sum(1 for p in passages if p.origin == "memory")
         session = RemoteSession(self.remote.metrics, passages, job.reveal, warnings, rag_used)
@@ -432,7 +432,7 @@ class ChatService:
     async def _fit(self, job: Job, passages: list[Passage]) -> Fitted:
         if job.raw is not None:
             return Fitted(job.raw, [], 0)
-        history = job.conversation.history() if job.conversation is not None else []
+        history = job.before()
         try:
             return await asyncio.to_thread(fit, self.engine, history + job.messages, passages, job.params.max_tokens)
         except ContextTooLong as exc:

@@ -40,3 +40,10 @@ class Job:
     raw: Prompt | None = None
     """A completion's prompt (``POST /v1/completions``): its tokens are read as they are,
     with no template, memories or conversation."""
+    group: str | None = None
+    """The request whose choices (``n``) this job is one of: they read the prompt once."""
+
+    def before(self) -> list[Message]:
+        """What goes in front of ``messages``: the conversation's history (its summary and
+        the turns the summary does not cover)."""
+        return self.conversation.history() if self.conversation is not None else []

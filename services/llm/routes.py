@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from services.llm.answer import Done, whole
 from services.llm.chat import Answering, ChatService
+from services.llm.choices import Whole, close_all, whole_choices
 from services.llm.conversations import ConversationStore
 from services.llm.job import Job
 from services.llm.schemas import (
@@ -35,7 +36,7 @@ from services.llm.schemas import (
     Usage,
     logprobs_out,
 )
-from services.llm.streaming import closing, extras, openai_frames, seed_frames
+from services.llm.streaming import closing, extras, openai_frames, seed_frames, usage_of
 from services.llm.tools import parse_calls
 from services.llm.translate import Translator
 from shared.limits import StreamSlot
@@ -143,41 +144,55 @@ async def completions(
     translate: Translate,
 ) -> Response | ChatCompletion:
     job, tools = await translate.completion(body, caller, fresh_wanted(request))
+    jobs = translate.choices(job, body.n)
     slot = await stream_slot(request) if body.stream else None
-    session = await opened(chat, job, request, slot)
+    sessions: list[Answering] = []
+    try:
+        for each in jobs:
+            sessions.append(await opened(chat, each, request))
+    except BaseException:
+        await close_all(sessions, client_gone=False)
+        if slot is not None:
+            await slot.close()
+        raise
     completion_id = f"chatcmpl-{secrets.token_hex(12)}"
     created = int(time.time())
     remember = remembering(conversations, job)
     if slot is not None:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         frames = openai_frames(
-            session, completion_id, created, chat.model_id, include_usage, remember, tools.active, bool(body.logprobs)
+            sessions, completion_id, created, chat.model_id, include_usage, remember, tools.active, bool(body.logprobs)
         )
-        return marked(closing(frames, session, slot), session)
-    text, done = await answer_whole(session, request)
-    await remember(text)
-    marked(response, session)
-    calls = parse_calls(text) if tools.active else None
-    message = (
-        AssistantMessage(content=None, tool_calls=[ToolCallOut(**c.public()) for c in calls])
-        if calls
-        else AssistantMessage(content=text)
-    )
-    finish = "tool_calls" if calls else done.finish_reason
+        return marked(closing(frames, sessions, slot), sessions[0])
+    results = await whole_choices(sessions, lambda: until_disconnected(request))
+    await remember(results[0].text)
+    marked(response, sessions[0])
+    done = results[0].done
     return ChatCompletion(
         id=completion_id,
         created=created,
         model=chat.model_id,
-        choices=[Choice(index=0, message=message, finish_reason=finish, logprobs=chosen_logprobs(body, session))],
-        usage=Usage(**done.usage()),
+        choices=[chosen(i, r, tools.active, bool(body.logprobs)) for i, r in enumerate(results)],
+        usage=Usage(**usage_of([r.done for r in results])),
         sources=done.sources,
         baton=BatonExtras(**extras(done)),
     )
 
 
-def chosen_logprobs(body: ChatCompletionRequest, session: Answering) -> ChoiceLogprobs | None:
-    """The answer's log-probabilities, when the request asked for them."""
-    return ChoiceLogprobs(**logprobs_out(session.logprobs())) if body.logprobs else None
+def chosen(index: int, result: Whole, tooling: bool, logprobs: bool) -> Choice:
+    """One choice of a whole answer: its text, or the tool calls it made."""
+    calls = parse_calls(result.text) if tooling else None
+    message = (
+        AssistantMessage(content=None, tool_calls=[ToolCallOut(**c.public()) for c in calls])
+        if calls
+        else AssistantMessage(content=result.text)
+    )
+    return Choice(
+        index=index,
+        message=message,
+        finish_reason="tool_calls" if calls else result.done.finish_reason,
+        logprobs=ChoiceLogprobs(**logprobs_out(result.logprobs)) if logprobs else None,
+    )
 
 
 @router.post("/chat", response_model=SeedChatResponse)

@@ -177,8 +177,8 @@ NULL_IS_THE_DEFAULT = ("temperature", "top_p", "n", "stream", "presence_penalty"
 """Fields OpenAI's schema calls nullable that have a default here: null means that default."""
 MAX_LOGIT_BIAS = 300
 """Token biases one request may give (OpenAI's own bound)."""
-MAX_CHOICES = 1
-"""``n``: choices one request may ask for (more than one is not served yet: 400)."""
+MAX_CHOICES = 8
+"""``n``: choices one request may ask for (each is a sequence in the batch, the prompt read once)."""
 UNSUPPORTED = {
     "functions": "the deprecated functions field is not supported: send tools",
     "function_call": "the deprecated function_call field is not supported: send tool_choice",

@@ -3,13 +3,15 @@ until it is whole, then sent as ``tool_calls`` deltas) and the seed's token even
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Response
 
-from services.llm.answer import Done
+from services.llm.answer import Answer, Done
 from services.llm.chat import Answering
+from services.llm.choices import Ended, close_all, merged
 from services.llm.engine import TokenLogprob
 from services.llm.schemas import logprobs_out
 from services.llm.tools import parse_calls
@@ -30,8 +32,35 @@ def extras(done: Done) -> dict[str, Any]:
     }
 
 
+@dataclass
+class _Choice:
+    """One choice's stream: its text so far, whether it is (or may be) a held tool call,
+    and the log-probabilities not sent yet."""
+
+    undecided: bool
+    held: bool = False
+    pieces: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    def feed(self, piece: str) -> str | None:
+        """What to send now of ``piece`` (None: held). With tools, an answer that opens with
+        ``{`` is a call, held until it is whole."""
+        self.pieces.append(piece)
+        if self.undecided:
+            started = "".join(self.pieces).lstrip()
+            if not started:
+                return None
+            self.undecided, self.held = False, started.startswith("{")
+            piece = "".join(self.pieces)
+        return None if self.held else piece
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
 def openai_frames(
-    session: Answering,
+    sessions: Sequence[Answering],
     completion_id: str,
     created: int,
     model: str,
@@ -40,58 +69,59 @@ def openai_frames(
     tooling: bool = False,
     logprobs: bool = False,
 ) -> AsyncIterator[str]:
-    """Content as it comes; with tools, an answer that opens with ``{`` is a call: held
-    until it is whole, then sent as ``tool_calls`` deltas, one per call. ``logprobs``:
-    each chunk carries its tokens' log-probabilities."""
-    taken: list[TokenLogprob] = []
+    """Each choice's content as it comes (``n`` sessions, read together); with tools, an
+    answer that opens with ``{`` is a call: held until it is whole, then sent as
+    ``tool_calls`` deltas, one per call. ``logprobs``: each chunk carries its tokens'
+    log-probabilities. The first choice's answer is remembered (a conversation has one)."""
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         shown = None
         if logprobs and "role" not in delta and finish is None:
-            taken.extend(session.logprobs())
-            shown = logprobs_out(taken)
-            taken.clear()
+            shown = logprobs_out(choices[index].logprobs)
+            choices[index].logprobs = []
         return frame(
             {
                 "id": completion_id,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": shown}],
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": shown}],
                 **extra,
             }
         )
 
-    async def frames() -> AsyncIterator[str]:
-        yield chunk({"role": "assistant", "content": ""})
-        pieces: list[str] = []
-        undecided = tooling  # until the first visible character says whether this is a call
-        held = False  # a call: kept until it is whole
-        async for piece in session.tokens():
-            pieces.append(piece)
-            if undecided:
-                started = "".join(pieces).lstrip()
-                if not started:
-                    continue
-                undecided, held = False, started.startswith("{")
-                piece = "".join(pieces)
-            if not held:
-                yield chunk({"content": piece})
-            elif logprobs:
-                taken.extend(session.logprobs())  # the held call's, sent with it
-        done = session.result
-        text = "".join(pieces)
-        await remember(text)
+    choices = [_Choice(undecided=tooling) for _ in sessions]
+
+    async def ending(index: int, done: Done) -> AsyncIterator[str]:
+        choice = choices[index]
+        if index == 0:
+            await remember(choice.text)
         finish = done.finish_reason
-        if held or undecided:
-            calls = parse_calls(text)
+        if choice.held or choice.undecided:
+            calls = parse_calls(choice.text)
             if calls:
-                for index, call in enumerate(calls):
-                    yield chunk({"tool_calls": [call.public(index)]})
+                for number, call in enumerate(calls):
+                    yield chunk(index, {"tool_calls": [call.public(number)]})
                 finish = "tool_calls"
-            elif text:
-                yield chunk({"content": text})  # cut off by max_tokens before the call was whole
-        yield chunk({}, finish, sources=done.sources, baton=extras(done))
+            elif choice.text:
+                yield chunk(index, {"content": choice.text})  # cut off by max_tokens before the call was whole
+        yield chunk(index, {}, finish, sources=done.sources, baton=extras(done))
+
+    async def frames() -> AsyncIterator[str]:
+        for index in range(len(sessions)):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        ended: list[Done] = []
+        async for item in merged(sessions):
+            if isinstance(item, Ended):
+                ended.append(item.done)
+                async for event in ending(item.index, item.done):
+                    yield event
+                continue
+            choice = choices[item.index]
+            choice.logprobs += item.logprobs
+            shown = choice.feed(item.text)
+            if shown is not None:
+                yield chunk(item.index, {"content": shown})
         if include_usage:
             yield frame(
                 {
@@ -100,12 +130,19 @@ def openai_frames(
                     "created": created,
                     "model": model,
                     "choices": [],
-                    "usage": done.usage(),
+                    "usage": usage_of(ended),
                 }
             )
         yield DONE
 
     return frames()
+
+
+def usage_of(ended: Sequence[Done]) -> dict[str, int]:
+    """The usage of ``n`` choices: the prompt once (it is read once), every choice's tokens."""
+    usage = ended[0].usage()
+    written = sum(done.completion_tokens for done in ended)
+    return usage | {"completion_tokens": written, "total_tokens": usage["prompt_tokens"] + written}
 
 
 async def seed_frames(session: Answering, remember: Remember) -> AsyncIterator[str]:
@@ -129,13 +166,14 @@ async def seed_frames(session: Answering, remember: Remember) -> AsyncIterator[s
     )
 
 
-def closing(frames: AsyncIterator[str], session: Answering, slot: StreamSlot) -> Response:
-    """The session is closed however the stream ends (the client gone unless it
+def closing(frames: AsyncIterator[str], sessions: Answering | Sequence[Answering], slot: StreamSlot) -> Response:
+    """Every session is closed however the stream ends (the client gone unless it
     finished), and the user's stream slot given back."""
+    every = [sessions] if isinstance(sessions, Answer) else list(sessions)
 
     async def close(finished: bool) -> None:
         try:
-            await session.close(client_gone=not finished)
+            await close_all(every, client_gone=not finished)
         finally:
             await slot.close()
 

@@ -5,7 +5,8 @@ request can be refused for before any work is checked here or in ``ChatService.c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, replace
 
 from pydantic import BaseModel
 
@@ -60,6 +61,20 @@ class Translator:
             route=body.route,
         )
         return await self._owned(job, caller, body.conversation, fresh), calling
+
+    def choices(self, job: Job, n: int) -> list[Job]:
+        """``n`` jobs for ``n`` choices: the same prompt (read once: a group), each with its
+        own seed when the request gives one, so that sampled choices differ."""
+        if n == 1:
+            return [job]
+        if job.conversation is not None:
+            raise BadRequest("n above 1 cannot continue a conversation: it stores one answer", param="n")
+        group = secrets.token_hex(8)
+        made = []
+        for index in range(n):
+            seed = job.params.seed + index if job.params.seed is not None else None
+            made.append(replace(job, params=replace(job.params, seed=seed), group=group))
+        return made
 
     async def seed(self, body: SeedChatRequest, caller: Caller, fresh: bool) -> Job:
         """The seed's ``/chat`` and ``/chat/stream`` request."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -25,24 +26,25 @@ from services.llm.engine import Params, Prompt, TokenLogprob
 from services.llm.job import Job
 from services.llm.routes import Chat, Chatter, opened
 from services.llm.schemas import Usage
+from services.llm.streaming import closing
 from services.llm.translate import check_tokens
 from shared.errors import BadRequest
-from shared.limits import StreamSlot
 from shared.openapi import answers
-from shared.sse import DONE, ClosingStream, frame
+from shared.sse import DONE, frame
 from shared.web import Caller, stream_slot, until_disconnected
 
 router = APIRouter(tags=["completions"])
 
 
 def jobs(body: CompletionRequest, chat: ChatService, caller: Caller) -> list[Job]:
-    """One job per prompt, every bound checked before any work."""
+    """``n`` jobs per prompt (choice ``i * n + j`` is prompt i's j-th), every bound
+    checked before any work; the choices of one prompt read it once (a group)."""
     chat.check_model(body.model)
     prompts = body.prompts()
     if not prompts:
         raise BadRequest("prompt must not be an empty list", param="prompt")
-    if len(prompts) > MAX_PROMPTS:
-        raise BadRequest(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+    if len(prompts) * body.n > MAX_PROMPTS:
+        raise BadRequest(f"at most {MAX_PROMPTS} choices per request (prompts times n)", param="prompt")
     engine = chat.engine
     max_tokens = chat.max_tokens(body.max_tokens if body.max_tokens is not None else DEFAULT_MAX_TOKENS)
     params = Params(
@@ -74,9 +76,19 @@ def jobs(body: CompletionRequest, chat: ChatService, caller: Caller) -> list[Job
             tokens = list(prompt)
         if not tokens:
             raise BadRequest("the prompt is empty", param="prompt")
-        job = Job(messages=[], params=params, model=body.model, raw=Prompt(tokens, []), subject=caller.subject)
-        job.use_cache = False
-        made.append(job)
+        group = secrets.token_hex(8) if body.n > 1 else None
+        for index in range(body.n):
+            seed = params.seed + index if params.seed is not None else None
+            choice = Job(
+                messages=[],
+                params=replace(params, seed=seed),
+                model=body.model,
+                raw=Prompt(tokens, []),
+                subject=caller.subject,
+                use_cache=False,
+                group=group,
+            )
+            made.append(choice)
     return made
 
 
@@ -124,7 +136,7 @@ async def completions(body: CompletionRequest, request: Request, caller: Chatter
         if slot is not None:
             await slot.close()
         raise
-    echoes = [spelled(chat, p) if body.echo else "" for p in body.prompts()]
+    echoes = [spelled(chat, p) if body.echo else "" for p in body.prompts() for _ in range(body.n)]
     completion_id = f"cmpl-{secrets.token_hex(12)}"
     created = int(time.time())
     if slot is not None:
@@ -189,15 +201,3 @@ async def frames(
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
         yield event([], usage=usage | {"total_tokens": prompt_tokens + completion_tokens})
     yield DONE
-
-
-def closing(events: AsyncIterator[str], sessions: list[Answer], slot: StreamSlot) -> Response:
-    """Every session closed however the stream ends, and the user's stream slot given back."""
-
-    async def close(finished: bool) -> None:
-        try:
-            await close_all(sessions, client_gone=not finished)
-        finally:
-            await slot.close()
-
-    return ClosingStream(events, close)

@@ -19,7 +19,7 @@ from services.llm.schemas import (
 from shared.wire import Boolean, Integer, Number, PositiveInteger
 
 MAX_PROMPTS = 8
-"""Prompts one request may give as a list (each is a sequence in the batch)."""
+"""Choices one request may ask for, prompts times ``n`` (each is a sequence in the batch)."""
 MAX_LOGPROBS = 5
 """OpenAI's bound on the legacy ``logprobs``."""
 DEFAULT_MAX_TOKENS = 16
@@ -39,7 +39,7 @@ class CompletionRequest(BaseModel):
     max_tokens: PositiveInteger | None = Field(default=None, description=f"Default {DEFAULT_MAX_TOKENS}")
     temperature: Number = Field(default=0.8, ge=0, le=2, json_schema_extra=null_is_the_default)
     top_p: Number = Field(default=0.95, gt=0, le=1, json_schema_extra=null_is_the_default)
-    n: Integer = Field(default=1, ge=1, le=1, json_schema_extra=null_is_the_default)
+    n: Integer = Field(default=1, ge=1, le=MAX_PROMPTS, json_schema_extra=null_is_the_default)
     stream: Boolean = Field(default=False, json_schema_extra=null_is_the_default)
     stream_options: StreamOptions | None = None
     logprobs: Integer | None = Field(default=None, ge=0, le=MAX_LOGPROBS)

@@ -221,7 +221,14 @@ class Engine:
         return self.vocabulary.prompt(messages)
 
     def submit(
-        self, prompt: Prompt, params: Params, *, subject: str = "", public_prefix: int = 0, keep: bool = True
+        self,
+        prompt: Prompt,
+        params: Params,
+        *,
+        subject: str = "",
+        public_prefix: int = 0,
+        keep: bool = True,
+        group: str | None = None,
     ) -> Generation:
         """Start generating (on the event loop's thread). The grammar must have passed the
         guard (the chat service checks every request before it starts)."""
@@ -237,6 +244,7 @@ class Engine:
             deadline=time.monotonic() + self.budget_s,
             keep=keep,
             logprobs=params.logprobs,
+            group=group,
         )
         return self.scheduler.submit(request)
 

@@ -71,6 +71,10 @@ class Request:
     logprobs: int | None = None
     """None, or how many of the most likely tokens to report beside each token's own
     log-probability (0: its own only)."""
+    group: str | None = None
+    """Choices of one request (``n``): the same prompt, read once. A member that finds
+    another of its group running takes that one's prompt cells (shared, not copied)
+    instead of reading the prompt again, and waits while that one is still reading it."""
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,15 @@ class FairQueue:
                 return queue[0]
         return None
 
+    def skip(self) -> None:
+        """The first subject goes to the back of the line without taking its turn."""
+        subject = next(iter(self._by_subject))
+        self._by_subject.move_to_end(subject)
+
+    @property
+    def subjects(self) -> int:
+        return len(self._by_subject)
+
     def pop(self) -> Generation:
         """The first waiting generation of the subject whose turn it is; that subject goes
         to the back of the line."""
@@ -276,6 +289,8 @@ class Stats:
     deadlines: int = 0
     aside: int = 0
     """Tokens sampled on the side (a grammar dearer than the step's budget)."""
+    shared_prompts: int = 0
+    """Choices that took their prompt's cells from another choice of their request."""
     decode_s: float = 0.0
     step_s: float = 0.0
 
@@ -677,11 +692,17 @@ class Scheduler:
     def _join(self) -> None:
         """Waiting requests into free slots, in turn between subjects, as room allows."""
         model = self.model
-        while self._free_slots and len(self._queue):
+        skipped = 0
+        while self._free_slots and len(self._queue) and skipped < self._queue.subjects:
             generation = self._queue.peek()
             assert generation is not None
             request = generation.request
             tokens = np.asarray(request.tokens, dtype=np.int32)
+            sibling = self._sibling(request)
+            if sibling is not None and sibling.prefilling:
+                self._queue.skip()  # its prompt is being read: it shares it once it is
+                skipped += 1
+                continue
             entry, reuse = self.cache.best(tokens, request.subject)
             reuse = min(reuse, len(tokens) - 1)  # at least one token is read, for its logits
             need = len(tokens) + request.max_tokens
@@ -713,7 +734,12 @@ class Scheduler:
                 continue
             slot = self._free_slots.pop()
             model.forget(slot)
-            if entry is not None and reuse > 0:
+            if sibling is not None:
+                reuse = len(tokens) - 1
+                model.share(sibling.slot, slot, reuse)
+                self.stats.reused_tokens += reuse
+                self.stats.shared_prompts += 1
+            elif entry is not None and reuse > 0:
                 model.share(entry.sequence, slot, reuse)
                 self.cache.used(entry, reuse)
                 self.stats.reused_tokens += reuse
@@ -721,6 +747,17 @@ class Scheduler:
                 reuse = 0
             self._reserved += need
             self._running[slot] = _Sequence(generation, slot, sampler, reuse, need)
+
+    def _sibling(self, request: Request) -> _Sequence | None:
+        """A running member of the request's group that holds (or is reading) its prompt."""
+        if request.group is None:
+            return None
+        prompt = len(request.tokens)
+        for sequence in self._running.values():
+            same = sequence.request.group == request.group and sequence.request.tokens == request.tokens
+            if same and (sequence.prefilling or sequence.position >= prompt - 1):
+                return sequence
+        return None
 
     def _fail_all(self, error: BaseException) -> None:
         for sequence in list(self._running.values()):

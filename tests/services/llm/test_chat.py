@@ -501,7 +501,7 @@ NONSENSE = {"type": "nonsense"}
         ({"messages": []}, 400, "messages"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
         ({"model": "gpt-9"}, 404, "model_not_found"),
-        ({"n": 2}, 400, "n"),
+        ({"n": 9}, 400, "n"),
         # Once 500s after waiting for the model slot and the lease; now 400 before either.
         ({"messages": [{"role": "user", "content": "lone \udc00 surrogate"}]}, 400, "messages.0"),
         ({"messages": [{"role": "", "content": "hi"}]}, 400, "messages.0.role"),
