@@ -292,7 +292,7 @@ def test_a_response_streamed_in_openais_event_sequence(llm: Served) -> None:
 
 
 def test_a_response_calls_a_function_and_reads_its_output(llm: Served) -> None:
-    weather = {
+    weather: Any = {
         "type": "function",
         "name": "get_weather",
         "description": "The weather in a city",
@@ -301,7 +301,7 @@ def test_a_response_calls_a_function_and_reads_its_output(llm: Served) -> None:
     called = llm.client.responses.create(
         model=llm.model,
         input="What is the weather in Paris?",
-        tools=[weather],  # type: ignore[list-item]
+        tools=[weather],
         tool_choice="required",
         max_output_tokens=64,
         temperature=0,
@@ -312,7 +312,7 @@ def test_a_response_calls_a_function_and_reads_its_output(llm: Served) -> None:
         model=llm.model,
         previous_response_id=called.id,
         input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 24 C"}],
-        tools=[weather],  # type: ignore[list-item]
+        tools=[weather],
         max_output_tokens=24,
         temperature=0,
     )
