@@ -30,7 +30,10 @@ def secret(monkeypatch: pytest.MonkeyPatch) -> None:
             llm_app,
             {
                 "/v1/models",
+                "/v1/models/{model_id}",
                 "/v1/chat/completions",
+                "/v1/completions",
+                "/v1/responses",
                 "/chat",
                 "/chat/stream",
                 "/v1/conversations",
@@ -42,7 +45,14 @@ def secret(monkeypatch: pytest.MonkeyPatch) -> None:
         ),
         (
             transcription_app,
-            {"/v1/audio/transcriptions", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/models"},
+            {
+                "/v1/audio/transcriptions",
+                "/v1/jobs",
+                "/v1/jobs/{job_id}",
+                "/v1/jobs/{job_id}/events",
+                "/v1/models",
+                "/v1/models/{model_id}",
+            },
         ),
     ],
 )

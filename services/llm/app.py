@@ -82,15 +82,16 @@ def create_app(parts: Parts | LLMSettings | None = None) -> FastAPI:
     app.add_exception_handler(ClientGone, client_gone)
 
     def max_tokens_in_schema(document: dict[str, Any]) -> None:
-        """The document states GEMMA_MAX_TOKENS as max_tokens' maximum, and the one model
-        served (any other name gets 404 model_not_found)."""
+        """The document states GEMMA_MAX_TOKENS as every length field's maximum, and the
+        models served (any other name gets 404 model_not_found)."""
         schemas = document.get("components", {}).get("schemas", {})
-        model = schemas.get("ChatCompletionRequest", {}).get("properties", {}).get("model")
-        if model is not None:
-            model["enum"] = chat.models()
-        for model in ("ChatCompletionRequest", "SeedChatRequest"):
-            fields = schemas.get(model, {}).get("properties", {})
-            for name in ("max_tokens", "max_completion_tokens"):
+        for request in ("ChatCompletionRequest", "CompletionRequest", "ResponseRequest"):
+            model = schemas.get(request, {}).get("properties", {}).get("model")
+            if model is not None:
+                model["enum"] = chat.models()
+        for request in ("ChatCompletionRequest", "SeedChatRequest", "CompletionRequest", "ResponseRequest"):
+            fields = schemas.get(request, {}).get("properties", {})
+            for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
                 for branch in fields.get(name, {}).get("anyOf", ()):
                     if branch.get("type") == "integer":
                         branch["maximum"] = settings.max_tokens

@@ -154,6 +154,14 @@ def checked_biases(value: dict[str, float] | None) -> dict[str, float] | None:
     return value
 
 
+def token_biases_in_schema(schema: dict[str, Any]) -> None:
+    """The document states what ``checked_biases`` holds the map to."""
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == "object":
+            branch["propertyNames"] = {"pattern": "^[0-9]{1,9}$"}
+            branch["additionalProperties"] = {"type": "number", "minimum": -100, "maximum": 100}
+
+
 def checked_stops(value: str | list[str] | None) -> str | list[str] | None:
     if isinstance(value, list) and len(value) > 4:
         raise ValueError("at most 4 stop sequences")
@@ -213,6 +221,7 @@ class ChatCompletionRequest(BaseModel):
     logit_bias: dict[str, Number] | None = Field(
         default=None,
         max_length=MAX_LOGIT_BIAS,
+        json_schema_extra=token_biases_in_schema,
         description="Token id (as a string) to a bias from -100 to 100, added to the token's logit",
     )
     logprobs: Boolean | None = None

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from services.llm.schemas import (
+    MAX_LOGIT_BIAS,
     NULL_IS_THE_DEFAULT,
     StreamOptions,
     Usage,
@@ -15,6 +16,7 @@ from services.llm.schemas import (
     checked_stops,
     null_is_the_default,
     stop_list,
+    token_biases_in_schema,
 )
 from shared.wire import Boolean, Integer, Number, PositiveInteger
 
@@ -48,7 +50,9 @@ class CompletionRequest(BaseModel):
     presence_penalty: Number = Field(default=0.0, ge=-2, le=2, json_schema_extra=null_is_the_default)
     frequency_penalty: Number = Field(default=0.0, ge=-2, le=2, json_schema_extra=null_is_the_default)
     best_of: Integer | None = Field(default=None, ge=1, le=1, description="Only 1 (the default)")
-    logit_bias: dict[str, Number] | None = Field(default=None, max_length=300)
+    logit_bias: dict[str, Number] | None = Field(
+        default=None, max_length=MAX_LOGIT_BIAS, json_schema_extra=token_biases_in_schema
+    )
     seed: Integer | None = None
     suffix: None = Field(default=None, description="Not supported (fill-in-the-middle): a non-null value is 400")
     user: str | None = Field(default=None, max_length=256)

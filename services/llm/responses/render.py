@@ -29,7 +29,8 @@ class Shape:
     def response(self, status: str, output: list[dict[str, Any]], done: Done | None) -> dict[str, Any]:
         body = self.body
         incomplete = status == "incomplete"
-        text_format = (body.text or {}).get("format") or {"type": "text"}
+        chosen = body.text.format if body.text is not None else None
+        text_format = chosen.model_dump(by_alias=True, exclude_none=True) if chosen is not None else {"type": "text"}
         return {
             "id": self.id,
             "object": "response",

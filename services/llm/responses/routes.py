@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from services.llm.answer import Done
 from services.llm.responses.render import Shape, events, output, status_of
-from services.llm.responses.schemas import ResponseRequest
+from services.llm.responses.schemas import ResponseEvent, ResponseObject, ResponseRequest
 from services.llm.responses.store import ResponseLinks
 from services.llm.responses.translate import chat_request, renamed
 from services.llm.routes import Chat, Chatter, Conversations, Translate, answer_whole, fresh_wanted, opened
@@ -33,7 +33,11 @@ Links = Annotated[ResponseLinks, Depends(response_links)]
     "/v1/responses",
     response_model=None,
     responses=answers(
-        "application/json", "text/event-stream", description="A response, or its stream of events", json=None
+        "application/json",
+        "text/event-stream",
+        description="A response, or its stream of events",
+        json=ResponseObject,
+        events=ResponseEvent,
     ),
 )
 async def create_response(

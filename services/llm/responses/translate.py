@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from services.llm.responses.schemas import ResponseRequest
+from services.llm.responses.schemas import ResponseRequest, SchemaFormat, TextOptions
 from services.llm.schemas import ChatCompletionRequest
 from shared.errors import BadRequest
 
@@ -90,14 +90,14 @@ def tool_choice(value: str | dict[str, Any] | None) -> Any:
     return {"type": "function", "function": {"name": value.get("name")}}
 
 
-def response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
-    fmt = (text or {}).get("format")
+def response_format(text: TextOptions | None) -> dict[str, Any] | None:
+    fmt = text.format if text is not None else None
     if fmt is None:
         return None
-    if fmt.get("type") == "json_schema":
-        schema = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+    if isinstance(fmt, SchemaFormat):
+        schema = {"name": fmt.name, "schema": fmt.schema_, "strict": fmt.strict, "description": fmt.description}
         return {"type": "json_schema", "json_schema": schema}
-    return {"type": fmt.get("type")}
+    return {"type": fmt.type}
 
 
 def chat_request(body: ResponseRequest, conversation: str | None) -> ChatCompletionRequest:

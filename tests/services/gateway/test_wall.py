@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import openai
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -72,6 +73,8 @@ class ByteCounter:
     def __init__(self, target_port: int) -> None:
         self.port = free_port()
         self.received = 0
+        self.uploads = 0
+        """Upload requests that reached the service (their request lines)."""
         self._target = target_port
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -86,6 +89,7 @@ class ByteCounter:
                 while data := await reader.read(65536):
                     if count:
                         self.received += len(data)
+                        self.uploads += data.count(b"POST /v1/audio/transcriptions ")
                     writer.write(data)
                     await writer.drain()
             with contextlib.suppress(OSError):
@@ -223,6 +227,18 @@ def test_a_services_early_413_is_passed_through_and_the_rest_is_not_sent(gateway
     assert answer.json()["error"]["code"] == "payload_too_large"
     sent_on = service.counter.received - before
     assert sent_on < size / 4, sent_on  # the gateway stopped sending once it had the answer
+    served(gateway)
+
+
+def test_the_openai_sdk_gets_the_413_and_uploads_once(gateway: str, service: Service) -> None:
+    """The SDK retries a 502 (it uploaded the file three times); a 413 it does not retry."""
+    before = service.counter.uploads
+    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=2, timeout=60)
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.audio.transcriptions.create(model="whisper-1", file=("big.wav", b"\0" * (26 * 1_048_576)))
+    assert refused.value.status_code == 413
+    assert isinstance(refused.value.body, dict) and refused.value.body["code"] == "payload_too_large"
+    assert service.counter.uploads - before == 1  # exactly one upload on the wire
     served(gateway)
 
 

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
-from harness.servers import RedisServer, Served, ServiceProcess, UvicornThread, free_port, serve_in_thread
+from harness.servers import RedisServer, Served, ServiceProcess, UvicornThread, environment, free_port, serve_in_thread
+from services.llm.app import create_app
 from shared.gpu import GpuClient
 from tests.conftest import Mint
 
@@ -133,3 +135,37 @@ def llm(start_llm: StartLlm) -> Llm:
 
 def closed_url() -> str:
     return f"http://127.0.0.1:{free_port()}"
+
+
+class InProcess:
+    """The LLM app built in this process (the bundled SmolLM2, no coordinator, RAG down),
+    served over real HTTP from a thread, with an OpenAI client of a user's."""
+
+    def __init__(self, app: Any, server: UvicornThread, token: str) -> None:
+        self.app = app
+        self.server = server
+        self.client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=token, max_retries=0, timeout=120)
+        self.model = self.client.models.list().data[0].id
+
+    def tokens(self, text: str) -> list[int]:
+        return list(self.app.state.parts.engine.vocabulary.tokens(text))
+
+    def ask(self, content: str, **options: Any) -> Any:
+        messages: Any = [{"role": "user", "content": content}]
+        return self.client.chat.completions.create(model=self.model, messages=messages, **options)
+
+
+@pytest.fixture(scope="module")
+def in_process(redis_server: RedisServer, mint: Mint) -> Iterator[InProcess]:
+    env = {
+        "GEMMA_COORDINATE": "false",
+        "RAG_SERVICE_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens: RAG down
+        "GEMMA_CONTEXT_SIZE": "2048",
+        "GEMMA_PARALLEL": "4",
+        "BATON_REDIS_URL": redis_server.url,
+        "BATON_KEY_PREFIX": f"llm-compat-{secrets.token_hex(4)}:",
+    }
+    with environment(env):
+        app = create_app()
+    with UvicornThread(app) as server:
+        yield InProcess(app, server, mint("chat", sub="compat"))

@@ -7,53 +7,24 @@ from __future__ import annotations
 
 import json
 import math
-import secrets
-from collections.abc import Iterator
 from typing import Any
 
 import openai
 import pytest
 
-from harness.servers import RedisServer, UvicornThread, environment, free_port
-from services.llm.app import create_app
 from tests.conftest import Mint
-
-
-class Served:
-    def __init__(self, app: Any, server: UvicornThread, token: str) -> None:
-        self.app = app
-        self.server = server
-        self.client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=token, max_retries=0, timeout=120)
-        self.model = self.client.models.list().data[0].id
-
-    def tokens(self, text: str) -> list[int]:
-        return list(self.app.state.parts.engine.vocabulary.tokens(text))
-
-    def ask(self, content: str, **options: Any) -> Any:
-        messages: Any = [{"role": "user", "content": content}]
-        return self.client.chat.completions.create(model=self.model, messages=messages, **options)
+from tests.services.llm.conftest import InProcess
 
 
 @pytest.fixture(scope="module")
-def llm(redis_server: RedisServer, mint: Mint) -> Iterator[Served]:
-    env = {
-        "GEMMA_COORDINATE": "false",
-        "RAG_SERVICE_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens: RAG down
-        "GEMMA_CONTEXT_SIZE": "2048",
-        "GEMMA_PARALLEL": "4",
-        "BATON_REDIS_URL": redis_server.url,
-        "BATON_KEY_PREFIX": f"llm-compat-{secrets.token_hex(4)}:",
-    }
-    with environment(env):
-        app = create_app()
-    with UvicornThread(app) as server:
-        yield Served(app, server, mint("chat", sub="compat"))
+def llm(in_process: InProcess) -> InProcess:
+    return in_process
 
 
 GREEDY = {"temperature": 0, "max_tokens": 8}
 
 
-def test_null_means_the_default_for_every_nullable_field(llm: Served) -> None:
+def test_null_means_the_default_for_every_nullable_field(llm: InProcess) -> None:
     nulls = {
         name: None for name in ("temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty", "seed")
     }
@@ -67,7 +38,7 @@ def test_null_means_the_default_for_every_nullable_field(llm: Served) -> None:
     assert answer.usage is not None and answer.usage.completion_tokens <= 4
 
 
-def test_logprobs_in_openais_shape_greedy_picks_the_likeliest(llm: Served) -> None:
+def test_logprobs_in_openais_shape_greedy_picks_the_likeliest(llm: InProcess) -> None:
     answer = llm.ask("Name a colour.", logprobs=True, top_logprobs=3, **GREEDY)
     entries = answer.choices[0].logprobs.content
     assert answer.usage is not None and len(entries) == answer.usage.completion_tokens > 0
@@ -82,7 +53,7 @@ def test_logprobs_in_openais_shape_greedy_picks_the_likeliest(llm: Served) -> No
     assert plain.choices[0].message.content == answer.choices[0].message.content
 
 
-def test_streamed_logprobs_and_the_usage_of_a_stream_cut_by_max_tokens(llm: Served) -> None:
+def test_streamed_logprobs_and_the_usage_of_a_stream_cut_by_max_tokens(llm: InProcess) -> None:
     stream = llm.ask(
         "Write a long story about a dog.",
         stream=True,
@@ -100,7 +71,7 @@ def test_streamed_logprobs_and_the_usage_of_a_stream_cut_by_max_tokens(llm: Serv
     assert "".join(e.token for e in entries) == text
 
 
-def test_logit_bias_changes_a_greedy_answer(llm: Served) -> None:
+def test_logit_bias_changes_a_greedy_answer(llm: InProcess) -> None:
     question = "What is the capital of France?"
     first = llm.ask(question, logprobs=True, **GREEDY).choices[0]
     banned = llm.tokens(first.logprobs.content[0].token)
@@ -123,7 +94,7 @@ def test_logit_bias_changes_a_greedy_answer(llm: Served) -> None:
         ({"n": 9}, "n"),
     ],
 )
-def test_what_cannot_be_honoured_is_400(llm: Served, options: dict[str, Any], param: str | None) -> None:
+def test_what_cannot_be_honoured_is_400(llm: InProcess, options: dict[str, Any], param: str | None) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         llm.ask("Hi", max_tokens=2, extra_body=options)
     body = refused.value.body
@@ -132,7 +103,7 @@ def test_what_cannot_be_honoured_is_400(llm: Served, options: dict[str, Any], pa
         assert body["param"] == param
 
 
-def test_a_model_is_retrieved_by_id_with_the_time_its_file_was_written(llm: Served) -> None:
+def test_a_model_is_retrieved_by_id_with_the_time_its_file_was_written(llm: InProcess) -> None:
     listed = llm.client.models.list().data
     retrieved = llm.client.models.retrieve(llm.model)
     assert retrieved.id == llm.model and retrieved.created == listed[0].created > 1_600_000_000
@@ -141,7 +112,7 @@ def test_a_model_is_retrieved_by_id_with_the_time_its_file_was_written(llm: Serv
     assert isinstance(missing.value.body, dict) and missing.value.body["code"] == "model_not_found"
 
 
-def test_a_completion_reads_the_prompt_as_raw_text(llm: Served) -> None:
+def test_a_completion_reads_the_prompt_as_raw_text(llm: InProcess) -> None:
     prompt = "The capital of France is"
     tokens = llm.app.state.parts.engine.vocabulary.raw(prompt)
     done = llm.client.completions.create(model=llm.model, prompt=prompt, max_tokens=6, temperature=0)
@@ -155,7 +126,7 @@ def test_a_completion_reads_the_prompt_as_raw_text(llm: Served) -> None:
     assert echoed.choices[0].text == prompt + choice.text
 
 
-def test_a_completion_streamed_several_prompts_and_legacy_logprobs(llm: Served) -> None:
+def test_a_completion_streamed_several_prompts_and_legacy_logprobs(llm: InProcess) -> None:
     prompts = ["One, two, three,", "Monday, Tuesday,"]
     whole = llm.client.completions.create(model=llm.model, prompt=prompts, max_tokens=5, temperature=0, logprobs=2)
     assert [c.index for c in whole.choices] == [0, 1]
@@ -193,7 +164,9 @@ def test_a_completion_streamed_several_prompts_and_legacy_logprobs(llm: Served) 
         ({"max_tokens": 5000}, "max_tokens"),
     ],
 )
-def test_a_completion_that_cannot_be_honoured_is_400(llm: Served, options: dict[str, Any], param: str | None) -> None:
+def test_a_completion_that_cannot_be_honoured_is_400(
+    llm: InProcess, options: dict[str, Any], param: str | None
+) -> None:
     body: dict[str, Any] = {"model": llm.model, "prompt": "Hi", "max_tokens": 2} | options
     with pytest.raises(openai.BadRequestError) as refused:
         llm.client.completions.create(**body)
@@ -202,7 +175,7 @@ def test_a_completion_that_cannot_be_honoured_is_400(llm: Served, options: dict[
         assert refused.value.body["param"] == param
 
 
-def test_n_choices_share_the_prompt_and_sample_apart(llm: Served) -> None:
+def test_n_choices_share_the_prompt_and_sample_apart(llm: InProcess) -> None:
     stats = llm.app.state.parts.engine.scheduler.stats
     shared_before = stats.shared_prompts
     fresh = {"extra_headers": {"Cache-Control": "no-cache"}}  # computed, not the response cache's
@@ -222,7 +195,7 @@ def test_n_choices_share_the_prompt_and_sample_apart(llm: Served) -> None:
     assert [c.message.content for c in again.choices] == [c.message.content for c in sampled.choices]
 
 
-def test_n_choices_streamed_each_with_its_index_and_end(llm: Served) -> None:
+def test_n_choices_streamed_each_with_its_index_and_end(llm: InProcess) -> None:
     whole = llm.ask("Name three fruits.", temperature=0, max_tokens=10, n=2, logprobs=True)
     stream = llm.ask(
         "Name three fruits.", temperature=0, max_tokens=10, n=2, logprobs=True, stream=True,
@@ -245,14 +218,14 @@ def test_n_choices_streamed_each_with_its_index_and_end(llm: Served) -> None:
     assert usage.completion_tokens == whole.usage.completion_tokens
 
 
-def test_n_choices_cannot_continue_a_conversation(llm: Served) -> None:
+def test_n_choices_cannot_continue_a_conversation(llm: InProcess) -> None:
     conversation = llm.client.post("/conversations", cast_to=dict[str, Any], body={})
     with pytest.raises(openai.BadRequestError) as refused:
         llm.ask("Hi", max_tokens=2, n=2, extra_body={"conversation": conversation["id"]})
     assert isinstance(refused.value.body, dict) and refused.value.body["param"] == "n"
 
 
-def test_a_response_plain_and_continued_with_previous_response_id(llm: Served) -> None:
+def test_a_response_plain_and_continued_with_previous_response_id(llm: InProcess) -> None:
     first = llm.client.responses.create(
         model=llm.model,
         input="My name is Ada. Reply with one word.",
@@ -272,7 +245,7 @@ def test_a_response_plain_and_continued_with_previous_response_id(llm: Served) -
     assert any(c["title"] == "responses" for c in listed["data"])  # a stored response is a conversation
 
 
-def test_a_response_streamed_in_openais_event_sequence(llm: Served) -> None:
+def test_a_response_streamed_in_openais_event_sequence(llm: InProcess) -> None:
     stream = llm.client.responses.create(
         model=llm.model, input="Say hello.", max_output_tokens=8, temperature=0, stream=True
     )
@@ -291,7 +264,7 @@ def test_a_response_streamed_in_openais_event_sequence(llm: Served) -> None:
     assert whole.status == final.response.status
 
 
-def test_a_response_calls_a_function_and_reads_its_output(llm: Served) -> None:
+def test_a_response_calls_a_function_and_reads_its_output(llm: InProcess) -> None:
     weather: Any = {
         "type": "function",
         "name": "get_weather",
@@ -329,10 +302,11 @@ def test_a_response_calls_a_function_and_reads_its_output(llm: Served) -> None:
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0]"),
         ({"previous_response_id": "resp_nothing"}, "previous_response_id"),
         ({"reasoning": {"effort": "high"}}, None),
+        ({"text": {"format": [None, None]}}, "text.format"),  # a 500, found by the fuzzer
         ({"max_output_tokens": 5000}, "max_output_tokens"),
     ],
 )
-def test_a_response_that_cannot_be_honoured_is_4xx(llm: Served, options: dict[str, Any], param: str | None) -> None:
+def test_a_response_that_cannot_be_honoured_is_4xx(llm: InProcess, options: dict[str, Any], param: str | None) -> None:
     body: dict[str, Any] = {"model": llm.model, "input": "Hi", "max_output_tokens": 4} | options
     with pytest.raises((openai.BadRequestError, openai.NotFoundError)) as refused:
         llm.client.responses.create(**body)
@@ -341,14 +315,14 @@ def test_a_response_that_cannot_be_honoured_is_4xx(llm: Served, options: dict[st
         assert refused.value.body["param"] == param
 
 
-def test_another_users_response_cannot_be_continued(llm: Served, mint: Mint) -> None:
+def test_another_users_response_cannot_be_continued(llm: InProcess, mint: Mint) -> None:
     mine = llm.client.responses.create(model=llm.model, input="Hi", max_output_tokens=4)
     other = openai.OpenAI(base_url=f"{llm.server.url}/v1", api_key=mint("chat", sub="someone-else"), max_retries=0)
     with pytest.raises(openai.NotFoundError):
         other.responses.create(model=llm.model, input="Hi", previous_response_id=mine.id, max_output_tokens=4)
 
 
-def test_an_openai_agent_on_the_responses_api_calls_a_tool_and_uses_its_result(llm: Served) -> None:
+def test_an_openai_agent_on_the_responses_api_calls_a_tool_and_uses_its_result(llm: InProcess) -> None:
     """The Agents SDK's default model speaks the Responses API."""
     from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
 
@@ -376,3 +350,16 @@ def test_an_openai_agent_on_the_responses_api_calls_a_tool_and_uses_its_result(l
     result = Runner.run_sync(agent, "What is the weather in Oslo?", max_turns=2)
     assert asked == ["Oslo"]  # the tool ran, with the arguments the model gave
     assert result.final_output == "It is sunny and 21 degrees in Oslo."
+
+
+def test_a_response_held_to_a_json_schema(llm: InProcess) -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    answer = llm.client.responses.create(
+        model=llm.model,
+        input="Give a person's name.",
+        text={"format": {"type": "json_schema", "name": "person", "schema": schema}},
+        max_output_tokens=40,
+        temperature=0,
+    )
+    assert isinstance(json.loads(answer.output_text)["name"], str)
+    assert answer.text is not None and answer.text.format.type == "json_schema"
