@@ -354,10 +354,11 @@ def test_an_openai_agent_on_the_responses_api_calls_a_tool_and_uses_its_result(l
 
 def test_a_response_held_to_a_json_schema(llm: InProcess) -> None:
     schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    text: Any = {"format": {"type": "json_schema", "name": "person", "schema": schema}}
     answer = llm.client.responses.create(
         model=llm.model,
         input="Give a person's name.",
-        text={"format": {"type": "json_schema", "name": "person", "schema": schema}},
+        text=text,
         max_output_tokens=40,
         temperature=0,
     )
