@@ -363,4 +363,5 @@ def test_a_response_held_to_a_json_schema(llm: InProcess) -> None:
         temperature=0,
     )
     assert isinstance(json.loads(answer.output_text)["name"], str)
-    assert answer.text is not None and answer.text.format.type == "json_schema"
+    shown: Any = answer.text
+    assert shown.format.type == "json_schema"
