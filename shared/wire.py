@@ -34,6 +34,7 @@ Boolean = Annotated[bool, Strict()]
 # Bounds go before the validator: after it, pydantic writes them into the JSON schema
 # as "ge"/"le" (keywords no client knows) instead of minimum/maximum.
 PositiveInteger = Annotated[int, Field(ge=1), BeforeValidator(_json_number)]
+NonNegativeInteger = Annotated[int, Field(ge=0), BeforeValidator(_json_number)]
 TopK = Annotated[int, Field(ge=1, le=50), BeforeValidator(_json_number)]
 """How many memories a query returns."""
 Fraction = Annotated[float, Field(ge=0, le=1), BeforeValidator(_json_number)]

@@ -74,4 +74,24 @@ def create_app(settings: RAGSettings | None = None, store: MemoryStore | None = 
     map_errors(app, ERRORS)
     app.state.memories = Memories(memories, auth.limiter, settings.max_documents)  # the routes' dependency
     app.include_router(router)
+
+    def token_ids_in_schema(document: dict[str, Any]) -> None:
+        """The document states the embedding model's vocabulary as a token id's maximum."""
+        size = getattr(memories.embedder, "vocabulary_size", None)
+        schema = document.get("components", {}).get("schemas", {}).get("EmbeddingsIn", {})
+        if size is None:
+            return
+
+        def bound(branch: dict[str, Any]) -> None:
+            items = branch.get("items", {})
+            if items.get("type") == "integer":
+                items["maximum"] = size - 1
+            elif items.get("type") == "array":
+                bound(items)
+
+        for branch in schema.get("properties", {}).get("input", {}).get("anyOf", ()):
+            if branch.get("type") == "array":
+                bound(branch)
+
+    app.state.openapi_refinements = [token_ids_in_schema]
     return app

@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from shared.wire import Fraction, Integer, Number, Timestamp
+from shared.wire import Fraction, Integer, NonNegativeInteger, Number, Timestamp
 
 MAX_DOCUMENT_CHARS = 200_000
 """One document's text (about 250 chunks; embedding them takes seconds, not minutes)."""
@@ -194,7 +194,7 @@ class QueryOut(BaseModel):
     results: list[Result]
 
 
-TokenId = Annotated[StrictInt, Field(ge=0)]
+TokenId = NonNegativeInteger
 MAX_EMBEDDING_TOKENS = 512
 """Token ids one input may hold (the model reads 256; more is refused after decoding)."""
 EmbeddingInput = str | list[str] | list[int] | list[list[int]]
