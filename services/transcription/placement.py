@@ -26,6 +26,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import Enum
 from functools import partial
 from typing import Any
 
@@ -84,6 +86,45 @@ class PlacementMetrics:
 
 class Stalled(Exception):
     """The worker sent nothing for the watchdog's bound while holding the card."""
+
+
+class Step(Enum):
+    """The states of a request's run (``Placement.run``)."""
+
+    SEND = "send"
+    """Send the request (from the caller's checkpoint) to the worker."""
+    RESUME = "resume"
+    """Resume the paused worker where it stopped."""
+    LISTEN = "listen"
+    """Read the worker's messages."""
+    HAND_OVER = "hand_over"
+    """The worker is paused: give the card back and get it again."""
+    DIED = "died"
+    STALLED = "stalled"
+    DONE = "done"
+
+
+@dataclass
+class _Run:
+    """One request's run: its worker, its lease, and what the steps share."""
+
+    worker: Worker
+    lease: HeldLease
+    request_for: Callable[[], Work]
+    priority: Priority
+    wait_s: float | None
+    on_message: OnMessage
+    on_state: OnState | None
+    deaths: int = 0
+    busy: bool = False
+    """The worker has a request of ours."""
+    resend: bool = False
+    """After the hand-over, send the request again (its worker was replaced)."""
+    result: Any = None
+
+    async def state(self, state: str) -> None:
+        if self.on_state is not None:
+            await self.on_state(state)
 
 
 class Placement:
@@ -147,88 +188,114 @@ class Placement:
         Cancelling the task ends the worker's request at once (the worker is replaced).
         Raises GpuUnavailable (interactive: the card did not come back in time),
         WorkerFailed, or WorkerDied.
+
+        An explicit state machine (``Step``): SEND the request, or RESUME the paused
+        worker; LISTEN until the worker ends, fails, dies, stalls or was paused; then
+        HAND_OVER the card (and get it back), replace a DIED worker, or end a STALLED
+        one, and go on from SEND or RESUME.
         """
-        worker: Worker | None
-        worker, lease = await self._worker_then_lease(lease, priority, wait_s)
-        busy = False  # the worker has a request of ours
+        worker, held = await self._worker_then_lease(lease, priority, wait_s)
+        run = _Run(worker, held, request_for, priority, wait_s, on_message, on_state)
         try:
-            if on_state is not None:
-                await on_state("running")
-            deaths = 0
-            send = True
+            await run.state("running")
+            step = Step.SEND
             while True:
-                if not worker.alive:  # ended while paused, to free memory for someone else
-                    worker = await self.pool.replace(worker)
-                    send = True
-                if send:
-                    await self._unless_stalled(worker.send(request_for(), before=partial(self._arm, worker, lease)))
-                    busy, send = True, False
-                else:
-                    worker.set_deadline(lease.deadline)
-                    worker.resume()  # where it stopped; if this lease is already asked for, arming pauses it again
-                    self._arm(worker, lease)
-                while True:
-                    try:
-                        message = await self._unless_stalled(worker.receive())
-                    except Stalled:
-                        message = None
-                        break
-                    if isinstance(message, Decoded):
-                        deaths = 0
-                        await on_message(message.kind, message.body)
-                    elif isinstance(message, HandedOver) and message.fence != lease.fence:
-                        continue  # a stale signal from an earlier lease
-                    else:
-                        break
-                if isinstance(message, Ended):
-                    busy = False
-                    return message.result
-                if isinstance(message, Failed):
-                    busy = False
-                    raise WorkerFailed(message.error)
-                if message is None:
-                    # The watchdog: no word from the worker for stall_s while it holds the
-                    # card. End it, give the card back, and start again from the checkpoint.
-                    await self._stalled(worker, lease)
-                    busy = False
-                    lease = await self.acquire(priority, wait_s)
-                    worker = await self.pool.replace(worker)
-                    send = True
-                    continue
-                if isinstance(message, Died):
-                    deaths += 1
-                    self._metrics.worker_deaths.inc()
-                    log.warning("a whisper worker died mid-request; replacing it", extra={"deaths": deaths})
-                    if deaths >= MAX_DEATHS:
-                        raise WorkerDied(f"the worker died {deaths} times in a row")
-                    busy = False
-                    worker = await self.pool.replace(worker)
-                    send = True
-                    if not lease.lost:
-                        continue
-                # HandedOver (or a death without a lease): give the card back, get it again.
-                if on_state is not None:
-                    await on_state("paused")
-                restart = await self._hand_over(worker, lease)
-                if restart:
-                    busy, send = False, True
-                lease = await self.acquire(priority, wait_s)
-                if on_state is not None:
-                    await on_state("running")
-                if restart:
-                    worker = await self.pool.replace(worker)
-                elif worker.checkpointed:
-                    worker.resume()
-                    await asyncio.to_thread(cuda_checkpoint.restore, worker.pid)
-                    worker.checkpointed = False
+                step = await self._step(run, step)
+                if step is Step.DONE:
+                    return run.result
         except BaseException:
-            if worker is not None and busy:
-                worker.kill()  # cancelled or failed mid-request: it cannot be interrupted otherwise
+            if run.busy:
+                run.worker.kill()  # cancelled or failed mid-request: it cannot be interrupted otherwise
             raise
         finally:
-            if worker is not None:
-                self._disarm(worker)
-            await asyncio.shield(self._finish(worker, lease))
+            self._disarm(run.worker)
+            await asyncio.shield(self._finish(run.worker, run.lease))
+
+    async def _step(self, run: _Run, step: Step) -> Step:
+        """One step of a request's run; the next one."""
+        worker = run.worker
+        if step in (Step.SEND, Step.RESUME) and not worker.alive:
+            run.worker = await self.pool.replace(worker)  # ended while paused, to free memory for someone else
+            step = Step.SEND
+        if step is Step.SEND:
+            arm = partial(self._arm, run.worker, run.lease)
+            await self._unless_stalled(run.worker.send(run.request_for(), before=arm))
+            run.busy = True
+            return Step.LISTEN
+        if step is Step.RESUME:
+            run.worker.set_deadline(run.lease.deadline)
+            run.worker.resume()  # where it stopped; if this lease is already asked for, arming pauses it again
+            self._arm(run.worker, run.lease)
+            return Step.LISTEN
+        if step is Step.LISTEN:
+            return await self._listen(run)
+        if step is Step.STALLED:
+            # No word from the worker for stall_s while it holds the card: end it, give
+            # the card back, and start again from the checkpoint.
+            await self._stalled(worker, run.lease)
+            run.busy = False
+            run.lease = await self.acquire(run.priority, run.wait_s)
+            run.worker = await self.pool.replace(worker)
+            return Step.SEND
+        if step is Step.DIED:
+            run.deaths += 1
+            self._metrics.worker_deaths.inc()
+            log.warning("a whisper worker died mid-request; replacing it", extra={"deaths": run.deaths})
+            if run.deaths >= MAX_DEATHS:
+                raise WorkerDied(f"the worker died {run.deaths} times in a row")
+            run.busy = False
+            run.worker = await self.pool.replace(worker)
+            if not run.lease.lost:
+                return Step.SEND
+            run.resend = True  # and the card, lost meanwhile, is given back first
+            return Step.HAND_OVER
+        if step is Step.HAND_OVER:
+            return await self._hand_over_and_back(run)
+        raise AssertionError(f"no step {step}")
+
+    async def _listen(self, run: _Run) -> Step:
+        """The worker's messages until one that ends the listening: the result (DONE), a
+        failure (raised), a death, a stall, or a pause for a hand-over."""
+        while True:
+            try:
+                message = await self._unless_stalled(run.worker.receive())
+            except Stalled:
+                return Step.STALLED
+            if isinstance(message, Decoded):
+                run.deaths = 0
+                await run.on_message(message.kind, message.body)
+            elif isinstance(message, HandedOver) and message.fence != run.lease.fence:
+                continue  # a stale signal from an earlier lease
+            elif isinstance(message, Ended):
+                run.busy = False
+                run.result = message.result
+                return Step.DONE
+            elif isinstance(message, Failed):
+                run.busy = False
+                raise WorkerFailed(message.error)
+            elif isinstance(message, Died):
+                return Step.DIED
+            else:
+                return Step.HAND_OVER
+
+    async def _hand_over_and_back(self, run: _Run) -> Step:
+        """The worker is paused: give the card back (freeing memory as asked), wait for
+        it, and go on where the worker stopped, or from the start on a new worker."""
+        await run.state("paused")
+        restart = await self._hand_over(run.worker, run.lease)
+        if restart:
+            run.busy, run.resend = False, True
+        run.lease = await self.acquire(run.priority, run.wait_s)
+        await run.state("running")
+        if restart:
+            run.worker = await self.pool.replace(run.worker)
+        elif run.worker.checkpointed:
+            run.worker.resume()
+            await asyncio.to_thread(cuda_checkpoint.restore, run.worker.pid)
+            run.worker.checkpointed = False
+        step = Step.SEND if run.resend else Step.RESUME
+        run.resend = False
+        return step
 
     async def _worker_then_lease(
         self, lease: HeldLease | None, priority: Priority, wait_s: float | None
