@@ -1,11 +1,11 @@
 """One chat request from arrival to last token. No FastAPI here.
 
-Order of a request: ask for the GPU at once (services/llm/placement.py: the card is
+Order of a request: ask for the GPU at once (services/llm/gpu_policy.py: the card is
 usually held by the time the prompt is ready); refuse what is over a bound; refuse when
 the queue is full; look up memories; fit the prompt into the context (400 if it cannot
-fit); take the request's placement (the lease the batch holds, or the CPU); then the
+fit); take the request's seat (the lease the batch holds, or the CPU); then the
 engine generates it beside every other request (services/llm/engine/batch.py), which
-waits for a slot in turn between subjects. Every error up to placement is an HTTP error;
+waits for a slot in turn between subjects. Every error up to the seat is an HTTP error;
 after that, the stream carries it.
 """
 
@@ -34,9 +34,9 @@ from services.llm.engine import (
 )
 from services.llm.engine.grammar import GrammarRefused
 from services.llm.engine.kv import common_prefix
+from services.llm.gpu_policy import Ask, GpuBusy, GpuPolicy, Seat
 from services.llm.job import Job
 from services.llm.memories import Memories, Passage, sources
-from services.llm.placement import Ask, GpuBusy, GpuPolicy, Placement
 from services.llm.prompting import ContextTooLong, Fitted, fit, with_memories
 from services.llm.remote import Remote, RemoteSession, Upstream
 from services.llm.settings import LLMSettings
@@ -63,7 +63,7 @@ SUMMARY_TOKENS = 200
 class ChatMetrics:
     def __init__(self, metrics: Metrics) -> None:
         self.ttft = metrics.histogram(
-            "llm_time_to_first_token_seconds", "From placement to the first token (a slot and the prefill included)."
+            "llm_time_to_first_token_seconds", "From the seat to the first token (a slot and the prefill included)."
         )
         self.tokens_per_s = metrics.histogram(
             "llm_tokens_per_second", "Decode speed of a request.", buckets=(1, 5, 10, 20, 40, 60, 100, 200, 500)
@@ -85,9 +85,9 @@ class Admission:
     """A request's place in the service between ``open`` and its end: counted against the
     queue bound, and placed by the GPU policy. ``close`` gives both back, once."""
 
-    def __init__(self, service: ChatService, placement: Placement) -> None:
+    def __init__(self, service: ChatService, seat: Seat) -> None:
         self._service = service
-        self.placement = placement
+        self.seat = seat
         self._closed = False
 
     async def close(self, *, client_gone: bool) -> None:
@@ -95,7 +95,7 @@ class Admission:
             return
         self._closed = True
         try:
-            await self._service.policy.finish(self.placement, client_gone=client_gone)
+            await self._service.policy.finish(self.seat, client_gone=client_gone)
         finally:
             self._service.admitted -= 1
 
@@ -121,7 +121,7 @@ class Session(Answer):
         self._job = job
         self._fitted = fitted
         self._admission = admission
-        self.placement = admission.placement
+        self.seat = admission.seat
         self._warnings = warnings
         self._rag_used = rag_used
         self._public_prefix = public_prefix
@@ -160,7 +160,7 @@ class Session(Answer):
             metrics.ttft.observe(first - started)
         if item.completion_tokens > 1 and decode_s > 0:
             metrics.tokens_per_s.observe((item.completion_tokens - 1) / decode_s)
-        metrics.requests.labels(self.placement.device, "ok").inc()
+        metrics.requests.labels(self.seat.device, "ok").inc()
         metrics.reused.inc(item.reused_tokens)
         warnings = list(self._warnings)
         if item.cut == "deadline":
@@ -171,9 +171,9 @@ class Session(Answer):
             completion_tokens=item.completion_tokens,
             sources=sources(self._fitted.passages, self._job.reveal),
             rag_context_used=self._rag_used,
-            gpu_wait_time=round(self.placement.gpu_wait_s, 4),
+            gpu_wait_time=round(self.seat.gpu_wait_s, 4),
             inference_time=round(ended - started, 4),
-            device=self.placement.device,
+            device=self.seat.device,
             warnings=warnings,
             summarized_messages=self._job.conversation.summarized if self._job.conversation else None,
             cached_tokens=item.reused_tokens,
@@ -187,7 +187,7 @@ class Session(Answer):
             generation.cancel()
             self._engine.scheduler.wake()
             if client_gone:
-                self._metrics.requests.labels(self.placement.device, "client_gone").inc()
+                self._metrics.requests.labels(self.seat.device, "client_gone").inc()
         await self._admission.close(client_gone=client_gone)
 
 
@@ -376,13 +376,13 @@ class ChatService:
         fitted = await self._fit(job, passages)
         rule = remote.gpu_wait_rule() if remote is not None else None
         try:
-            placement = await unless(self.policy.place(ask, budget_s=rule[0] if rule else None), disconnected())
+            seat = await unless(self.policy.place(ask, budget_s=rule[0] if rule else None), disconnected())
         except GpuBusy:  # past the rule's budget: the rule's backend rather than the CPU
             assert rule is not None
             return await self._remote_answer(job, passages, warnings, rule[1])
         except Interrupted:
             raise ClientGone() from None
-        admission = Admission(self, placement)
+        admission = Admission(self, seat)
         try:
             if job.conversation is not None and fitted.dropped_turns:
                 # Too long for the window: the model summarizes the oldest turns, and the
@@ -397,7 +397,7 @@ class ChatService:
             raise
         if fitted.dropped_turns:
             warnings.append(f"dropped the {fitted.dropped_turns} oldest turns to fit the context window")
-        if placement.fallback:
+        if seat.fallback:
             warnings.append("the GPU was busy: answered on the CPU")
         rag_used = sum(1 for p in fitted.passages if p.origin == "memory")
         public = self._public_prefix(job, fitted)

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 HOLDER = "llm"
 
 
-class PlacementMetrics:
+class GpuPolicyMetrics:
     def __init__(self, metrics: Metrics) -> None:
         self.gpu_wait = metrics.histogram("llm_gpu_wait_seconds", "Time a request waited for the GPU lease.")
         self.reloads = metrics.histogram("llm_reload_seconds", "Loading the GPU layers (a reload).")
@@ -63,7 +63,10 @@ class GpuBusy(Exception):
 
 
 @dataclass
-class Placement:
+class Seat:
+    """Where a request runs: the device, the lease the batch holds for it (None on the
+    CPU), how long it waited for the card, and whether it fell back to the CPU."""
+
     device: Literal["gpu", "cpu"]
     lease: HeldLease | None
     gpu_wait_s: float
@@ -84,7 +87,7 @@ class Ask:
 
 
 class GpuPolicy:
-    def __init__(self, engine: Engine, gpu: Gpu, settings: LLMSettings, metrics: PlacementMetrics, vram_mb: int = 0):
+    def __init__(self, engine: Engine, gpu: Gpu, settings: LLMSettings, metrics: GpuPolicyMetrics, vram_mb: int = 0):
         self.engine = engine
         self.vram_mb = vram_mb
         self._gpu = gpu
@@ -230,9 +233,9 @@ class GpuPolicy:
         if event in ("yield", "lost"):
             self._soon(self._hand_over_soon)
 
-    # -- a request's placement -----------------------------------------------------------
+    # -- a request's seat ----------------------------------------------------------------
 
-    async def place(self, ask: Ask, budget_s: float | None = None) -> Placement:
+    async def place(self, ask: Ask, budget_s: float | None = None) -> Seat:
         """The device a request runs on; ``budget_s``: wait at most this long for the lease
         (below GEMMA_GPU_WAIT_MS), then raise GpuBusy instead of the fallback."""
         started = time.monotonic()
@@ -260,13 +263,13 @@ class GpuPolicy:
             self._metrics.fallbacks.inc()
             self.active += 1
             log.warning("GPU not granted in time; serving on the CPU while the ask goes on")
-            return Placement("cpu", None, waited, fallback=True)
+            return Seat("cpu", None, waited, fallback=True)
         self.active += 1
         self._used = True
         device: Literal["gpu", "cpu"] = "gpu" if self.engine.gpu_layers and can_offload() else "cpu"
-        return Placement(device, lease, waited)
+        return Seat(device, lease, waited)
 
-    async def finish(self, placement: Placement, *, client_gone: bool) -> None:
+    async def finish(self, seat: Seat, *, client_gone: bool) -> None:
         self.active -= 1
         if self.active == 0 and self._asks == 0:
             self._idle(client_gone=client_gone)

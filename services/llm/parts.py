@@ -16,8 +16,8 @@ from services.llm.chat import ChatMetrics, ChatService
 from services.llm.conversations import ConversationStore
 from services.llm.engine import Engine
 from services.llm.engine.grammar import GrammarLimits
+from services.llm.gpu_policy import GpuPolicy, GpuPolicyMetrics
 from services.llm.memories import Memories
-from services.llm.placement import GpuPolicy, PlacementMetrics
 from services.llm.remote import BackendMetrics, Remote
 from services.llm.settings import LLMSettings
 from services.llm.sql.databases import BadDatabaseUrl, Database, open_database
@@ -85,7 +85,7 @@ def build(settings: LLMSettings | None = None, *, gpu: Gpu | None = None) -> Par
     )
     gpu = gpu or base.gpu(settings)
     vram_mb = settings.vram_mb if settings.vram_mb is not None else vram_estimate_mb(path.stat().st_size)
-    policy = GpuPolicy(engine, gpu, settings, PlacementMetrics(base.metrics), vram_mb)
+    policy = GpuPolicy(engine, gpu, settings, GpuPolicyMetrics(base.metrics), vram_mb)
     memories = Memories(ServiceClient(settings.rag_url, base.tokens, retries=0), settings.rag_timeout_ms / 1000)
     conversations = ConversationStore(
         base.guards.redis,

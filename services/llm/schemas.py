@@ -162,6 +162,19 @@ def token_biases_in_schema(schema: dict[str, Any]) -> None:
             branch["additionalProperties"] = {"type": "number", "minimum": -100, "maximum": 100}
 
 
+def nulls_and_refusals(data: Any, unsupported: dict[str, str]) -> Any:
+    """A request body before validation: a null that means the default left out, and a
+    field this service does not do (``unsupported``: its reason) refused, never ignored.
+    An empty value of such a field (``{}``, ``false``) asks for nothing and passes."""
+    if not isinstance(data, dict):
+        return data
+    data = {k: v for k, v in data.items() if not (v is None and k in NULL_IS_THE_DEFAULT)}
+    for name, why in unsupported.items():
+        if data.get(name) not in (None, {}, False):
+            raise ValueError(why)
+    return data
+
+
 def checked_stops(value: str | list[str] | None) -> str | list[str] | None:
     if isinstance(value, list) and len(value) > 4:
         raise ValueError("at most 4 stop sequences")
@@ -252,12 +265,7 @@ class ChatCompletionRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_means_the_default(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            data = {k: v for k, v in data.items() if not (v is None and k in NULL_IS_THE_DEFAULT)}
-            for name, why in UNSUPPORTED.items():
-                if data.get(name) is not None:
-                    raise ValueError(why)
-        return data
+        return nulls_and_refusals(data, UNSUPPORTED)
 
     @model_validator(mode="after")
     def _logprobs_asked(self) -> ChatCompletionRequest:

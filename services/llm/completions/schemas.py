@@ -8,13 +8,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 
 from services.llm.schemas import (
     MAX_LOGIT_BIAS,
-    NULL_IS_THE_DEFAULT,
     StreamOptions,
     Usage,
     at_most_four_stops,
     checked_biases,
     checked_stops,
     null_is_the_default,
+    nulls_and_refusals,
     stop_list,
     token_biases_in_schema,
 )
@@ -60,11 +60,7 @@ class CompletionRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_means_the_default(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            data = {k: v for k, v in data.items() if not (v is None and k in NULL_IS_THE_DEFAULT)}
-            if data.get("suffix") is not None:
-                raise ValueError("suffix (fill-in-the-middle) is not supported by this service")
-        return data
+        return nulls_and_refusals(data, {"suffix": "suffix (fill-in-the-middle) is not supported by this service"})
 
     @model_validator(mode="after")
     def _echo_without_logprobs(self) -> CompletionRequest:

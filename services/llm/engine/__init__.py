@@ -8,7 +8,7 @@
 - ``batch``: the scheduler that runs them all, one llama.cpp batch per step.
 
 ``Engine`` puts them together for the chat service: ``submit`` a prompt and its
-``Params``, iterate the ``Generation``. The GPU policy (services/llm/placement.py) moves
+``Params``, iterate the ``Generation``. The GPU policy (services/llm/gpu_policy.py) moves
 its layers (``load``) and pauses it (``hold``/``open``) at token boundaries.
 """
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.llm.schemas import NULL_IS_THE_DEFAULT, null_is_the_default
+from services.llm.schemas import null_is_the_default, nulls_and_refusals
 from services.llm.tools import NAME
 from shared.wire import Boolean, Number, PositiveInteger
 
@@ -149,12 +149,7 @@ class ResponseRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_means_the_default(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            data = {k: v for k, v in data.items() if not (v is None and k in NULL_IS_THE_DEFAULT)}
-            for name, why in UNSUPPORTED.items():
-                if data.get(name) not in (None, {}, False):
-                    raise ValueError(why)
-        return data
+        return nulls_and_refusals(data, UNSUPPORTED)
 
 
 class ResponseObject(BaseModel):

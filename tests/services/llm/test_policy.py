@@ -11,7 +11,7 @@ from typing import Any, cast
 import pytest
 
 from services.llm.engine import Engine
-from services.llm.placement import GpuPolicy, PlacementMetrics
+from services.llm.gpu_policy import GpuPolicy, GpuPolicyMetrics
 from services.llm.settings import LLMSettings
 from shared.gpu import GpuUnavailable, Handover, LeaseRequest, Listener
 from shared.metrics import Metrics
@@ -131,7 +131,7 @@ def policy(**settings: Any) -> tuple[GpuPolicy, ScriptedGpu, RecordingEngine]:
     gpu, engine = ScriptedGpu(), RecordingEngine()
     values = {"gpu_layers": LAYERS, "force_reload": True, "keep_alive_s": 30.0, **settings}
     chosen = LLMSettings(**values)
-    made = GpuPolicy(cast(Engine, engine), cast(Any, gpu), chosen, PlacementMetrics(Metrics("test_llm")))
+    made = GpuPolicy(cast(Engine, engine), cast(Any, gpu), chosen, GpuPolicyMetrics(Metrics("test_llm")))
     made.attach()
     return made, gpu, engine
 
