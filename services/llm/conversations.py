@@ -91,6 +91,11 @@ class ConversationStore:
         return f"{self._prefix}convbytes:{owner}"
 
     @property
+    def available(self) -> bool:
+        """Whether conversations can be kept (this service has a Redis)."""
+        return self._redis is not None
+
+    @property
     def redis(self) -> Redis:
         if self._redis is None:
             raise ServiceUnavailable(

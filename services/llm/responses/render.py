@@ -24,6 +24,8 @@ class Shape:
     id: str
     body: ResponseRequest
     model: str
+    stored: bool = True
+    """Whether the response can be continued (``previous_response_id``)."""
     created_at: int = field(default_factory=lambda: int(time.time()))
 
     def response(self, status: str, output: list[dict[str, Any]], done: Done | None) -> dict[str, Any]:
@@ -52,7 +54,7 @@ class Shape:
             "truncation": "disabled",
             "usage": usage(done) if done is not None else None,
             "metadata": body.metadata or {},
-            "store": body.store is not False,
+            "store": self.stored,
             "user": body.user,
         }
 

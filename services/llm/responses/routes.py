@@ -54,12 +54,13 @@ async def create_response(
     except APIError as exc:
         exc.param = renamed(exc.param)  # chat's field, as this request calls it
         raise
-    store = body.store is not False
+    # Stored unless the request says not to; without a Redis, only when it insists (503).
+    store = body.store is True or (body.store is None and conversations.available)
     if store or body.previous_response_id is not None:
         conversation = await links.conversation_for(caller.subject, body.previous_response_id)
         await conversations.check_room(conversation, job.messages)
         job.conversation = conversation
-    shape = Shape(links.new_id(), body, chat.model_id)
+    shape = Shape(links.new_id(), body, chat.model_id, stored=store)
 
     async def finish(text: str, _: Done) -> None:
         """The turn and its answer stored, and the response linked to them."""

@@ -12,6 +12,10 @@ from typing import Any
 import openai
 import pytest
 
+from harness.servers import UvicornThread, environment, free_port
+from services.llm.app import create_app
+from services.llm.settings import LLMSettings
+from shared.settings import load_settings
 from tests.conftest import Mint
 from tests.services.llm.conftest import InProcess
 
@@ -365,3 +369,25 @@ def test_a_response_held_to_a_json_schema(llm: InProcess) -> None:
     assert isinstance(json.loads(answer.output_text)["name"], str)
     shown: Any = answer.text
     assert shown.format.type == "json_schema"
+
+
+def test_without_redis_a_response_is_answered_and_not_stored(mint: Mint) -> None:
+    """A service with no Redis keeps no conversations: the default store is off, and a
+    request that insists on storing is told why (503)."""
+    env = {
+        "GEMMA_COORDINATE": "false",
+        "RAG_SERVICE_URL": f"http://127.0.0.1:{free_port()}",
+        "GEMMA_CONTEXT_SIZE": "1024",
+    }
+    with environment(env):
+        settings = load_settings(LLMSettings)
+    assert settings.limits.redis_url is None  # BATON_REDIS_URL unset
+    app = create_app(settings)
+    with UvicornThread(app) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=mint("chat", sub="no-redis"), max_retries=0)
+        model = client.models.list().data[0].id
+        answer = client.responses.create(model=model, input="Hi", max_output_tokens=4)
+        assert answer.output_text and answer.to_dict()["store"] is False
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.responses.create(model=model, input="Hi", max_output_tokens=4, store=True)
+        assert refused.value.status_code == 503
