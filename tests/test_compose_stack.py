@@ -135,6 +135,8 @@ def images(podman: Podman) -> dict[str, str]:
         "LLM_BASE": base,
         "TRANSCRIPTION_BASE": base,
         "PYTHON_DIST": "system",
+        # Without torch: its CUDA build from PyPI is about 4 GB; diarization is tested natively.
+        "TRANSCRIPTION_EXTRAS": "transcription",
     }
     built = {}
     try:

@@ -4,6 +4,8 @@ card or for the index and serve them in-process."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +21,15 @@ from services.transcription.transcriber import Transcriber
 from services.transcription.worker import WorkerSpec
 from shared.client import ServiceClient
 from shared.gpu import Gpu, vram_estimate_mb
+from shared.presets import UnknownModel, resolve
 from shared.protocol.models import created_at
 from shared.service import Foundation, model
 from shared.settings import load_settings
 from shared.store import open_redis
 
 SERVICE_SCOPES = ("gpu", "rag:write")
+UNAVAILABLE = "speaker diarization is not installed on this service; its log says what is missing"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,6 +62,20 @@ class Parts:
         await self.base.guards.aclose()
 
 
+def speaker_model(name_or_path: str) -> tuple[Path | None, str | None]:
+    """The speaker model's folder, or why diarization is not offered (a service without
+    it still transcribes: TRANSCRIPTION_SPEAKER_MODEL names it)."""
+    if importlib.util.find_spec("torch") is None:
+        log.warning("no speaker diarization: torch is not installed (pip install 'baton[speakers]')")
+        return None, UNAVAILABLE
+    try:
+        path, _ = resolve(name_or_path, "speaker")
+    except UnknownModel as exc:
+        log.warning("no speaker diarization", extra={"reason": f"TRANSCRIPTION_SPEAKER_MODEL: {exc}"})
+        return None, UNAVAILABLE
+    return path, None
+
+
 def build(
     settings: TranscriptionSettings | None = None,
     *,
@@ -69,6 +88,7 @@ def build(
     base = Foundation.build("transcription", settings, calls_with=SERVICE_SCOPES)
     path, preset = model(settings.model, "whisper", "TRANSCRIPTION_MODEL")
     model_id = preset.name if preset else path.name
+    speaker_path, no_speakers = speaker_model(settings.speaker_model)
     spec = WorkerSpec(
         path,
         device=settings.device,
@@ -77,6 +97,9 @@ def build(
         beam_size=settings.beam_size,
         chunk_length_s=settings.chunk_length_s,
         nice=settings.worker_nice,
+        speaker_model=speaker_path,
+        speaker_same=settings.speaker_same,
+        speaker_match=settings.speaker_match,
     )
     weights = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     vram_mb = settings.vram_mb if settings.vram_mb is not None else vram_estimate_mb(weights, settings.workers)
@@ -97,7 +120,7 @@ def build(
     decoder = audio.Decoder(settings.worker_nice, audio.MemoryBudget(int(settings.decode_budget_mb * 1_048_576)))
     store = JobStore(redis, settings.key_prefix)
     runner = JobRunner(store, placement, rag, settings, JobMetrics(base.metrics), decoder, base.guards.limiter)
-    transcriber = Transcriber(placement, decoder, settings, model_id, base.metrics, created_at(path))
+    transcriber = Transcriber(placement, decoder, settings, model_id, base.metrics, created_at(path), no_speakers)
     return Parts(
         settings, base, model_id, path, vram_mb, redis, gpu, rag, pool, placement, decoder, runner, transcriber
     )

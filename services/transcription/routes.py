@@ -4,6 +4,7 @@ built from (``app.state.parts``), which a test may build with stand-ins."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -28,6 +29,7 @@ from services.transcription.schemas import (
     Transcription,
     VerboseTranscription,
 )
+from services.transcription.speakers.references import decoded as known_speakers
 from services.transcription.transcriber import Options, Transcriber, display_name
 from shared.errors import NotFound
 from shared.openapi import answers
@@ -103,9 +105,17 @@ async def transcriptions(
     temperature: Annotated[float | None, Form(ge=0, le=1)] = None,
     granularities: Annotated[list[Literal["word", "segment"]], Form(alias="timestamp_granularities[]")] = [],  # noqa: B006
     stream: Annotated[bool, Form()] = False,
+    diarize: Annotated[bool, Form()] = False,
+    names: Annotated[list[str], Form(alias="known_speaker_names[]")] = [],  # noqa: B006
+    references: Annotated[list[str], Form(alias="known_speaker_references[]")] = [],  # noqa: B006
 ) -> Response:
     service.check_model(model)
-    options = Options(service.language(language), prompt, temperature, response_format, "word" in granularities)
+    service.check_diarization(diarize, response_format, bool(names or references))
+    speakers = None
+    if diarize or response_format == "diarized_json":
+        speakers = await asyncio.to_thread(known_speakers, names, references)  # before the upload is decoded
+    words = "word" in granularities
+    options = Options(service.language(language), prompt, temperature, response_format, words, speakers)
     slot = await stream_slot(request) if stream else None
     return await service.transcribe(file, options, slot)
 

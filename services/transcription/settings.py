@@ -36,6 +36,15 @@ class TranscriptionSettings(ServiceSettings):
     by every upload and the running job; a file waits for its share."""
     decode_wait_s: float = Field(default=30.0, ge=0)
     """How long an upload waits for its share of the budget before a 503."""
+    speaker_model: str = "speaker-campplus"
+    """The speaker-embedding model (a preset name or a folder) that tells voices apart.
+    Missing (or torch not installed), diarization is refused with a 400 that says so."""
+    speaker_same: float = Field(default=0.75, gt=0, lt=1)
+    """Cosine similarity above which two stretches of speech are one voice."""
+    speaker_match: float = Field(default=0.7, gt=0, lt=1)
+    """Cosine similarity a voice needs to take the name of an enrolled voice or a reference clip."""
+    diarize: bool = True
+    """Whether jobs label speakers unless the request says (``diarize``)."""
     data_dir: Path = Path(".run/transcription")
     """Where job uploads are kept until their transcript is indexed."""
 

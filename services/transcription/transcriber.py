@@ -19,7 +19,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from services.transcription import audio
 from services.transcription.errors import ERRORS
-from services.transcription.formats import Format, srt, text_of, usage, verbose, vtt
+from services.transcription.formats import (
+    SHOWS_SPEAKERS,
+    Format,
+    diarized,
+    diarized_segment,
+    srt,
+    text_of,
+    usage,
+    verbose,
+    vtt,
+)
 from services.transcription.placement import Placement
 from services.transcription.settings import TranscriptionSettings
 from services.transcription.whisper import Piece, check_language
@@ -74,6 +84,8 @@ class Options:
     temperature: float | None
     response_format: Format
     words: bool
+    speakers: list[tuple[str, Any]] | None = None
+    """Diarize, with these known voices ((name, samples) each); None: do not."""
 
 
 class Transcriber:
@@ -85,7 +97,10 @@ class Transcriber:
         model_id: str,
         metrics: Metrics,
         model_created: int = 0,
+        no_speakers: str | None = None,
     ) -> None:
+        self.no_speakers = no_speakers
+        """Why this service cannot diarize (no speaker model, or no torch); None if it can."""
         self.placement = placement
         self.decoder = decoder
         self.settings = settings
@@ -120,6 +135,20 @@ class Transcriber:
         except ValueError as exc:
             raise BadRequest(str(exc), param="language", code="invalid_language") from None
         return language
+
+    def check_diarization(self, wanted: bool, response_format: str, names: bool) -> None:
+        """Refuse what cannot be done, before anything is decoded."""
+        if (response_format == "diarized_json" or wanted or names) and self.no_speakers is not None:
+            raise BadRequest(self.no_speakers, param="response_format", code="diarization_unavailable")
+        if wanted and response_format not in SHOWS_SPEAKERS:
+            raise BadRequest(
+                f"diarize needs a response_format that shows speakers ({', '.join(sorted(SHOWS_SPEAKERS))})",
+                param="diarize",
+            )
+        if names and not (wanted or response_format == "diarized_json"):
+            raise BadRequest(
+                "known speakers are for response_format=diarized_json (or diarize=true)", param="known_speaker_names"
+            )
 
     async def decoded(self, upload: UploadFile, name: str | None = None) -> tuple[Path, Any, audio.Held]:
         """The upload kept and decoded, with its share of the memory budget (to release)."""
@@ -156,19 +185,20 @@ class Transcriber:
                     "prompt": options.prompt,
                     "temperature": options.temperature,
                     "words": options.words,
-                },
+                }
+                | ({} if options.speakers is None else {"speakers": options.speakers}),
             )
             wait_s = self.settings.gpu_wait_ms / 1000
             lease = await self.placement.acquire("interactive", wait_s)  # not granted: 503 (errors.py)
             if slot is not None:
                 streaming = True  # the stream releases the slot and the budget when it ends
-                return _stream(self.placement, lease, work, wait_s, slot, held, audio.duration_s(samples))
+                return _stream(self.placement, lease, work, wait_s, slot, held, audio.duration_s(samples), options)
             started = time.monotonic()
             pieces: list[Piece] = []
 
             async def keep(_: str, piece: Piece) -> None:
                 if piece.id >= len(pieces):  # a rerun (after the worker was ended) repeats earlier pieces
-                    pieces.append(piece)
+                    pieces.append(_asked(piece, options))
 
             info = await self.placement.run(
                 lambda: work, priority="interactive", wait_s=wait_s, on_message=keep, lease=lease
@@ -181,6 +211,13 @@ class Transcriber:
                     held.release()
                 if slot is not None:
                     await slot.close()
+
+
+def _asked(piece: Piece, options: Options) -> Piece:
+    """Without the word timestamps that diarization needed but the client did not ask for."""
+    if piece.words is not None and not options.words:
+        piece.words = None
+    return piece
 
 
 def _refusal(exc: BaseException, max_duration_s: float) -> BaseException:
@@ -207,6 +244,8 @@ def _render(pieces: list[Piece], info: dict[str, Any], response_format: str, wor
         return PlainTextResponse(vtt(pieces), media_type="text/vtt")
     if response_format == "verbose_json":
         return JSONResponse(verbose(pieces, info | {"duration": seconds}, words))
+    if response_format == "diarized_json":
+        return JSONResponse(diarized(pieces, seconds))
     return JSONResponse({"text": text_of(pieces), "usage": usage(seconds)})
 
 
@@ -218,6 +257,7 @@ def _stream(
     slot: StreamSlot,
     held: audio.Held,
     seconds: float,
+    options: Options,
 ) -> Response:
     """Segments as they are decoded (OpenAI's transcript.text.delta events), then the whole text."""
     pieces: asyncio.Queue[Piece | None] = asyncio.Queue()
@@ -225,7 +265,7 @@ def _stream(
 
     async def hand_over(_: str, piece: Piece) -> None:
         if piece.id >= len(seen):  # a rerun (after the worker was ended) repeats earlier pieces
-            seen.append(piece)
+            seen.append(_asked(piece, options))
             pieces.put_nowait(piece)
 
     async def run() -> None:
@@ -240,7 +280,10 @@ def _stream(
         sent = 0
         while (piece := await pieces.get()) is not None:
             sent += 1
-            yield frame({"type": "transcript.text.delta", "delta": piece.text, "segment": piece.public()})
+            if options.response_format == "diarized_json":  # OpenAI's diarized stream: whole segments
+                yield frame(diarized_segment(piece))
+            else:
+                yield frame({"type": "transcript.text.delta", "delta": piece.text, "segment": piece.public()})
         await task  # its failure becomes an error event (errors.py)
         yield frame({"type": "transcript.text.done", "text": text_of(seen[:sent]), "usage": usage(seconds)})
         yield DONE

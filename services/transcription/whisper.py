@@ -54,11 +54,14 @@ class Piece:
     temperature: float = 0.0
     """The temperature the segment was decoded at (a fallback raises it)."""
     compression_ratio: float = 0.0
+    speaker: str | None = None
+    """Who spoke it, when diarized (speakers/diarize.py): a name or a letter."""
 
     def public(self) -> dict[str, Any]:
         data = asdict(self)
-        if data["words"] is None:
-            del data["words"]
+        for optional in ("words", "speaker"):
+            if data[optional] is None:
+                del data[optional]
         return data
 
 

@@ -58,6 +58,10 @@ class WorkerSpec:
     beam_size: int
     chunk_length_s: int
     nice: int = 0
+    speaker_model: Path | None = None
+    """The speaker-embedding model's folder; None: diarization is not offered."""
+    speaker_same: float = 0.75
+    speaker_match: float = 0.7
 
 
 @dataclass
@@ -183,6 +187,7 @@ def _child(conn: Connection, spec: WorkerSpec, deadline: Synchronized[float], pa
             os.nice(spec.nice)
     import ctranslate2
 
+    from services.transcription.speakers.labeller import Diarizers, Labeller
     from services.transcription.whisper import Transcriber
 
     transcriber = Transcriber(
@@ -193,6 +198,7 @@ def _child(conn: Connection, spec: WorkerSpec, deadline: Synchronized[float], pa
         beam_size=spec.beam_size,
         chunk_length_s=spec.chunk_length_s,
     )
+    diarizers = Diarizers()
     busy = threading.Event()
     threading.Thread(target=_fence, args=(deadline, busy), name="fence", daemon=True).start()
     conn.send(Ready({"multilingual": transcriber.multilingual, "pid": os.getpid()}))
@@ -215,9 +221,15 @@ def _child(conn: Connection, spec: WorkerSpec, deadline: Synchronized[float], pa
                 # The temperature fallback samples: a fixed seed makes a rerun (after the
                 # worker was ended to free memory) give the same text as the first run.
                 ctranslate2.set_random_seed(0)
-                _, info = transcriber.transcribe(
-                    samples, on_piece=lambda piece: conn.send(Decoded("piece", piece)), **options
-                )
+                send = lambda piece: conn.send(Decoded("piece", piece))  # noqa: E731
+                speakers = options.pop("speakers", None)
+                if speakers is not None:  # diarized: pieces go out in labelled stretches
+                    labeller = Labeller(diarizers.get(spec), samples, speakers, send)
+                    send = labeller.add
+                    options["words"] = True
+                _, info = transcriber.transcribe(samples, on_piece=send, **options)
+                if speakers is not None:
+                    labeller.flush()
                 answer = Ended(info)
             elif request.op == "free_device":
                 answer = Ended(transcriber.free_device())

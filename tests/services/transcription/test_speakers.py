@@ -1,0 +1,175 @@
+"""Speakers in transcripts: OpenAI's diarized_json with known speakers, speakers in
+verbose_json, srt and vtt, and bad input refused before anything is decoded. The app is
+built in this process with real workers (tiny.en, CAM++); the bundled meeting has three
+espeak-ng voices, and the bundled sentences are clips of the same three voices."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openai import AsyncOpenAI
+from openai.types.audio import TranscriptionDiarized
+
+from baton.demo.speech.make_speech import MEETING as LINES
+from tests.services.transcription.conftest import MEETING, SPEECH, silence
+from tests.services.transcription.test_routes import App, http, transcribe, tx_app
+
+__all__ = ["http", "tx_app"]
+
+VOICE_OF = {"en-us": "John", "en-us+f3": "Sarah", "en-us+m7": "Tom"}
+"""Who each voice of the meeting is, by the sentence clip that is their reference."""
+CLIPS = {"John": "sentence-01.ogg", "Sarah": "sentence-02.ogg", "Tom": "sentence-03.ogg"}
+
+
+def data_url(path: Path, mime: str = "audio/ogg") -> str:
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def words(text: str) -> set[str]:
+    return set(re.sub(r"[^a-z ]", " ", text.lower()).split())
+
+
+def speaker_of(text: str) -> str | None:
+    """The meeting's speaker of a segment: the one whose line shares most of its words."""
+    heard = words(text)
+    scores = [(len(heard & words(line)) / max(1, len(heard)), VOICE_OF[voice]) for voice, line in LINES]
+    score, name = max(scores)
+    return name if score >= 0.6 else None
+
+
+def agreement(segments: list[dict[str, Any]]) -> float:
+    """The share of segments (with a clear line) labelled with their line's speaker."""
+    judged = [(speaker_of(s["text"]), s["speaker"]) for s in segments]
+    judged = [(want, got) for want, got in judged if want is not None]
+    assert len(judged) >= 8
+    return sum(want == got for want, got in judged) / len(judged)
+
+
+@pytest.fixture
+async def sdk(tx_app: App) -> AsyncIterator[AsyncOpenAI]:
+    transport = httpx.ASGITransport(app=tx_app.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://tx/v1", timeout=300) as client:
+        # The SDK annotates its client as httpx2's; httpx's has the same interface.
+        yield AsyncOpenAI(api_key=tx_app.mint("transcribe"), base_url="http://tx/v1", http_client=client)  # type: ignore[arg-type]
+
+
+async def test_the_sdk_gets_named_speakers_from_known_references(sdk: AsyncOpenAI) -> None:
+    names = list(CLIPS)
+    with MEETING.open("rb") as meeting:
+        result = await sdk.audio.transcriptions.create(
+            model="whisper-1",
+            file=meeting,
+            response_format="diarized_json",
+            known_speaker_names=names,
+            known_speaker_references=[data_url(SPEECH / CLIPS[name]) for name in names],
+        )
+    assert isinstance(result, TranscriptionDiarized)
+    segments = [s.model_dump() for s in result.segments]
+    assert {s["speaker"] for s in segments} == set(names)
+    assert all(s["type"] == "transcript.text.segment" and s["end"] > s["start"] for s in segments)
+    assert agreement(segments) >= 0.9
+    assert result.usage is not None and result.duration > 60
+
+
+async def test_without_known_speakers_voices_are_letters_in_order_of_first_speech(http: httpx.AsyncClient) -> None:
+    response = await transcribe(http, MEETING, response_format="diarized_json")
+    assert response.status_code == 200, response.text
+    segments = response.json()["segments"]
+    labels = [s["speaker"] for s in segments]
+    assert sorted(set(labels)) == ["A", "B", "C"]
+    assert [label for i, label in enumerate(labels) if label not in labels[:i]] == ["A", "B", "C"]
+    # One letter per voice: relabelled by the meeting's script, it agrees with it.
+    letter_of: dict[str, str] = {}
+    for segment in segments:
+        if (name := speaker_of(segment["text"])) is not None:
+            letter_of.setdefault(segment["speaker"], name)
+    assert agreement([{**s, "speaker": letter_of.get(s["speaker"])} for s in segments]) >= 0.9
+
+
+async def test_verbose_json_srt_and_vtt_say_who_spoke_when_asked(http: httpx.AsyncClient) -> None:
+    verbose = await transcribe(
+        http, MEETING, response_format="verbose_json", diarize="true", **{"timestamp_granularities[]": "word"}
+    )
+    assert verbose.status_code == 200, verbose.text
+    body = verbose.json()
+    assert all(s["speaker"] in {"A", "B", "C"} for s in body["segments"])
+    assert body["words"] and all(w["speaker"] in {"A", "B", "C"} for w in body["words"])
+    for segment in body["segments"]:  # a segment's words are inside it, in order
+        inside = [
+            w for w in body["words"] if segment["start"] - 0.01 <= w["start"] and w["end"] <= segment["end"] + 0.01
+        ]
+        assert inside and all(a["start"] <= b["start"] for a, b in itertools.pairwise(inside))
+    vtt = await transcribe(http, SPEECH / "sentence-02.ogg", response_format="vtt", diarize="true")
+    assert "<v A>" in vtt.text
+    srt = await transcribe(http, SPEECH / "sentence-02.ogg", response_format="srt", diarize="true")
+    assert "[A] " in srt.text
+    plain = await transcribe(http, SPEECH / "sentence-02.ogg", response_format="verbose_json")
+    assert "speaker" not in plain.json()["segments"][0]
+
+
+@pytest.mark.parametrize(
+    ("form", "param"),
+    [
+        ({"known_speaker_names[]": ["A", "B"], "known_speaker_references[]": ["x"]}, "known_speaker_names"),
+        (
+            {"known_speaker_names[]": [f"n{i}" for i in range(5)], "known_speaker_references[]": ["x"] * 5},
+            "known_speaker_names",
+        ),
+        (
+            {"known_speaker_names[]": ["A"], "known_speaker_references[]": ["not a data url"]},
+            "known_speaker_references",
+        ),
+        (
+            {"known_speaker_names[]": ["A"], "known_speaker_references[]": ["data:text/plain;base64,aGVsbG8="]},
+            "known_speaker_references",
+        ),
+        (
+            {"known_speaker_names[]": ["A"], "known_speaker_references[]": ["data:audio/wav;base64,aGVsbG8="]},
+            "known_speaker_references",
+        ),
+        ({"known_speaker_names[]": ["A", "A"], "known_speaker_references[]": ["x", "x"]}, "known_speaker_names"),
+    ],
+)
+async def test_bad_known_speakers_are_refused_before_the_upload_is_decoded(
+    http: httpx.AsyncClient, tmp_path: Path, form: dict[str, Any], param: str
+) -> None:
+    # The upload is not audio: had it been decoded first, the answer would name "file".
+    not_audio = tmp_path / "upload.ogg"
+    not_audio.write_bytes(b"not audio at all")
+    response = await transcribe(http, not_audio, response_format="diarized_json", **form)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("seconds", [1.0, 11.0])
+async def test_a_reference_under_two_or_over_ten_seconds_is_refused(
+    http: httpx.AsyncClient, tmp_path: Path, seconds: float
+) -> None:
+    clip = silence(tmp_path / "clip.ogg", seconds)
+    response = await transcribe(
+        http,
+        SPEECH / "sentence-01.ogg",
+        response_format="diarized_json",
+        **{"known_speaker_names[]": ["A"], "known_speaker_references[]": [data_url(clip)]},
+    )
+    assert response.status_code == 400 and response.json()["error"]["param"] == "known_speaker_references"
+    assert (
+        "2 to 10 s" in response.json()["error"]["message"] or "longer than 10 s" in response.json()["error"]["message"]
+    )
+
+
+async def test_speaker_fields_that_would_be_ignored_are_refused(http: httpx.AsyncClient) -> None:
+    clip = SPEECH / "sentence-01.ogg"
+    diarize_json = await transcribe(http, clip, response_format="json", diarize="true")
+    assert diarize_json.status_code == 400 and diarize_json.json()["error"]["param"] == "diarize"
+    names_alone = await transcribe(
+        http, clip, **{"known_speaker_names[]": ["A"], "known_speaker_references[]": [data_url(clip)]}
+    )
+    assert names_alone.status_code == 400 and names_alone.json()["error"]["param"] == "known_speaker_names"
