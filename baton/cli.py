@@ -123,7 +123,12 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     from baton import commands
 
     commands.transcribe(
-        _stack(args), Path(args.file), wait=not args.no_wait, language=args.language, recorded_at=args.recorded_at
+        _stack(args),
+        Path(args.file),
+        wait=not args.no_wait,
+        language=args.language,
+        recorded_at=args.recorded_at,
+        speakers=args.speakers,
     )
     return 0
 
@@ -187,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--no-wait", action="store_true", help="print the job id and return")
     transcribe.add_argument("--language", help="ISO 639-1 code (default: the model's)")
     transcribe.add_argument("--recorded-at", help="when it was recorded, ISO 8601 (default: now)")
+    transcribe.add_argument(
+        "--speakers", action="store_true", help="print each segment with its speaker (the job labels them)"
+    )
     transcribe.set_defaults(func=cmd_transcribe)
 
     ingest = sub.add_parser("ingest", parents=[client], help="store a UTF-8 text file as memories")

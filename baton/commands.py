@@ -127,12 +127,16 @@ def transcribe(
     wait: bool,
     language: str | None = None,
     recorded_at: str | None = None,
+    speakers: bool = False,
     out: TextIO = sys.stdout,
 ) -> dict[str, Any]:
-    """Start a job; unless ``wait`` is False, follow it with a progress bar and print the transcript."""
+    """Start a job; unless ``wait`` is False, follow it with a progress bar and print the
+    transcript (``speakers``: a line per segment, who spoke first)."""
     if not path.is_file():
         raise StackError(f"no such file: {path}")
     form = {k: v for k, v in (("language", language), ("recorded_at", recorded_at)) if v}
+    if speakers:
+        form["diarize"] = "true"
     with stack.client("transcription", timeout_s=600) as http:
         with path.open("rb") as handle:
             response = check(http.post("/v1/jobs", files={"file": (path.name, handle)}, data=form), "transcription")
@@ -156,7 +160,11 @@ def transcribe(
     out.write("\n")
     if job["state"] != "done":
         raise StackError(f"the job ended {job['state']}: {job.get('error') or ''}".rstrip(": "))
-    out.write(job["text"] + "\n")
+    if speakers:
+        for segment in job["segments"]:
+            out.write(f"[{_clock(segment['start'])}] {segment.get('speaker', '?')}: {segment['text'].strip()}\n")
+    else:
+        out.write(job["text"] + "\n")
     return dict(job)
 
 

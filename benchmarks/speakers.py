@@ -62,7 +62,7 @@ def plain(transcriber: Transcriber, samples: np.ndarray) -> tuple[list[Piece], f
 def diarized(transcriber: Transcriber, diarizer: Diarizer, samples: np.ndarray) -> tuple[list[Piece], float]:
     started = time.perf_counter()
     pieces: list[Piece] = []
-    labeller = Labeller(diarizer, samples, [], pieces.append)
+    labeller = Labeller(diarizer, samples, {}, pieces.append)
     transcriber.transcribe(samples, language="en", prompt=None, temperature=None, words=True, on_piece=labeller.add)
     labeller.flush()
     return pieces, time.perf_counter() - started

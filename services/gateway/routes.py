@@ -28,6 +28,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/query", "llm"),
     Route("/v1/audio", "transcription", subtree=True),
     Route("/v1/jobs", "transcription", subtree=True),
+    Route("/v1/speakers", "transcription", subtree=True),
     Route("/v1/embeddings", "rag"),
     Route("/v1/documents", "rag", subtree=True),
     Route("/v1/segments", "rag"),

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 from redis.exceptions import RedisError
 
+from services.transcription import speaker_routes
 from services.transcription.errors import ERRORS
 from services.transcription.parts import Parts, build
 from services.transcription.routes import router
@@ -70,6 +71,7 @@ def create_app(parts: Parts | TranscriptionSettings | None = None) -> FastAPI:
     app.state.parts = made
     map_errors(app, ERRORS)
     app.include_router(router)
+    app.include_router(speaker_routes.router)
 
     def languages_in_schema(document: dict[str, Any]) -> None:
         """The document lists the languages this model transcribes ("" or none: detect)."""

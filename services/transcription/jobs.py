@@ -75,6 +75,13 @@ class Job:
     """The subject that submitted it; None for jobs from before ownership (admins only)."""
     index_error: str | None = None
     """Why RAG refused the transcript for good (the owner's storage quota), if it did."""
+    diarize: bool = False
+    """Label speakers (segments, words and events carry ``speaker``)."""
+    words: bool = False
+    """Word timestamps in the segments (diarized jobs have them anyway)."""
+    speakers: dict[str, Any] | None = None
+    """The voices heard so far (speakers/diarize.py's state), checkpointed with the
+    segments so that a resumed job labels exactly as an uninterrupted one."""
 
     @property
     def text(self) -> str:
@@ -96,6 +103,8 @@ class Job:
             "index_error": self.index_error,
             "yields": self.yields,
             "owner": self.owner,
+            "diarize": self.diarize,
+            "speakers": [v["label"] for v in (self.speakers or {}).get("voices", []) if v["count"] > 0],
         }
 
 
@@ -122,6 +131,7 @@ class JobStore:
             "progress": job.progress,
             "state": job.state,
             "yields": job.yields,
+            "speakers": job.speakers,
         }
         data: dict[Any, Any] = {k: json.dumps(v) for k, v in fields.items()}
         await self._redis.hset(self._key(job.id), mapping=data)
@@ -244,6 +254,10 @@ class JobRunner:
         recorded_at: datetime | None,
         samples: Any = None,
         held: audio.Held | None = None,
+        *,
+        diarize: bool = False,
+        words: bool = False,
+        known: list[tuple[str, list[float]]] | None = None,
     ) -> Job:
         """Queue a job; ``samples``, if given, spare the worker decoding the file again.
         Their share of the memory budget (``held``) is the runner's once this returns."""
@@ -257,6 +271,13 @@ class JobRunner:
             language=language,
             prompt=prompt,
             owner=owner,
+            diarize=diarize,
+            words=words,
+            # The owner's enrolled voices as they were at submission: a resumed job
+            # labels as it began, whatever is enrolled or deleted meanwhile.
+            speakers={"voices": [{"label": n, "total": v, "count": 0, "known": True} for n, v in known or []]}
+            if diarize
+            else None,
         )
         await self.store.save(job)
         if samples is not None and held is not None and self._running is None and self._queue.empty():
@@ -323,13 +344,26 @@ class JobRunner:
 
         def request() -> Work:
             """From the checkpoint: where the last stored window ends."""
-            options = {"seek": job.seek, "first_id": len(job.segments), "language": job.language, "prompt": job.prompt}
+            options: dict[str, Any] = {
+                "seek": job.seek,
+                "first_id": len(job.segments),
+                "language": job.language,
+                "prompt": job.prompt,
+                "words": job.words,
+            }
+            if job.diarize:
+                options["speakers"] = job.speakers or {}
             return Work("windows", samples, options)
 
         async def on_window(_: str, window: Window) -> None:
             pieces = [p.public() for p in window.pieces]
+            if not job.words:  # diarization needed them; the job did not ask for them
+                for piece in pieces:
+                    piece.pop("words", None)
             job.segments.extend(pieces)
             job.seek = window.next_seek
+            if window.speakers is not None:
+                job.speakers = window.speakers
             job.progress = min(1.0, job.seek / total) if total else 1.0
             await self.store.checkpoint(job)
             for piece in pieces:
@@ -365,7 +399,7 @@ class JobRunner:
         """Send the transcript to RAG until it takes it; backoff doubles up to the maximum."""
         delay = 0.5
         segments = [
-            SegmentIn.model_construct(text=s["text"].strip(), start=s["start"], end=s["end"])
+            SegmentIn.model_construct(text=s["text"].strip(), start=s["start"], end=s["end"], speaker=s.get("speaker"))
             for s in job.segments
             if s["text"].strip()
         ]

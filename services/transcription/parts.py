@@ -17,6 +17,7 @@ from services.transcription.jobs import JobMetrics, JobRunner, JobStore
 from services.transcription.placement import Placement, PlacementMetrics
 from services.transcription.pool import WorkerPool
 from services.transcription.settings import TranscriptionSettings
+from services.transcription.speakers.voices import Voices
 from services.transcription.transcriber import Transcriber
 from services.transcription.worker import WorkerSpec
 from shared.client import ServiceClient
@@ -47,6 +48,7 @@ class Parts:
     decoder: audio.Decoder
     runner: JobRunner
     transcriber: Transcriber
+    voices: Voices
 
     async def start(self) -> None:
         await self.pool.start()  # on the event loop's thread: see worker.Worker
@@ -121,6 +123,7 @@ def build(
     store = JobStore(redis, settings.key_prefix)
     runner = JobRunner(store, placement, rag, settings, JobMetrics(base.metrics), decoder, base.guards.limiter)
     transcriber = Transcriber(placement, decoder, settings, model_id, base.metrics, created_at(path), no_speakers)
+    voices = Voices(redis, settings.key_prefix)
     return Parts(
-        settings, base, model_id, path, vram_mb, redis, gpu, rag, pool, placement, decoder, runner, transcriber
+        settings, base, model_id, path, vram_mb, redis, gpu, rag, pool, placement, decoder, runner, transcriber, voices
     )

@@ -30,6 +30,7 @@ from services.transcription.schemas import (
     VerboseTranscription,
 )
 from services.transcription.speakers.references import decoded as known_speakers
+from services.transcription.speakers.voices import Voices
 from services.transcription.transcriber import Options, Transcriber, display_name
 from shared.errors import NotFound
 from shared.openapi import answers
@@ -51,9 +52,14 @@ def runner(request: Request) -> JobRunner:
     return parts(request).runner
 
 
+def enrolled(request: Request) -> Voices:
+    return parts(request).voices
+
+
 Owner = Annotated[Caller, Depends(calling("transcribe"))]
 Runner = Annotated[JobRunner, Depends(runner)]
 TheTranscriber = Annotated[Transcriber, Depends(transcriber)]
+TheVoices = Annotated[Voices, Depends(enrolled)]
 
 router = APIRouter(prefix="/v1", tags=["transcription"])
 user = [Depends(signed_in("transcribe"))]
@@ -96,7 +102,9 @@ async def model(model_id: str, service: TheTranscriber) -> ModelCard:
 )
 async def transcriptions(
     request: Request,
+    caller: Owner,
     service: TheTranscriber,
+    voices: TheVoices,
     file: Annotated[UploadFile, File()],
     model: Annotated[str, Form(min_length=1)],
     language: Annotated[str | None, Form()] = None,
@@ -113,7 +121,8 @@ async def transcriptions(
     service.check_diarization(diarize, response_format, bool(names or references))
     speakers = None
     if diarize or response_format == "diarized_json":
-        speakers = await asyncio.to_thread(known_speakers, names, references)  # before the upload is decoded
+        clips = await asyncio.to_thread(known_speakers, names, references)  # before the upload is decoded
+        speakers = {"clips": clips, "prints": await voices.known(caller.subject)}
     words = "word" in granularities
     options = Options(service.language(language), prompt, temperature, response_format, words, speakers)
     slot = await stream_slot(request) if stream else None
@@ -125,12 +134,17 @@ async def create_job(
     caller: Owner,
     service: TheTranscriber,
     jobs: Runner,
+    voices: TheVoices,
     file: Annotated[UploadFile, File()],
     language: Annotated[str | None, Form()] = None,
     prompt: Annotated[str | None, Form()] = None,
     recorded_at: Annotated[datetime | None, Form()] = None,
+    diarize: Annotated[bool | None, Form(description="Label speakers; unset: TRANSCRIPTION_DIARIZE")] = None,
+    granularities: Annotated[list[Literal["word", "segment"]], Form(alias="timestamp_granularities[]")] = [],  # noqa: B006
 ) -> dict[str, Any]:
     language = service.language(language)
+    diarized = service.job_diarization(diarize)
+    known = await voices.known(caller.subject) if diarized else []
     job_folder = service.settings.data_dir / "jobs"
     job_folder.mkdir(parents=True, exist_ok=True)
     owner, job_id = caller.subject, jobs.new_id()
@@ -141,7 +155,21 @@ async def create_job(
         kept = job_folder / path.name
         shutil.move(path, kept)
         name, duration = display_name(file.filename), audio.duration_s(samples)
-        job = await jobs.submit(job_id, owner, kept, name, duration, language, prompt, recorded_at, samples, held)
+        job = await jobs.submit(
+            job_id,
+            owner,
+            kept,
+            name,
+            duration,
+            language,
+            prompt,
+            recorded_at,
+            samples,
+            held,
+            diarize=diarized,
+            words="word" in granularities,
+            known=known,
+        )
         held = None  # the runner keeps it with the samples, or gave it back
     except BaseException:
         await jobs.unreserve(owner, job_id)

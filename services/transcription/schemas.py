@@ -66,6 +66,8 @@ class JobSummary(BaseModel):
     index_error: str | None
     yields: int = Field(description="Times the job gave the GPU up to an interactive request")
     owner: str | None
+    diarize: bool = Field(description="Whether it labels speakers")
+    speakers: list[str] = Field(description="The speakers heard so far: names, or letters in order of first speech")
 
 
 class JobView(JobSummary):
@@ -89,3 +91,18 @@ class JobEvent(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     type: str
+
+
+class SpeakerView(BaseModel):
+    """An enrolled voice: its name, never its audio or its voiceprint."""
+
+    id: str
+    object: Literal["speaker"] = "speaker"
+    name: str
+    created_at: int
+    samples: int = Field(description="How many clips its voiceprint was made from")
+
+
+class SpeakerList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SpeakerView]

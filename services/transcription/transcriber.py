@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
@@ -84,8 +85,9 @@ class Options:
     temperature: float | None
     response_format: Format
     words: bool
-    speakers: list[tuple[str, Any]] | None = None
-    """Diarize, with these known voices ((name, samples) each); None: do not."""
+    speakers: dict[str, Any] | None = None
+    """Diarize, with these known voices (``clips``: (name, samples) of reference clips;
+    ``prints``: (name, vector) of enrolled voices); None: do not."""
 
 
 class Transcriber:
@@ -149,6 +151,28 @@ class Transcriber:
             raise BadRequest(
                 "known speakers are for response_format=diarized_json (or diarize=true)", param="known_speaker_names"
             )
+
+    async def voiceprint(self, clips: list[Any]) -> list[float]:
+        """One voice's print from clips of it, made by a worker under an interactive lease
+        (the model runs where decoding does)."""
+        work = Work("voiceprint", np.concatenate(clips), {"lengths": [clip.size for clip in clips]})
+        wait_s = self.settings.gpu_wait_ms / 1000
+        lease = await self.placement.acquire("interactive", wait_s)  # not granted: 503 (errors.py)
+
+        async def nothing(_: str, __: Any) -> None:
+            return None
+
+        vector = await self.placement.run(
+            lambda: work, priority="interactive", wait_s=wait_s, on_message=nothing, lease=lease
+        )
+        return [float(x) for x in vector]
+
+    def job_diarization(self, wanted: bool | None) -> bool:
+        """Whether a job labels speakers: as asked, else as the settings say (and only
+        where the model is installed: asked for without it, a 400)."""
+        if wanted and self.no_speakers is not None:
+            raise BadRequest(self.no_speakers, param="diarize", code="diarization_unavailable")
+        return (self.settings.diarize if wanted is None else wanted) and self.no_speakers is None
 
     async def decoded(self, upload: UploadFile, name: str | None = None) -> tuple[Path, Any, audio.Held]:
         """The upload kept and decoded, with its share of the memory budget (to release)."""

@@ -2,8 +2,9 @@
 process (worker.py), which the service pauses and resumes as a whole.
 
 Jobs decode resumably. With ``condition_on_previous_text=False``, temperature 0 only
-(the fallback samples at random), no VAD and no word timestamps, each decode window
-depends only on where it starts (and, for the very first window, on the initial
+(the fallback samples at random) and no VAD inside the decoder, each decode window
+depends only on where it starts (word timestamps move where the next window starts,
+but only as a function of this one) (and, for the very first window, on the initial
 prompt). Resuming at the start of a window therefore reproduces exactly what an
 uninterrupted run decodes from there. A paused worker loses nothing; a worker that
 was ended (to free device memory, or because it died) resumes at its checkpoint, the
@@ -73,6 +74,8 @@ class Window:
     seek: int
     pieces: list[Piece]
     next_seek: int = 0
+    speakers: dict[str, Any] | None = None
+    """The voices heard up to the end of this window (diarized jobs), stored with it."""
 
 
 class Transcriber:
@@ -156,6 +159,7 @@ class Transcriber:
         first_id: int,
         language: str | None,
         prompt: str | None,
+        words: bool = False,
     ) -> Iterator[Window]:
         """Complete windows from ``seek`` on (in mel frames). A caller that stops
         early resumes at the last yielded window's ``next_seek``.
@@ -179,7 +183,7 @@ class Transcriber:
                 beam_size=self.beam_size,
                 condition_on_previous_text=False,
                 vad_filter=False,
-                word_timestamps=False,
+                word_timestamps=words,
                 chunk_length=self.chunk_length_s,
                 clip_timestamps=clips,
             )
@@ -194,7 +198,7 @@ class Transcriber:
                             current.next_seek = int(segment.seek)
                             yield current
                         current = Window(int(segment.seek), [])
-                    current.pieces.append(self._piece(next_id, segment, False))
+                    current.pieces.append(self._piece(next_id, segment, words))
                     next_id += 1
                 current.next_seek = total_frames(samples)
                 yield current  # the last one, possibly empty: the end
@@ -205,20 +209,22 @@ class Transcriber:
 
     @staticmethod
     def _piece(index: int, segment: Any, words: bool) -> Piece:
+        spoken = [{"word": w.word, "start": round(w.start, 3), "end": round(w.end, 3)} for w in segment.words or []]
+        start, end = round(float(segment.start), 3), round(float(segment.end), 3)
+        if words and spoken:  # a clip's end can cut a segment short of its last word's end
+            start, end = min(start, spoken[0]["start"]), max(end, spoken[-1]["end"])
         return Piece(
             id=index,
             seek=int(segment.seek),
-            start=round(float(segment.start), 3),
-            end=round(float(segment.end), 3),
+            start=start,
+            end=end,
             text=segment.text,
             avg_logprob=round(float(segment.avg_logprob), 4),
             no_speech_prob=round(float(segment.no_speech_prob), 4),
             tokens=[int(t) for t in segment.tokens or []],
             temperature=round(float(segment.temperature or 0.0), 2),
             compression_ratio=round(float(segment.compression_ratio), 4),
-            words=[{"word": w.word, "start": round(w.start, 3), "end": round(w.end, 3)} for w in segment.words or []]
-            if words
-            else None,
+            words=spoken if words else None,
         )
 
 

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 FENCE_CHECK_S = 0.005
 """How often a running worker compares the time with its lease deadline."""
 PR_SET_PDEATHSIG = 1
-DECODES = ("windows", "transcribe")
+DECODES = ("windows", "transcribe", "voiceprint")
 """The requests that use the device, and so run only before the lease's deadline."""
 
 
@@ -187,7 +187,7 @@ def _child(conn: Connection, spec: WorkerSpec, deadline: Synchronized[float], pa
             os.nice(spec.nice)
     import ctranslate2
 
-    from services.transcription.speakers.labeller import Diarizers, Labeller
+    from services.transcription.speakers.labeller import Diarizers, JobLabeller, Labeller
     from services.transcription.whisper import Transcriber
 
     transcriber = Transcriber(
@@ -214,8 +214,13 @@ def _child(conn: Connection, spec: WorkerSpec, deadline: Synchronized[float], pa
             options = request.options or {}
             samples = request.samples if request.samples is not None else np.zeros(0, dtype=np.float32)
             if request.op == "windows":
+                speakers = options.pop("speakers", None)  # the voices of the checkpoint: diarized
+                labelled = None
+                if speakers is not None:
+                    labelled = JobLabeller(diarizers.get(spec), samples, speakers, options["first_id"])
+                    options["words"] = True
                 for window in transcriber.windows(samples, **options):
-                    conn.send(Decoded("window", window))
+                    conn.send(Decoded("window", window if labelled is None else labelled.window(window)))
                 answer = Ended()
             elif request.op == "transcribe":
                 # The temperature fallback samples: a fixed seed makes a rerun (after the
@@ -231,6 +236,9 @@ def _child(conn: Connection, spec: WorkerSpec, deadline: Synchronized[float], pa
                 if speakers is not None:
                     labeller.flush()
                 answer = Ended(info)
+            elif request.op == "voiceprint":  # an enrolment: clips of one voice, one after another
+                clips = np.split(samples, np.cumsum(options["lengths"])[:-1])
+                answer = Ended(diarizers.get(spec).enrolment(clips))
             elif request.op == "free_device":
                 answer = Ended(transcriber.free_device())
             elif request.op == "to_device":

@@ -39,6 +39,9 @@ def test_status_chat_ingest_transcribe(launched: LaunchedStack, tmp_path: Path) 
     waited = launched.baton("transcribe", str(SPEECH / "sentence-04.ogg"))
     assert waited.returncode == 0, waited.stderr
     assert "100.0% done" in waited.stdout and "chess" in waited.stdout.lower()
+    spoken = launched.baton("transcribe", str(SPEECH / "sentence-05.ogg"), "--speakers")
+    assert spoken.returncode == 0, spoken.stderr
+    assert "[0:00] A: She asked whether the meeting" in spoken.stdout
 
     status = launched.baton("status")
     assert status.returncode == 0

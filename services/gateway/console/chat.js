@@ -126,7 +126,7 @@ export class ChatPanel {
       let where;
       if (meta.kind === "segment") {
         const recorded = meta.recorded_at ? `, recorded ${meta.recorded_at}` : "";
-        where = `${meta.source || "a recording"} at ${clock(meta.start)}–${clock(meta.end)}${recorded}`;
+        where = `${meta.speaker ? `${meta.speaker}, ` : ""}${meta.source || "a recording"} at ${clock(meta.start)}–${clock(meta.end)}${recorded}`;
       } else {
         where = source.title || meta.source || meta.title || meta.doc_id || source.id;
       }

@@ -68,7 +68,8 @@ export class JobsPanel {
   }
 
   segment(s) {
-    this.segments.append(el("li", {}, el("span", { class: "at" }, `${clock(s.start)}–${clock(s.end)}`), " ", s.text.trim()));
+    const who = s.speaker ? [el("span", { class: "speaker" }, s.speaker), " "] : [];
+    this.segments.append(el("li", {}, el("span", { class: "at" }, `${clock(s.start)}–${clock(s.end)}`), " ", ...who, s.text.trim()));
   }
 
   async follow(jobId, name) {

@@ -37,7 +37,9 @@ export class MemoriesPanel {
   result(r) {
     const meta = r.metadata || {};
     const segment = meta.kind === "segment";
-    const where = segment ? `${meta.source || "a recording"} at ${clock(meta.start)}–${clock(meta.end)}` : meta.source || meta.title || meta.doc_id || r.id;
+    const where = segment
+      ? `${meta.speaker ? `${meta.speaker}, ` : ""}${meta.source || "a recording"} at ${clock(meta.start)}–${clock(meta.end)}`
+      : meta.source || meta.title || meta.doc_id || r.id;
     const stored = typeof meta.created_at === "number" ? new Date(meta.created_at * 1000).toLocaleString() : "";
     // A segment is deleted alone; a document's chunks go together.
     const target = segment ? r.id : meta.doc_id || r.id;

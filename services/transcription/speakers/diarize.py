@@ -45,6 +45,7 @@ class Voice:
     total: list[float]
     """The sum of its windows' voiceprints (its direction is the voice)."""
     count: int = 0
+    """Windows heard in it (a known voice starts at 0: named, not yet heard)."""
     known: bool = False
     """Enrolled or given by reference: matched at the known-voice threshold."""
 
@@ -61,7 +62,7 @@ class SpeakerState:
 
     @classmethod
     def knowing(cls, known: list[tuple[str, np.ndarray]]) -> SpeakerState:
-        return cls([Voice(name, [float(x) for x in vector], 1, known=True) for name, vector in known])
+        return cls([Voice(name, [float(x) for x in vector], 0, known=True) for name, vector in known])
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -129,6 +130,18 @@ class Diarizer:
         clips = [samples[int(s * RATE) : int(e * RATE)] for s, e in windows]
         mean = self.encoder.embed(clips).mean(axis=0)
         return mean / max(float(np.linalg.norm(mean)), 1e-9)
+
+    def enrolment(self, clips: list[np.ndarray]) -> list[float]:
+        """One voice's print from several clips of it: the mean of theirs, normalised."""
+        mean = np.mean([self.voiceprint(clip) for clip in clips], axis=0)
+        return [float(x) for x in mean / max(float(np.linalg.norm(mean)), 1e-9)]
+
+    def known(self, speakers: dict[str, Any]) -> SpeakerState:
+        """The voices a recording may be labelled with by name: enrolled prints
+        (``prints``: (name, vector)) and reference clips (``clips``: (name, samples))."""
+        known = [(name, np.asarray(vector, dtype=np.float32)) for name, vector in speakers.get("prints", [])]
+        known += [(name, self.voiceprint(clip)) for name, clip in speakers.get("clips", [])]
+        return SpeakerState.knowing(known)
 
     def label(self, samples: np.ndarray, pieces: list[Piece], state: SpeakerState) -> list[Piece]:
         """``pieces`` cut into speaker turns, each with its ``speaker`` (and each word's);

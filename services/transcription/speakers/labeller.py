@@ -11,7 +11,7 @@ import numpy as np
 
 from services.transcription.speakers.diarize import Diarizer, SpeakerState, Thresholds
 from services.transcription.speakers.encoder import load_encoder
-from services.transcription.whisper import Piece
+from services.transcription.whisper import Piece, Window
 
 STRETCH_S = 30.0
 
@@ -38,13 +38,14 @@ class Labeller:
         self,
         diarizer: Diarizer,
         samples: np.ndarray,
-        known: list[tuple[str, np.ndarray]],
+        known: dict[str, Any],
         send: Callable[[Piece], None],
     ) -> None:
+        """``known``: the voices to label by name (Diarizer.known)."""
         self._diarizer = diarizer
         self._samples = samples
         self._send = send
-        self.state = SpeakerState.knowing([(name, diarizer.voiceprint(clip)) for name, clip in known])
+        self.state = diarizer.known(known)
         self._waiting: list[Piece] = []
         self._sent = 0
 
@@ -61,3 +62,24 @@ class Labeller:
             self._sent += 1
             self._send(turn)
         self._waiting = []
+
+
+class JobLabeller:
+    """A job's windows labelled as they are decoded, from the voices of its checkpoint
+    on; each window carries the voices as they stand after it, to be stored with it."""
+
+    def __init__(self, diarizer: Diarizer, samples: np.ndarray, state: dict[str, Any], first_id: int) -> None:
+        self._diarizer = diarizer
+        self._samples = samples
+        self.state = SpeakerState.from_json(state)
+        self._next_id = first_id
+        """Turns outnumber the decoder's segments: the ids are counted here."""
+
+    def window(self, window: Window) -> Window:
+        if window.pieces:
+            window.pieces = self._diarizer.label(self._samples, window.pieces, self.state)
+            for piece in window.pieces:
+                piece.id = self._next_id
+                self._next_id += 1
+        window.speakers = self.state.to_json()
+        return window

@@ -12,8 +12,9 @@ def segment(**metadata: object) -> Passage:
 
 
 def test_a_segment_is_named_by_its_recording_its_place_and_its_date() -> None:
-    label = segment(start=65, created_at=1_795_380_606, speaker="Ada").label()
-    assert label == "meeting at 1:05, Ada, 2026-11-22 20:50 UTC"
+    label = segment(start=65, end=71.5, created_at=1_795_380_606, speaker="Ada").label()
+    assert label == "Ada, meeting at 1:05-1:11, 2026-11-22 20:50 UTC"
+    assert segment(start=65, end=71.5, created_at=1_795_380_606).label().startswith("meeting at 1:05-1:11, 2026")
 
 
 @pytest.mark.parametrize(

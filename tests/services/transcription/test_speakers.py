@@ -5,9 +5,12 @@ espeak-ng voices, and the bundled sentences are clips of the same three voices."
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
+import os
 import re
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -173,3 +176,115 @@ async def test_speaker_fields_that_would_be_ignored_are_refused(http: httpx.Asyn
         http, clip, **{"known_speaker_names[]": ["A"], "known_speaker_references[]": [data_url(clip)]}
     )
     assert names_alone.status_code == 400 and names_alone.json()["error"]["param"] == "known_speaker_names"
+
+
+async def submit(http: httpx.AsyncClient, path: Path, **form: Any) -> str:
+    files = {"file": (path.name, await asyncio.to_thread(path.read_bytes))}
+    response = await http.post("/v1/jobs", files=files, data=form)
+    assert response.status_code == 202, response.text
+    return str(response.json()["job_id"])
+
+
+async def finished(http: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
+    events = await http.get(f"/v1/jobs/{job_id}/events")  # the stream, read to its end
+    assert events.text.rstrip().endswith("data: [DONE]")
+    job: dict[str, Any] = (await http.get(f"/v1/jobs/{job_id}")).json()
+    assert job["state"] == "done", job
+    return job
+
+
+async def test_a_job_labels_speakers_with_word_timestamps_inside_its_segments(
+    tx_app: App, http: httpx.AsyncClient
+) -> None:
+    job = await finished(http, await submit(http, MEETING, **{"timestamp_granularities[]": "word"}))
+    assert job["diarize"] is True and job["speakers"] == ["A", "B", "C"]  # diarized by default
+    segments = job["segments"]
+    assert [s["speaker"] for s in segments][:1] == ["A"]
+    letter_of: dict[str, str] = {}
+    for segment in segments:
+        if (name := speaker_of(segment["text"])) is not None:
+            letter_of.setdefault(segment["speaker"], name)
+    assert agreement([{**s, "speaker": letter_of.get(s["speaker"])} for s in segments]) >= 0.9
+    for segment in segments:
+        spoken = segment["words"]
+        assert spoken and all(w["speaker"] == segment["speaker"] for w in spoken)
+        assert all(segment["start"] - 0.01 <= w["start"] <= w["end"] <= segment["end"] + 0.01 for w in spoken)
+        assert all(a["end"] <= b["start"] + 0.01 for a, b in itertools.pairwise(spoken))
+    plain = await finished(http, await submit(http, SPEECH / "sentence-01.ogg", diarize="false"))
+    assert plain["diarize"] is False and "speaker" not in plain["segments"][0] and "words" not in plain["segments"][0]
+
+
+async def test_a_job_whose_worker_is_killed_mid_way_resumes_and_labels_identically(
+    tx_app: App, http: httpx.AsyncClient
+) -> None:
+    recording = MEETING  # 72 s: three decode windows
+    whole = await finished(http, await submit(http, recording))
+    parts = tx_app.app.state.parts
+    job_id = await submit(http, recording)
+    async with parts.runner.events.subscribe(job_id) as events:
+        while (event := await asyncio.wait_for(events.get(), 120)) is not None and event["type"] != "progress":
+            pass
+    for worker in list(parts.pool.workers):  # mid-way: at least one window stored, more to come
+        os.kill(worker.pid, signal.SIGKILL)
+    resumed = await finished(http, job_id)
+    assert 0 < len([s for s in whole["segments"] if s["start"] < 30]) < len(whole["segments"])
+    fields = ("id", "start", "end", "text", "speaker")
+    assert [[s[f] for f in fields] for s in resumed["segments"]] == [[s[f] for f in fields] for s in whole["segments"]]
+    assert resumed["speakers"] == whole["speakers"] == ["A", "B", "C"]
+
+
+async def enrol(client: httpx.AsyncClient, name: str, *clips: Path) -> httpx.Response:
+    files = [("file", (clip.name, await asyncio.to_thread(clip.read_bytes))) for clip in clips]
+    return await client.post("/v1/speakers", data={"name": name}, files=files)
+
+
+async def test_enrolled_voices_label_jobs_and_uploads_by_name_and_stay_their_owners(tx_app: App) -> None:
+    owner_client, other_client = (
+        tx_app.client("transcribe", sub="enroller"),
+        tx_app.client("transcribe", sub="stranger"),
+    )
+    async with owner_client as owner, other_client as other:
+        enrolled = {}
+        for name, clip in CLIPS.items():
+            response = await enrol(owner, name, SPEECH / clip)
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["name"] == name and body["samples"] == 1 and "vector" not in body
+            enrolled[name] = body["id"]
+        listed = (await owner.get("/v1/speakers")).json()
+        assert [v["name"] for v in listed["data"]] == list(CLIPS)
+        # Another owner sees none of them, cannot delete one, and is not labelled by them.
+        assert (await other.get("/v1/speakers")).json()["data"] == []
+        assert (await other.delete(f"/v1/speakers/{enrolled['John']}")).status_code == 404
+        theirs = await finished(other, await submit(other, MEETING))
+        assert set(theirs["speakers"]) == {"A", "B", "C"}
+
+        job_id = await submit(owner, MEETING)
+        async with tx_app.app.state.parts.runner.events.subscribe(job_id) as events:  # long before it ends
+            while (event := await asyncio.wait_for(events.get(), 120)) is not None and event["type"] != "indexed":
+                pass
+        job = await finished(owner, job_id)
+        assert job["indexed"] and set(job["speakers"]) == set(CLIPS)
+        assert agreement(job["segments"]) >= 0.9
+        upload = await transcribe(owner, MEETING, response_format="diarized_json")
+        assert agreement(upload.json()["segments"]) >= 0.9
+
+        # Its memories carry the names too.
+        sent = next(b for b in tx_app.indexed.bodies if b["job_id"] == job["job_id"])
+        assert {s["speaker"] for s in sent["segments"]} == set(CLIPS)
+
+        assert (await owner.delete(f"/v1/speakers/{enrolled['Tom']}")).status_code == 204
+        assert [v["name"] for v in (await owner.get("/v1/speakers")).json()["data"]] == ["John", "Sarah"]
+        for name in ("John", "Sarah"):
+            assert (await owner.delete(f"/v1/speakers/{enrolled[name]}")).status_code == 204
+
+
+async def test_a_bad_enrolment_is_refused(http: httpx.AsyncClient, tmp_path: Path) -> None:
+    short = silence(tmp_path / "short.ogg", 1.0)
+    assert (await enrol(http, "Ann", short)).json()["error"]["param"] == "file"
+    assert (await enrol(http, "Ann", *[SPEECH / "sentence-01.ogg"] * 5)).status_code == 400
+    not_audio = tmp_path / "x.ogg"
+    not_audio.write_bytes(b"nope")
+    refused = await enrol(http, "Ann", not_audio)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "file"
+    assert (await enrol(http, " ", SPEECH / "sentence-01.ogg")).status_code == 400
