@@ -96,6 +96,14 @@ class NotFound(APIError):
     default_code = "not_found"
 
 
+class Conflict(APIError):
+    """The request is valid but not in the resource's present state (a job still running)."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
+
+
 class Gone(APIError):
     status = 410
     type = "invalid_request_error"

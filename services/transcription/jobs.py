@@ -301,6 +301,38 @@ class JobRunner:
             self._finished(job)
         return job
 
+    async def rename(self, job: Job, names: dict[str, str]) -> Job:
+        """A finished job's speakers named afterwards (``{"A": "Alice"}``): its segments,
+        their words and its voices; its memories are written again with the names."""
+        for segment in job.segments:
+            segment["speaker"] = names.get(segment.get("speaker", ""), segment.get("speaker"))
+            for word in segment.get("words") or []:
+                word["speaker"] = names.get(word.get("speaker", ""), word.get("speaker"))
+        for voice in (job.speakers or {}).get("voices", []):
+            if voice["label"] in names:
+                voice["label"], voice["known"] = names[voice["label"]], True
+        await self.store.save(job)
+        if job.indexed or job.index_error:
+            job.indexed, job.index_error = False, None
+            await self.store.save(job)
+            self._spawn(self._reindex(job))
+        return job
+
+    async def _reindex(self, job: Job) -> None:
+        """The transcript's memories replaced: removed, then indexed as they now read."""
+        owner = job.owner or HOLDER
+        while True:
+            try:
+                response = await self._rag.request(
+                    "DELETE", f"/v1/documents/{job.id}", idempotent=True, headers={ON_BEHALF_OF: owner}
+                )
+                if response.status_code in (204, 404):
+                    break
+            except ServiceUnreachable:
+                pass
+            await asyncio.sleep(self._settings.index_retry_max_s)
+        await self._index(job)
+
     # -- the worker ---------------------------------------------------------------------
 
     async def _work(self) -> None:

@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Body, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
+from pydantic import StringConstraints
 
 from services.transcription import audio
 from services.transcription.errors import ERRORS
@@ -29,10 +30,11 @@ from services.transcription.schemas import (
     Transcription,
     VerboseTranscription,
 )
+from services.transcription.speakers.references import MAX_NAME
 from services.transcription.speakers.references import decoded as known_speakers
 from services.transcription.speakers.voices import Voices
 from services.transcription.transcriber import Options, Transcriber, display_name
-from shared.errors import NotFound
+from shared.errors import BadRequest, Conflict, NotFound
 from shared.openapi import answers
 from shared.protocol.models import ModelCard, ModelList, found_model
 from shared.sse import DONE, ClosingStream, frame
@@ -204,6 +206,32 @@ async def cancel_job(job_id: str, request: Request, caller: Owner, jobs: Runner)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
     return {"job_id": job.id, "state": job.state if job.state in FINAL else "cancelling"}
+
+
+SpeakerName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+@router.patch("/jobs/{job_id}/speakers", response_model=JobView)
+async def name_speakers(
+    job_id: str,
+    request: Request,
+    caller: Owner,
+    jobs: Runner,
+    voices: TheVoices,
+    names: Annotated[dict[SpeakerName, SpeakerName], Body(description='Labels to names: {"A": "Alice"}')],
+    enrol: Annotated[bool, Query(description="Also enrol each named voice from this job's voiceprint")] = False,
+) -> dict[str, Any]:
+    job = await owned(job_id, request, caller, jobs)
+    if job.state != "done":
+        raise Conflict(f"the job is {job.state}; its speakers can be named once it is done", code="job_not_done")
+    heard = {voice["label"]: voice for voice in (job.speakers or {}).get("voices", []) if voice["count"] > 0}
+    unknown = sorted(set(names) - set(heard))
+    if not names or unknown or len(names) > len(heard):
+        raise BadRequest(f"name the job's speakers ({', '.join(heard) or 'none'}), not {unknown}", param="names")
+    if enrol:
+        for label, name in names.items():
+            await voices.add(caller.subject, name.strip(), heard[label]["total"], 1)
+    return (await jobs.rename(job, {label: name.strip() for label, name in names.items()})).public()
 
 
 @router.get("/jobs/{job_id}/events", response_model=None, responses=answers("text/event-stream", events=JobEvent))

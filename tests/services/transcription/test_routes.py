@@ -33,13 +33,18 @@ from tests.services.transcription.conftest import MEETING, SPEECH, silence
 
 
 class Indexed:
-    """The RAG service's stand-in: what it was sent, answered 200."""
+    """The RAG service's stand-in: what it was sent, answered 200 (and transcripts
+    deleted, 204)."""
 
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.for_whom: list[str | None] = []
+        self.deleted: list[str] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "DELETE" and request.url.path.startswith("/v1/documents/"):
+            self.deleted.append(request.url.path.rsplit("/", 1)[1])
+            return httpx.Response(204)
         assert request.url.path == "/v1/segments"
         self.bodies.append(json.loads(request.content))
         self.for_whom.append(request.headers.get(ON_BEHALF_OF))

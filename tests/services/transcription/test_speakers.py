@@ -288,3 +288,37 @@ async def test_a_bad_enrolment_is_refused(http: httpx.AsyncClient, tmp_path: Pat
     refused = await enrol(http, "Ann", not_audio)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "file"
     assert (await enrol(http, " ", SPEECH / "sentence-01.ogg")).status_code == 400
+
+
+async def test_naming_a_jobs_speakers_afterwards_renames_its_transcript_memories_and_can_enrol(tx_app: App) -> None:
+    async with tx_app.client("transcribe", sub="namer") as owner, tx_app.client("transcribe", sub="nosy") as nosy:
+        job_id = await submit(owner, MEETING)
+        refused = await owner.patch(f"/v1/jobs/{job_id}/speakers", json={"A": "John"})
+        assert refused.status_code in (409, 200)  # 409 while it runs (it may already be done)
+        async with tx_app.app.state.parts.runner.events.subscribe(job_id) as events:
+            while (event := await asyncio.wait_for(events.get(), 120)) is not None and event["type"] != "indexed":
+                pass
+        job = await finished(owner, job_id)
+        first = job["segments"][0]["speaker"]
+        assert (await nosy.patch(f"/v1/jobs/{job_id}/speakers", json={first: "Eve"})).status_code == 404
+        assert (await owner.patch(f"/v1/jobs/{job_id}/speakers", json={"Z": "Zed"})).status_code == 400
+        assert (await owner.patch(f"/v1/jobs/{job_id}/speakers", json={first: ""})).status_code == 400
+
+        async with tx_app.app.state.parts.runner.events.subscribe(job_id) as events:
+            named = await owner.patch(f"/v1/jobs/{job_id}/speakers?enrol=true", json={first: "Chair"})
+            assert named.status_code == 200, named.text
+            while (event := await asyncio.wait_for(events.get(), 120)) is not None and event["type"] != "indexed":
+                pass
+        renamed = named.json()
+        assert "Chair" in renamed["speakers"] and first not in renamed["speakers"]
+        assert [s["speaker"] for s in renamed["segments"]] == [
+            "Chair" if s["speaker"] == first else s["speaker"] for s in job["segments"]
+        ]
+        # The memories were written again, with the name, after the old ones were removed.
+        assert job_id in tx_app.indexed.deleted
+        again = [b for b in tx_app.indexed.bodies if b["job_id"] == job_id][-1]
+        assert "Chair" in {s["speaker"] for s in again["segments"]}
+        # And the voice is enrolled: the next recording of it is labelled by the name.
+        assert [v["name"] for v in (await owner.get("/v1/speakers")).json()["data"]] == ["Chair"]
+        upload = await transcribe(owner, SPEECH / "sentence-01.ogg", response_format="diarized_json")
+        assert {s["speaker"] for s in upload.json()["segments"]} == {"Chair"}
