@@ -133,6 +133,19 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_speakers(args: argparse.Namespace) -> int:
+    from baton import commands
+
+    commands.speakers(
+        _stack(args),
+        args.action,
+        name=getattr(args, "name", None),
+        files=[Path(f) for f in getattr(args, "samples", [])],
+        speaker_id=getattr(args, "id", None),
+    )
+    return 0
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from baton import commands
 
@@ -196,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--speakers", action="store_true", help="print each segment with its speaker (the job labels them)"
     )
     transcribe.set_defaults(func=cmd_transcribe)
+
+    speakers = sub.add_parser("speakers", help="enrolled voices: enrol, list, delete")
+    actions = speakers.add_subparsers(dest="action", required=True)
+    enrol = actions.add_parser("enrol", parents=[client], help="enrol a voice from 1-4 samples of 2-10 s")
+    enrol.add_argument("name")
+    enrol.add_argument("samples", nargs="+", help="audio files of the voice")
+    actions.add_parser("list", parents=[client], help="list your enrolled voices")
+    delete = actions.add_parser("delete", parents=[client], help="delete an enrolled voice")
+    delete.add_argument("id")
+    speakers.set_defaults(func=cmd_speakers)
 
     ingest = sub.add_parser("ingest", parents=[client], help="store a UTF-8 text file as memories")
     ingest.add_argument("file")

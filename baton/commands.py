@@ -178,6 +178,33 @@ def wait_indexed(stack: Stack, job_id: str, timeout_s: float = 120) -> bool:
     return False
 
 
+def speakers(
+    stack: Stack, action: str, *, name: str | None = None, files: list[Path] | None = None,
+    speaker_id: str | None = None, out: TextIO = sys.stdout,
+) -> Any:  # fmt: skip
+    """Enrolled voices: ``enrol`` (a name and 1-4 samples of 2-10 s), ``list``, ``delete``."""
+    with stack.client("transcription", timeout_s=300) as http:
+        if action == "enrol":
+            for path in files or []:
+                if not path.is_file():
+                    raise StackError(f"no such file: {path}")
+            uploads = [("file", (path.name, path.read_bytes())) for path in files or []]
+            voice = check(http.post("/v1/speakers", data={"name": name or ""}, files=uploads), "transcription").json()
+            out.write(f"{voice['id']}: {voice['name']} enrolled from {voice['samples']} sample(s)\n")
+            return voice
+        if action == "delete":
+            check(http.delete(f"/v1/speakers/{speaker_id}"), "transcription")
+            out.write(f"{speaker_id}: deleted\n")
+            return None
+        voices = check(http.get("/v1/speakers"), "transcription").json()["data"]
+        for voice in voices:
+            made = datetime.fromtimestamp(voice["created_at"], UTC).strftime("%Y-%m-%d")
+            out.write(f"{voice['id']}  {voice['name']}  ({voice['samples']} sample(s), enrolled {made})\n")
+        if not voices:
+            out.write("no enrolled voices\n")
+        return voices
+
+
 def ingest(stack: Stack, path: Path, *, doc_id: str | None, out: TextIO = sys.stdout) -> dict[str, Any]:
     if not path.is_file():
         raise StackError(f"no such file: {path}")

@@ -21,6 +21,7 @@ from openai import AsyncOpenAI
 from openai.types.audio import TranscriptionDiarized
 
 from baton.demo.speech.make_speech import MEETING as LINES
+from shared.sse_reader import read_json
 from tests.services.transcription.conftest import MEETING, SPEECH, silence
 from tests.services.transcription.test_routes import App, http, transcribe, tx_app
 
@@ -322,3 +323,12 @@ async def test_naming_a_jobs_speakers_afterwards_renames_its_transcript_memories
         assert [v["name"] for v in (await owner.get("/v1/speakers")).json()["data"]] == ["Chair"]
         upload = await transcribe(owner, SPEECH / "sentence-01.ogg", response_format="diarized_json")
         assert {s["speaker"] for s in upload.json()["segments"]} == {"Chair"}
+
+
+async def test_a_diarized_stream_sends_whole_segments_with_their_speakers(http: httpx.AsyncClient) -> None:
+    response = await transcribe(http, SPEECH / "sentence-02.ogg", response_format="diarized_json", stream="true")
+    assert response.status_code == 200 and response.text.rstrip().endswith("data: [DONE]")
+    events = list(read_json(response.text.splitlines()))
+    segments = [e for e in events if e["type"] == "transcript.text.segment"]
+    assert segments and all(e["speaker"] == "A" and e["id"].startswith("seg_") for e in segments)
+    assert events[-1]["type"] == "transcript.text.done" and "finance" in events[-1]["text"]
