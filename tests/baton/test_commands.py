@@ -41,13 +41,13 @@ def test_status_chat_ingest_transcribe(launched: LaunchedStack, tmp_path: Path) 
     assert "100.0% done" in waited.stdout and "chess" in waited.stdout.lower()
     spoken = launched.baton("transcribe", str(SPEECH / "sentence-05.ogg"), "--speakers")
     assert spoken.returncode == 0, spoken.stderr
-    assert "[0:00] A: She asked whether the meeting" in spoken.stdout
+    assert "[0:00] A: She asked" in spoken.stdout
     enrolled = launched.baton("speakers", "enrol", "Sarah", str(SPEECH / "sentence-02.ogg"))
     assert enrolled.returncode == 0, enrolled.stderr
     speaker_id = enrolled.stdout.split(":")[0]
     assert enrolled.stdout.strip().endswith("Sarah enrolled from 1 sample(s)")
     named = launched.baton("transcribe", str(SPEECH / "sentence-05.ogg"), "--speakers")
-    assert "] Sarah: She asked whether the meeting" in named.stdout, named.stdout
+    assert "] Sarah: She asked" in named.stdout, named.stdout
     assert f"{speaker_id}  Sarah  (1 sample(s)" in launched.baton("speakers", "list").stdout
     assert launched.baton("speakers", "delete", speaker_id).stdout.strip() == f"{speaker_id}: deleted"
     assert launched.baton("speakers", "list").stdout.strip() == "no enrolled voices"
