@@ -611,3 +611,41 @@ def test_chat_sources_are_the_callers_own_and_their_text_needs_rag_read(
     assert bob["sources"] == [] and "4711" not in json.dumps(bob)
     aimed = ask("chat", "rag:read", sub="bob", filter={"source": "harbor"})
     assert aimed["sources"] == []
+
+
+def test_a_question_about_what_someone_said_cites_only_that_speakers_segments(
+    llm: Llm, gpu_stack: dict[str, Served], mint: Any
+) -> None:
+    writer = httpx.Client(
+        base_url=gpu_stack["rag"].url, headers={"Authorization": f"Bearer {mint('rag:write', sub='carol')}"}
+    )
+    said = [
+        ("Alice", 10.0, "The budget for the Harbor project must shrink by ten percent."),
+        ("Bob", 20.0, "I disagree about the budget; the Harbor project needs more money."),
+    ]
+    body = {
+        "job_id": "job-budget",
+        "source": "budget.ogg",
+        "recorded_at": "2026-12-01T10:00:00Z",
+        "segments": [{"text": text, "start": start, "end": start + 6, "speaker": who} for who, start, text in said],
+    }
+    assert writer.post("/v1/segments", json=body).status_code == 200
+
+    def sources(question: str) -> list[dict[str, Any]]:
+        response = httpx.post(
+            f"{llm.url}/v1/chat/completions",
+            json={
+                "model": llm.model,
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": 5,
+                "rag": {"top_k": 3},
+            },
+            headers={"Authorization": f"Bearer {mint('chat', 'rag:read', sub='carol')}"},
+            timeout=120,
+        )
+        assert response.status_code == 200, response.text
+        return list(response.json()["sources"])
+
+    alice = sources("What did Alice say about the budget?")
+    assert alice and {s["metadata"]["speaker"] for s in alice} == {"Alice"}
+    assert {s["metadata"]["speaker"] for s in sources("What was said about the budget?")} == {"Alice", "Bob"}
