@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from services.transcription import audio
 from services.transcription.placement import HOLDER, Placement
 from services.transcription.settings import TranscriptionSettings
+from services.transcription.speakers.diarize import SpeakerState
 from services.transcription.whisper import Window, total_frames
 from services.transcription.worker import Work
 from shared.auth import ON_BEHALF_OF
@@ -275,9 +276,7 @@ class JobRunner:
             words=words,
             # The owner's enrolled voices as they were at submission: a resumed job
             # labels as it began, whatever is enrolled or deleted meanwhile.
-            speakers={"voices": [{"label": n, "total": v, "count": 0, "known": True} for n, v in known or []]}
-            if diarize
-            else None,
+            speakers=SpeakerState.knowing(known or []).to_json() if diarize else None,
         )
         await self.store.save(job)
         if samples is not None and held is not None and self._running is None and self._queue.empty():
@@ -311,10 +310,11 @@ class JobRunner:
         for voice in (job.speakers or {}).get("voices", []):
             if voice["label"] in names:
                 voice["label"], voice["known"] = names[voice["label"]], True
-        await self.store.save(job)
-        if job.indexed or job.index_error:
+        rewrite = job.indexed or job.index_error is not None
+        if rewrite:
             job.indexed, job.index_error = False, None
-            await self.store.save(job)
+        await self.store.save(job)
+        if rewrite:
             self._spawn(self._reindex(job))
         return job
 
@@ -328,6 +328,10 @@ class JobRunner:
                 )
                 if response.status_code in (204, 404):
                     break
+                if _for_good(response):  # refused for good: say so, as indexing does
+                    job.index_error = _message(response)
+                    await self.store.save(job)
+                    return
             except ServiceUnreachable:
                 pass
             await asyncio.sleep(self._settings.index_retry_max_s)

@@ -16,6 +16,7 @@ state, the same windows in the same order, give the same labels."""
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -61,7 +62,7 @@ class SpeakerState:
     """How many letters were handed out."""
 
     @classmethod
-    def knowing(cls, known: list[tuple[str, np.ndarray]]) -> SpeakerState:
+    def knowing(cls, known: Sequence[tuple[str, np.ndarray | Sequence[float]]]) -> SpeakerState:
         return cls([Voice(name, [float(x) for x in vector], 0, known=True) for name, vector in known])
 
     def to_json(self) -> dict[str, Any]:
