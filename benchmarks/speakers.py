@@ -1,7 +1,7 @@
 """Diarization on the labelled set, on this machine's CPU: DER, speaker count, word error
 rate with diarization on and off, and what diarization adds to the wall time.
 
-    .venv/bin/python -m benchmarks.speakers [--per-size 4] [--turns 12]
+    .venv/bin/python -m benchmarks.speakers [--per-size 4] [--turns 12] [--repeats 3]
 
 The set (harness/conversations.py): ``--per-size`` conversations each of 2, 3 and 4
 espeak-ng voices, with short turns and overlaps, plus the bundled meeting (3 voices).
@@ -14,7 +14,8 @@ speakers); which goes first alternates. The figures:
 - the speaker count, right or not;
 - WER against the script, diarized and plain;
 - diarization's share: (diarized wall time - plain) / diarized wall time, and the ratio
-  diarized / plain.
+  diarized / plain; each wall time the median of ``--repeats`` runs (one run of each
+  varied by up to a quarter on this machine).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ctranslate2
 import numpy as np
 
 from baton.demo.speech import make_speech
@@ -54,12 +56,14 @@ def bundled_meeting() -> Conversation:
 
 
 def plain(transcriber: Transcriber, samples: np.ndarray) -> tuple[list[Piece], float]:
+    ctranslate2.set_random_seed(0)  # as the worker does: the temperature fallback samples
     started = time.perf_counter()
     pieces, _ = transcriber.transcribe(samples, language="en", prompt=None, temperature=None, words=False)
     return pieces, time.perf_counter() - started
 
 
 def diarized(transcriber: Transcriber, diarizer: Diarizer, samples: np.ndarray) -> tuple[list[Piece], float]:
+    ctranslate2.set_random_seed(0)
     started = time.perf_counter()
     pieces: list[Piece] = []
     labeller = Labeller(diarizer, samples, {}, pieces.append)
@@ -72,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-size", type=int, default=4)
     parser.add_argument("--turns", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     recordings = [*labelled_set(args.per_size, args.turns), bundled_meeting()]
     whisper_path, _ = resolve("whisper-tiny.en", "whisper")
@@ -86,12 +91,17 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     for index, recording in enumerate(recordings):
         samples = recording.samples
-        if index % 2:
-            off, off_s = plain(transcriber, samples)
-            on, on_s = diarized(transcriber, diarizer, samples)
-        else:
-            on, on_s = diarized(transcriber, diarizer, samples)
-            off, off_s = plain(transcriber, samples)
+        on_times, off_times = [], []
+        for repeat in range(args.repeats):
+            if (index + repeat) % 2:
+                off, off_s = plain(transcriber, samples)
+                on, on_s = diarized(transcriber, diarizer, samples)
+            else:
+                on, on_s = diarized(transcriber, diarizer, samples)
+                off, off_s = plain(transcriber, samples)
+            on_times.append(on_s)
+            off_times.append(off_s)
+        on_s, off_s = statistics.median(on_times), statistics.median(off_times)
         reference = [(t.speaker, t.start, t.end) for t in recording.turns]
         hypothesis = [(p.speaker or "?", p.start, p.end) for p in on]
         score, bare = der(reference, hypothesis), der(reference, hypothesis, collar=0.0)

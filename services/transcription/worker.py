@@ -215,12 +215,14 @@ def _child(conn: Connection, spec: WorkerSpec, deadline: Synchronized[float], pa
             samples = request.samples if request.samples is not None else np.zeros(0, dtype=np.float32)
             if request.op == "windows":
                 speakers = options.pop("speakers", None)  # the voices of the checkpoint: diarized
-                labelled = None
                 if speakers is not None:
-                    labelled = JobLabeller(diarizers.get(spec), samples, speakers, options["first_id"])
                     options["words"] = True
-                for window in transcriber.windows(samples, **options):
-                    conn.send(Decoded("window", window if labelled is None else labelled.window(window)))
+                windows = transcriber.windows(samples, **options)
+                if speakers is not None:
+                    job = JobLabeller(diarizers.get(spec), samples, speakers, options["first_id"])
+                    windows = job.windows(windows)
+                for window in windows:
+                    conn.send(Decoded("window", window))
                 answer = Ended()
             elif request.op == "transcribe":
                 # The temperature fallback samples: a fixed seed makes a rerun (after the

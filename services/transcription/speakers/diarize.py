@@ -1,6 +1,6 @@
 """Speaker turns from voiceprints.
 
-Each transcript segment is cut into analysis windows (3 s, side by side), and each
+Each transcript segment is cut into analysis windows (equal, side by side, 3 s or more), and each
 window gets a voiceprint. The windows of one stretch of audio (a job's decode window,
 or about 30 s of an upload) are clustered together (average linkage, cosine), and
 each cluster joins the voice it is closest to, if close enough, or becomes a new one:
@@ -15,22 +15,27 @@ state, the same windows in the same order, give the same labels."""
 
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from services.transcription.speakers.beside import Beside
 from services.transcription.speakers.encoder import VoiceEncoder
 from services.transcription.whisper import Piece
 
 RATE = 16000
 WINDOW_S = 3.0
-HOP_S = 3.0
-"""Windows side by side. On the labelled set (benchmarks/speakers.py) 3 s windows told
-espeak-ng's nearest voices apart where 1.5 s ones did not, and overlapping windows cost
-twice the time for no better DER."""
+"""A segment longer than this is cut into windows at least this long, side by side, each
+printed from its middle ``WINDOW_S`` (so all batch together). On
+the labelled set (benchmarks/speakers.py) 3 s windows told espeak-ng's nearest voices
+apart where 1.5 s ones did not; windows of at most 3 s (a 4 s segment cut in two) lost
+a voice in 4 of 13 recordings; a last window pushed back to full length (so it overlaps)
+embedded up to twice the speech for no better DER."""
 SHORTEST_S = 0.5
 """A window is never shorter than this (a short segment's window reaches around it)."""
 NEW_VOICE_S = 2.5
@@ -122,6 +127,7 @@ class Diarizer:
     def __init__(self, encoder: VoiceEncoder, thresholds: Thresholds = Thresholds()) -> None:
         self.encoder = encoder
         self.thresholds = thresholds
+        self._beside = Beside(encoder)
 
     def voiceprint(self, samples: np.ndarray) -> np.ndarray:
         """One voice's print from a clip of it (a reference, an enrolment sample): the
@@ -144,17 +150,35 @@ class Diarizer:
         known += [(name, self.voiceprint(clip)) for name, clip in speakers.get("clips", [])]
         return SpeakerState.knowing(known)
 
-    def label(self, samples: np.ndarray, pieces: list[Piece], state: SpeakerState) -> list[Piece]:
+    def prints(self, samples: np.ndarray, pieces: list[Piece]) -> np.ndarray:
+        """The voiceprints of ``pieces``' analysis windows, in order: those of a list of
+        pieces are those of each piece, one after another (so they may be made as the
+        pieces are decoded, and handed to ``label`` later)."""
+        clips = _clips(samples, pieces)
+        return self.encoder.embed(clips) if clips else np.zeros((0, 0), dtype=np.float32)
+
+    def prints_soon(self, samples: np.ndarray, pieces: list[Piece]) -> Future[np.ndarray]:
+        """``prints``, made beside the decoder (beside.py)."""
+        return self._beside.embed(_clips(samples, pieces))
+
+    @staticmethod
+    def joined(prints: list[np.ndarray]) -> np.ndarray:
+        """The prints of several lists of pieces, as those of the lists one after another."""
+        parts = [part for part in prints if part.size]
+        return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+    def label(
+        self, samples: np.ndarray, pieces: list[Piece], state: SpeakerState, prints: np.ndarray | None = None
+    ) -> list[Piece]:
         """``pieces`` cut into speaker turns, each with its ``speaker`` (and each word's);
-        ``state`` learns the voices heard."""
-        duration = samples.size / RATE
-        windows = [
-            _Window(i, s, e) for i, piece in enumerate(pieces) for s, e in _spans(piece.start, piece.end, duration)
-        ]
+        ``state`` learns the voices heard. ``prints``: ``self.prints(samples, pieces)``,
+        if already made."""
+        windows = _windows(samples, pieces)
         if not windows:
             return pieces
-        clips = [samples[int(w.start * RATE) : int(w.end * RATE)] for w in windows]
-        labels = self._assign(self.encoder.embed(clips), [w.end - w.start for w in windows], state)
+        if prints is None:
+            prints = self.prints(samples, pieces)
+        labels = self._assign(prints, [w.end - w.start for w in windows], state)
         turns: list[Piece] = []
         for index, piece in enumerate(pieces):
             mine = [(w, label) for w, label in zip(windows, labels, strict=True) if w.piece == index]
@@ -190,19 +214,31 @@ class Diarizer:
         return None
 
 
+def _clips(samples: np.ndarray, pieces: list[Piece]) -> list[np.ndarray]:
+    """The audio each window's print is made from: its middle ``WINDOW_S`` at most, so
+    that prints of windows of any length batch together (encoder.py)."""
+    clips = []
+    for window in _windows(samples, pieces):
+        cut = max(0.0, (window.end - window.start) - WINDOW_S) / 2
+        clips.append(samples[int((window.start + cut) * RATE) : int((window.end - cut) * RATE)])
+    return clips
+
+
+def _windows(samples: np.ndarray, pieces: list[Piece]) -> list[_Window]:
+    duration = samples.size / RATE
+    return [_Window(i, s, e) for i, piece in enumerate(pieces) for s, e in _spans(piece.start, piece.end, duration)]
+
+
 def _spans(start: float, end: float, duration: float) -> list[tuple[float, float]]:
-    """Analysis windows over [start, end], inside the audio."""
+    """Analysis windows over [start, end], inside the audio: as many equal windows as
+    fit ``WINDOW_S``, side by side, so each second of speech is embedded once."""
     start, end = max(0.0, start), min(duration, end)
     if end - start <= WINDOW_S:
         missing = max(0.0, SHORTEST_S - (end - start)) / 2
         return [(max(0.0, start - missing), min(duration, end + missing))] if end > start else []
-    spans = []
-    at = start
-    while at + WINDOW_S < end:
-        spans.append((at, at + WINDOW_S))
-        at += HOP_S
-    spans.append((end - WINDOW_S, end))
-    return spans
+    count = max(1, math.floor((end - start) / WINDOW_S))
+    width = (end - start) / count
+    return [(start + k * width, start + (k + 1) * width) for k in range(count)]
 
 
 def _clusters(prints: np.ndarray, threshold: float) -> list[list[int]]:

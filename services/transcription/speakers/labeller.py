@@ -1,10 +1,12 @@
 """Diarization inside a worker process: the model loaded on first use, and the pieces of
 a transcript labelled a stretch at a time as they are decoded (about 30 s of speech:
-enough windows to cluster, and the stream still moves)."""
+enough windows to cluster, and the stream still moves). Voiceprints are made beside the
+decoder as its pieces come (Diarizer.prints_soon); labels wait for the stretch."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -47,21 +49,24 @@ class Labeller:
         self._send = send
         self.state = diarizer.known(known)
         self._waiting: list[Piece] = []
+        self._prints: list[Future[np.ndarray]] = []
         self._sent = 0
 
     def add(self, piece: Piece) -> None:
         self._waiting.append(piece)
+        self._prints.append(self._diarizer.prints_soon(self._samples, [piece]))
         if piece.end - self._waiting[0].start >= STRETCH_S:
             self.flush()
 
     def flush(self) -> None:
         if not self._waiting:
             return
-        for turn in self._diarizer.label(self._samples, self._waiting, self.state):
+        prints = self._diarizer.joined([future.result() for future in self._prints])
+        for turn in self._diarizer.label(self._samples, self._waiting, self.state, prints):
             turn.id = self._sent
             self._sent += 1
             self._send(turn)
-        self._waiting = []
+        self._waiting, self._prints = [], []
 
 
 class JobLabeller:
@@ -75,9 +80,20 @@ class JobLabeller:
         self._next_id = first_id
         """Turns outnumber the decoder's segments: the ids are counted here."""
 
-    def window(self, window: Window) -> Window:
+    def windows(self, decoded: Iterable[Window]) -> Iterator[Window]:
+        """``decoded``, labelled: each window's prints are made while the next one is
+        decoded, so each goes out once the next is decoded (or the decoding ends)."""
+        pending: tuple[Window, Future[np.ndarray]] | None = None
+        for window in decoded:
+            if pending is not None:
+                yield self._labelled(*pending)
+            pending = (window, self._diarizer.prints_soon(self._samples, window.pieces))
+        if pending is not None:
+            yield self._labelled(*pending)
+
+    def _labelled(self, window: Window, prints: Future[np.ndarray]) -> Window:
         if window.pieces:
-            window.pieces = self._diarizer.label(self._samples, window.pieces, self.state)
+            window.pieces = self._diarizer.label(self._samples, window.pieces, self.state, prints.result())
             for piece in window.pieces:
                 piece.id = self._next_id
                 self._next_id += 1
