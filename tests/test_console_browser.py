@@ -144,9 +144,23 @@ def test_a_user_transcribes_the_meeting_asks_about_it_and_sees_the_gpu_change_ha
     assert any(0 < v < 1 for v in progress), f"the bar never showed the job part-way: {progress}"
     assert progress[-1] == 1 and progress == sorted(progress), progress
     assert page.locator("#segments li").count() >= 5
-    expect(page.locator(f'#jobs tr[data-job="{page.get_attribute("#current-job", "data-job")}"]')).to_contain_text(
-        "indexed"
-    )
+    job = page.get_attribute("#current-job", "data-job")
+    expect(page.locator(f'#jobs tr[data-job="{job}"]')).to_contain_text("indexed")
+
+    # Who spoke: the first voice heard is named, and the transcript and its memories follow.
+    expect(page.locator("#job-speakers")).to_be_visible()
+    first = page.locator("#segments li .speaker").first.inner_text()
+    assert first == "A", first
+    page.fill('#speaker-names input[name="A"]', "Alice")
+    page.click("#job-speakers button[type=submit]")
+    expect(page.locator("#segments li .speaker").first).to_have_text("Alice")
+    assert "A" not in page.locator("#segments li .speaker").all_inner_texts()
+    expect(page.locator("#current-job")).to_have_attribute("data-indexed", "true", timeout=300_000)
+    with launched.client("transcription") as http:
+        assert "Alice" in http.get(f"/v1/jobs/{job}").json()["speakers"]
+    with launched.client("rag") as http:
+        found = http.post("/v1/query", json={"query": "the meeting", "filter": {"speaker": "Alice"}}).json()["results"]
+    assert found and {r["metadata"]["speaker"] for r in found} == {"Alice"}, found
 
     # Asked again now that the meeting is a memory: tokens stream in, then the sources.
     index = console.ask(QUESTION)

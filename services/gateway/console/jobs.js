@@ -1,5 +1,6 @@
 // Transcription: drop or choose a recording, follow its job (progress, segments as they
-// arrive, then the transcript becoming memories), list the jobs, cancel one.
+// arrive, then the transcript becoming memories), list the jobs, cancel one, open a
+// finished one and name who spoke in it.
 
 import { clock, el } from "./api.js";
 
@@ -18,7 +19,14 @@ export class JobsPanel {
     this.state = document.getElementById("job-state");
     this.indexed = document.getElementById("job-indexed");
     this.segments = document.getElementById("segments");
+    this.speakers = document.getElementById("job-speakers");
+    this.names = document.getElementById("speaker-names");
+    this.enrol = document.getElementById("enrol-speakers");
     this.following = null;
+    this.speakers.addEventListener("submit", (event) => {
+      event.preventDefault();
+      this.nameSpeakers();
+    });
     this.drop.addEventListener("dragover", (event) => {
       event.preventDefault();
       this.drop.classList.add("over");
@@ -80,6 +88,7 @@ export class JobsPanel {
     this.current.dataset.job = jobId;
     document.getElementById("job-name").textContent = name;
     this.segments.replaceChildren();
+    this.speakers.hidden = true;
     this.indexed.textContent = "";
     delete this.current.dataset.indexed;
     let state = "queued";
@@ -118,9 +127,53 @@ export class JobsPanel {
       if (job.indexed || job.index_error) {
         this.indexed.textContent = job.indexed ? "Indexed into memories: ask about it in the chat." : `Not indexed: ${job.index_error}`;
         this.current.dataset.indexed = String(job.indexed);
+        this.offerNames(job);
         return;
       }
       await new Promise((resolve) => setTimeout(resolve, 1000));
+    }
+  }
+
+  // Once its memories are written, a finished job's speakers can be named: its
+  // transcript and memories are rewritten, and "remember" enrols each voice.
+  offerNames(job) {
+    const heard = job.state === "done" ? job.speakers : [];
+    this.speakers.hidden = heard.length === 0;
+    this.names.replaceChildren(
+      ...heard.map((label) =>
+        el("label", {}, `${label} `, el("input", { name: label, value: label, maxlength: "64", required: true, "aria-label": `Name of speaker ${label}` })),
+      ),
+    );
+  }
+
+  async nameSpeakers() {
+    const jobId = this.current.dataset.job;
+    const names = {};
+    for (const input of this.names.querySelectorAll("input")) {
+      const name = input.value.trim();
+      if (name && name !== input.name) names[input.name] = name;
+    }
+    if (Object.keys(names).length === 0) {
+      this.say("Type a name over a speaker's label first.");
+      return;
+    }
+    this.stop();
+    const abort = new AbortController();
+    this.following = abort;
+    const enrol = this.enrol.checked ? "?enrol=true" : "";
+    try {
+      const job = await this.api.call("PATCH", `/v1/jobs/${encodeURIComponent(jobId)}/speakers${enrol}`, { json: names, signal: abort.signal });
+      this.segments.replaceChildren();
+      for (const s of job.segments) this.segment(s);
+      this.speakers.hidden = true;
+      delete this.current.dataset.indexed;
+      this.say(`Named ${Object.entries(names).map(([label, name]) => `${label} as ${name}`).join(", ")}${enrol ? ", voices remembered" : ""}.`);
+      await this.awaitIndexing(jobId, abort.signal);
+    } catch (error) {
+      if (!abort.signal.aborted) this.say(`Speakers: ${error.message}`);
+    } finally {
+      if (this.following === abort) this.following = null;
+      this.refresh();
     }
   }
 
@@ -135,7 +188,9 @@ export class JobsPanel {
 
   row(job) {
     const actions = el("td", {});
-    if (!FINAL.has(job.state)) {
+    if (job.state === "done") {
+      actions.append(el("button", { type: "button", "aria-label": `Open ${job.file}`, onclick: () => this.follow(job.job_id, job.file) }, "Open"));
+    } else if (!FINAL.has(job.state)) {
       actions.append(
         el("button", { type: "button", onclick: () => this.follow(job.job_id, job.file) }, "Follow"),
         " ",
