@@ -224,6 +224,11 @@ async def name_speakers(
     job = await owned(job_id, request, caller, jobs)
     if job.state != "done":
         raise Conflict(f"the job is {job.state}; its speakers can be named once it is done", code="job_not_done")
+    if not job.indexed and job.index_error is None:  # its memories would be written with the old labels
+        raise Conflict(
+            "the job's transcript is still being written into memories; name its speakers once it is indexed",
+            code="job_indexing",
+        )
     heard = {voice["label"]: voice for voice in (job.speakers or {}).get("voices", []) if voice["count"] > 0}
     unknown = sorted(set(names) - set(heard))
     if not names or unknown or len(names) > len(heard):

@@ -34,14 +34,17 @@ from tests.services.transcription.conftest import MEETING, SPEECH, silence
 
 class Indexed:
     """The RAG service's stand-in: what it was sent, answered 200 (and transcripts
-    deleted, 204)."""
+    deleted, 204); 503 while ``down``."""
 
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.for_whom: list[str | None] = []
         self.deleted: list[str] = []
+        self.down = False
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
+        if self.down:
+            return httpx.Response(503, json={"error": {"message": "down", "type": "server_error"}})
         if request.method == "DELETE" and request.url.path.startswith("/v1/documents/"):
             self.deleted.append(request.url.path.rsplit("/", 1)[1])
             return httpx.Response(204)

@@ -293,12 +293,21 @@ async def test_a_bad_enrolment_is_refused(http: httpx.AsyncClient, tmp_path: Pat
 
 async def test_naming_a_jobs_speakers_afterwards_renames_its_transcript_memories_and_can_enrol(tx_app: App) -> None:
     async with tx_app.client("transcribe", sub="namer") as owner, tx_app.client("transcribe", sub="nosy") as nosy:
-        job_id = await submit(owner, MEETING)
-        refused = await owner.patch(f"/v1/jobs/{job_id}/speakers", json={"A": "John"})
-        assert refused.status_code in (409, 200)  # 409 while it runs (it may already be done)
-        async with tx_app.app.state.parts.runner.events.subscribe(job_id) as events:
-            while (event := await asyncio.wait_for(events.get(), 120)) is not None and event["type"] != "indexed":
-                pass
+        tx_app.indexed.down = True  # RAG down: the transcript waits to be written into memories
+        try:
+            job_id = await submit(owner, MEETING)
+            refused = await owner.patch(f"/v1/jobs/{job_id}/speakers", json={"A": "John"})
+            assert refused.status_code == 409  # while it runs, or while its memories are written
+            job = await finished(owner, job_id)
+            # Named while its memories are being written, they would be written with the old labels.
+            writing = await owner.patch(f"/v1/jobs/{job_id}/speakers", json={job["segments"][0]["speaker"]: "John"})
+            assert writing.status_code == 409 and writing.json()["error"]["code"] == "job_indexing", writing.text
+            async with tx_app.app.state.parts.runner.events.subscribe(job_id) as events:
+                tx_app.indexed.down = False
+                while (event := await asyncio.wait_for(events.get(), 120)) is not None and event["type"] != "indexed":
+                    pass
+        finally:
+            tx_app.indexed.down = False
         job = await finished(owner, job_id)
         first = job["segments"][0]["speaker"]
         assert (await nosy.patch(f"/v1/jobs/{job_id}/speakers", json={first: "Eve"})).status_code == 404
