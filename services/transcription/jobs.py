@@ -302,7 +302,9 @@ class JobRunner:
 
     async def rename(self, job: Job, names: dict[str, str]) -> Job:
         """A finished job's speakers named afterwards (``{"A": "Alice"}``): its segments,
-        their words and its voices; its memories are written again with the names."""
+        their words and its voices; its memories are written again with the names. Only
+        once its memories were written (or refused): the indexer saves its own copy of
+        the job, so a rename during indexing would be lost (the route answers 409)."""
         for segment in job.segments:
             segment["speaker"] = names.get(segment.get("speaker", ""), segment.get("speaker"))
             for word in segment.get("words") or []:
@@ -310,12 +312,9 @@ class JobRunner:
         for voice in (job.speakers or {}).get("voices", []):
             if voice["label"] in names:
                 voice["label"], voice["known"] = names[voice["label"]], True
-        rewrite = job.indexed or job.index_error is not None
-        if rewrite:
-            job.indexed, job.index_error = False, None
+        job.indexed, job.index_error = False, None
         await self.store.save(job)
-        if rewrite:
-            self._spawn(self._reindex(job))
+        self._spawn(self._reindex(job))
         return job
 
     async def _reindex(self, job: Job) -> None:

@@ -1,11 +1,11 @@
 """Speaker turns from voiceprints.
 
-Each transcript segment is cut into analysis windows (equal, side by side, 3 s or more), and each
-window gets a voiceprint. The windows of one stretch of audio (a job's decode window,
-or about 30 s of an upload) are clustered together (average linkage, cosine), and
-each cluster joins the voice it is closest to, if close enough, or becomes a new one:
-a known voice (enrolled, or a reference clip) by its name, an unknown one by the next
-letter, A, B, ... in order of first speech. Each word takes the voice of the window
+Each transcript segment is cut into analysis windows (equal, side by side, 3 s or
+more), and each window gets a voiceprint. The windows of one stretch of audio (a job's
+decode window, or about 30 s of an upload) are clustered together (average linkage,
+cosine), and each cluster joins the voice it is closest to, if close enough, or becomes
+a new one: a known voice (enrolled, or a reference clip) by its name, an unknown one by
+the next letter, A, B, ... in order of first speech. Each word takes the voice of the window
 nearest to it; a run of words too short to tell is given to its neighbour; segments
 are cut where the voice changes.
 
@@ -31,11 +31,11 @@ from services.transcription.whisper import Piece
 RATE = 16000
 WINDOW_S = 3.0
 """A segment longer than this is cut into windows at least this long, side by side, each
-printed from its middle ``WINDOW_S`` (so all batch together). On
-the labelled set (benchmarks/speakers.py) 3 s windows told espeak-ng's nearest voices
-apart where 1.5 s ones did not; windows of at most 3 s (a 4 s segment cut in two) lost
-a voice in 4 of 13 recordings; a last window pushed back to full length (so it overlaps)
-embedded up to twice the speech for no better DER."""
+printed from its middle ``WINDOW_S`` (so all batch together). On the labelled set
+(benchmarks/speakers.py) 3 s windows told espeak-ng's nearest voices apart where 1.5 s
+ones did not; windows of at most 3 s (a 4 s segment cut in two) lost a voice in 4 of 13
+recordings; a last window pushed back to full length (so it overlaps) embedded up to
+twice the speech for no better DER."""
 SHORTEST_S = 0.5
 """A window is never shorter than this (a short segment's window reaches around it)."""
 NEW_VOICE_S = 2.5
