@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+import warnings
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from services.transcription.speakers.features import MIN_SAMPLES, fbank
+from services.transcription.speakers.features import BANDS, MIN_SAMPLES, fbank
 
 WEIGHTS = "campplus_cn_en_common.pt"
 NETWORK = "camplusplus.py"
@@ -60,6 +61,15 @@ class CamPlusPlus:
         model.load_state_dict(torch.load(str(folder / WEIGHTS), map_location="cpu", weights_only=True))
         model.eval()
         self._model = model
+        # Clips of half a second or more go through a frozen TorchScript graph of the same
+        # network: batch norms folded into their convolutions and no Python between the
+        # layers, about 1.45x faster than eager on 3 s clips here (benchmarks/speakers.py).
+        # The graph is traced once (about 3 s); it keeps the branch its example took, so
+        # shorter clips, whose pooled length may come down to one frame, stay eager.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(model, torch.zeros(2, 300, BANDS), check_trace=False)
+        self._graph = torch.jit.freeze(traced.eval())
         self._lock = threading.Lock()
 
     def embed(self, clips: list[np.ndarray]) -> np.ndarray:
@@ -78,7 +88,8 @@ class CamPlusPlus:
                     # kernel of its own); in twos or more it is the same whatever the
                     # company. Prints must not depend on batching: labels follow them.
                     features = np.concatenate([features, features])
-                vectors = self._model(self._torch.from_numpy(features)).numpy()[: len(indices)]
+                network = self._graph if length >= BUCKET else self._model
+                vectors = network(self._torch.from_numpy(features)).numpy()[: len(indices)]
                 out[indices] = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
         return out
 
