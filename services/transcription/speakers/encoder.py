@@ -42,7 +42,7 @@ class EncoderMissing(RuntimeError):
 class CamPlusPlus:
     name = "campplus"
 
-    def __init__(self, folder: Path, threads: int = 0) -> None:
+    def __init__(self, folder: Path, threads: int = 0, *, frozen: bool = True) -> None:
         try:
             import torch
         except ImportError:
@@ -66,10 +66,12 @@ class CamPlusPlus:
         # layers, about 1.45x faster than eager on 3 s clips here (benchmarks/speakers.py).
         # The graph is traced once (about 3 s); it keeps the branch its example took, so
         # shorter clips, whose pooled length may come down to one frame, stay eager.
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            traced = torch.jit.trace(model, torch.zeros(2, 300, BANDS), check_trace=False)
-        self._graph = torch.jit.freeze(traced.eval())
+        self._graph = model
+        if frozen:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                traced = torch.jit.trace(model, torch.zeros(2, 300, BANDS), check_trace=False)
+            self._graph = torch.jit.freeze(traced.eval())
         self._lock = threading.Lock()
 
     def embed(self, clips: list[np.ndarray]) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The diarizer's own rules, with a stand-in encoder (a voice is a tone; its print is the
 tone's pitch as a direction): windows, and prints made beside the decoder labelling
 exactly as prints made in line; and the real model's prints the same whatever they are
-batched with. Diarizing speech is tested through the service (test_speakers.py)."""
+batched with, and the same from its frozen graph as from the eager network. Diarizing
+speech is tested through the service (test_speakers.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from services.transcription.speakers.beside import Beside
 from services.transcription.speakers.diarize import WINDOW_S, Diarizer, SpeakerState, _spans
-from services.transcription.speakers.encoder import load_encoder
+from services.transcription.speakers.encoder import CamPlusPlus, load_encoder
 from services.transcription.speakers.labeller import JobLabeller, Labeller
 from services.transcription.whisper import Piece, Window
 from shared.presets import resolve
@@ -113,3 +114,15 @@ def test_a_clips_print_does_not_depend_on_what_it_is_batched_with() -> None:
     made = [future.result() for future in futures]
     assert made[1].size == 0
     assert np.array_equal(np.concatenate([made[0], made[2]]), together)
+
+
+def test_the_frozen_graph_prints_what_the_network_prints_at_every_length() -> None:
+    """The graph is traced from one example shape; clips of other lengths and batch sizes
+    (and those under half a second, which stay eager) must get the network's prints."""
+    folder, _ = resolve("speaker-campplus", "speaker")
+    lengths = ((120.0, 0.3), (180.0, 0.5), (240.0, 3.0), (300.0, 7.5))
+    clips = [tone(pitch, seconds) + tone(pitch * 1.5, seconds) for pitch, seconds in lengths]
+    frozen = load_encoder(folder).embed(clips)
+    eager = CamPlusPlus(folder, frozen=False).embed(clips)
+    similarity = np.sum(frozen * eager, axis=1)
+    assert similarity.min() > 0.9999, similarity
