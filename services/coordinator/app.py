@@ -1,4 +1,5 @@
-"""The coordinator app: ``create_app(settings)``; nothing is created at import."""
+"""The coordinator app: ``create_app(parts)`` (parts.py; settings are built into parts);
+nothing is created at import."""
 
 from __future__ import annotations
 
@@ -10,14 +11,9 @@ from urllib.parse import urlsplit, urlunsplit
 from fastapi import FastAPI
 
 from services.coordinator.api import DOMAIN_ERRORS, router
-from services.coordinator.card import card_memory_mb
-from services.coordinator.leases import CoordinatorMetrics, LeaseManager
+from services.coordinator.parts import Parts, build
 from services.coordinator.settings import CoordinatorSettings
 from shared.errors import map_errors
-from shared.events import EventBus
-from shared.service import Foundation
-from shared.settings import load_settings
-from shared.store import open_redis
 from shared.web import Readiness
 
 
@@ -29,32 +25,19 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
-    settings = settings or load_settings(CoordinatorSettings)
-    base = Foundation.build("coordinator", settings)
-    guards, metrics = base.guards, base.metrics
-    timeout = settings.redis_timeout_ms / 1000.0
-    redis = open_redis(settings.redis_url, timeout)
-    bus = EventBus()
-    manager = LeaseManager(
-        redis,
-        settings,
-        bus,
-        CoordinatorMetrics(metrics),
-        card_memory_mb(settings.gpu_memory_mb),
-        guards.audit,
-    )
+def create_app(parts: Parts | CoordinatorSettings | None = None) -> FastAPI:
+    if not isinstance(parts, Parts):
+        parts = build(parts)
+    made = parts
+    settings, base, manager = made.settings, made.base, made.manager
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await manager.start()
+        await made.start()
         try:
             yield
         finally:
-            bus.close()
-            await manager.stop()
-            await redis.aclose()
-            await guards.aclose()
+            await made.close()
 
     async def ready() -> Readiness:
         ok = manager.epoch is not None and await manager.ping()

@@ -1,4 +1,5 @@
-"""The RAG app: ``create_app(settings)``; nothing is created at import."""
+"""The RAG app: ``create_app(parts)`` (parts.py; settings are built into parts); nothing
+is created at import."""
 
 from __future__ import annotations
 
@@ -11,28 +12,18 @@ from starlette.concurrency import run_in_threadpool
 
 from services.rag.api import EMBEDDING_MODEL, Memories, router
 from services.rag.errors import ERRORS
-from services.rag.journal import Busy
+from services.rag.parts import Parts, build
 from services.rag.settings import RAGSettings
-from services.rag.store import MemoryStore
 from shared.errors import map_errors
-from shared.presets import UnknownModel
-from shared.service import Foundation
-from shared.settings import ConfigError, load_settings
 from shared.web import Readiness
 
 
-def create_app(settings: RAGSettings | None = None, store: MemoryStore | None = None) -> FastAPI:
-    settings = settings or load_settings(RAGSettings)
-    base = Foundation.build("rag", settings)
-    guards, auth = base.guards, base.auth
-    if store is None:
-        try:
-            store = MemoryStore.open(settings)
-        except (UnknownModel, FileNotFoundError) as exc:
-            raise ConfigError(f"RAG_EMBEDDING_MODEL: {exc}") from None
-        except Busy as exc:
-            raise ConfigError(f"RAG_JOURNAL_PATH: {exc}") from None
-    memories = store
+def create_app(parts: Parts | RAGSettings | None = None) -> FastAPI:
+    if not isinstance(parts, Parts):
+        parts = build(parts)
+    made = parts
+    settings, base, memories = made.settings, made.base, made.store
+    auth = base.auth
     warm = {"done": False}
 
     @asynccontextmanager
@@ -42,8 +33,7 @@ def create_app(settings: RAGSettings | None = None, store: MemoryStore | None = 
         try:
             yield
         finally:
-            await guards.aclose()
-            memories.close()
+            await made.close()
 
     async def ready() -> Readiness:
         ok = warm["done"] and await run_in_threadpool(memories.heartbeat)
