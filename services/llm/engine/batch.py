@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from services.llm.engine.kv import PrefixCache
+from services.llm.engine.kv import Entry, PrefixCache
 from services.llm.engine.model import Model, measure_chunk
 from services.llm.engine.sampling import Choice, GrammarDeadEnd, Sampler, SamplingParams
 from shared.aio import ThreadInbox
@@ -239,7 +239,15 @@ class FairQueue:
 
 
 class _Sequence:
-    def __init__(self, generation: Generation, slot: int, sampler: Sampler, reused: int, reserved: int) -> None:
+    def __init__(
+        self,
+        generation: Generation,
+        slot: int,
+        sampler: Sampler,
+        reused: int,
+        reserved: int,
+        source: Entry | None = None,
+    ) -> None:
         request = generation.request
         self.generation = generation
         self.request = request
@@ -251,6 +259,9 @@ class _Sequence:
         """Prompt tokens still to prefill."""
         self.reused = reused
         self.reserved = reserved
+        """KV cells counted for it: its prompt and ``max_tokens``, the reused ones too."""
+        self.source = source
+        """The cache entry whose first ``reused`` cells it shares (they exist once)."""
         self.last: int | None = None
         """The token sampled last, to decode at the next step."""
         self.index: int | None = None
@@ -712,15 +723,17 @@ class Scheduler:
                     ValueError(f"the prompt and max_tokens need {need} KV cells; the context has {model.cells}")
                 )
                 continue
-            while self._reserved + self.cache.cells + need > model.cells:
-                evicted = self.cache.evict_oldest()
+            # Room: the cells it would share with its entry are there already. Other
+            # entries give way first; the entry itself last (the prompt is then read whole).
+            while self._cells_in_use() + need - (reuse if entry is not None else 0) > model.cells:
+                evicted = self.cache.evict_oldest(sparing=entry)
+                if evicted is None and entry is not None:
+                    evicted, entry, reuse = self.cache.evict_oldest(), None, 0
                 if evicted is None:
                     break
                 model.forget(evicted)
                 self.cache.give_back(evicted)
-                if entry is not None and evicted == entry.sequence:
-                    entry, reuse = None, 0
-            if self._reserved + self.cache.cells + need > model.cells:
+            if self._cells_in_use() + need - (reuse if entry is not None else 0) > model.cells:
                 return  # waits for room that the running sequences will give back
             generation = self._queue.pop()
             try:
@@ -744,9 +757,17 @@ class Scheduler:
                 self.cache.used(entry, reuse)
                 self.stats.reused_tokens += reuse
             else:
-                reuse = 0
+                entry, reuse = None, 0
             self._reserved += need
-            self._running[slot] = _Sequence(generation, slot, sampler, reuse, need)
+            self._running[slot] = _Sequence(generation, slot, sampler, reuse, need, None if sibling else entry)
+
+    def _cells_in_use(self) -> int:
+        """KV cells taken, at most: the running sequences' reservations and the cache's
+        entries, less the cells a running sequence shares with an entry still cached
+        (counted in both, held once)."""
+        live = {id(e) for e in self.cache.entries}
+        shared = sum(s.reused for s in self._running.values() if s.source is not None and id(s.source) in live)
+        return self._reserved + self.cache.cells - shared
 
     def _sibling(self, request: Request) -> _Sequence | None:
         """A running member of the request's group that holds (or is reading) its prompt."""

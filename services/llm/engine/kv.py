@@ -84,12 +84,13 @@ class PrefixCache:
         self.entries.append(entry)
         return entry
 
-    def evict_oldest(self) -> int | None:
-        """Drop the least recently used entry; returns its sequence (its cells are the
-        caller's to free), or None when there is none."""
-        if not self.entries:
+    def evict_oldest(self, sparing: Entry | None = None) -> int | None:
+        """Drop the least recently used entry (other than ``sparing``); returns its
+        sequence (its cells are the caller's to free), or None when there is none."""
+        candidates = [e for e in self.entries if e is not sparing]
+        if not candidates:
             return None
-        oldest = min(self.entries, key=lambda e: e.used_at)
+        oldest = min(candidates, key=lambda e: e.used_at)
         self.entries.remove(oldest)
         return oldest.sequence
 

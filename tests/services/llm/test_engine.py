@@ -192,6 +192,22 @@ async def test_a_conversations_next_turn_starts_from_its_cells_and_changes_nothi
     assert answer == again  # greedy: the same answer, read afresh
 
 
+async def test_a_turn_longer_than_half_the_context_still_starts_from_its_cells() -> None:
+    """The cells a request shares with its cache entry exist once: counting them twice
+    evicted the entry a long conversation's next turn was about to reuse."""
+    small = Engine(PATH, context_size=1024, parallel=2, prefill_chunk=32, cache_entries=4)
+    small.load(0)
+    try:
+        first: list[Message] = ask("Remember these numbers: " + ", ".join(str(n) for n in range(100, 260)) + ".")
+        assert len(small.prompt(first).tokens) > small.n_ctx // 2
+        said, _ = await run(small, first, greedy(8), subject="ada")
+        follow_up = [*first, {"role": "assistant", "content": said}, {"role": "user", "content": "The first?"}]
+        _, finished = await run(small, follow_up, greedy(8), subject="ada", keep=False)
+        assert finished.reused_tokens >= len(small.prompt(first).tokens) - 2
+    finally:
+        small.close()
+
+
 async def test_another_subject_reuses_only_what_the_service_wrote(engine: Engine) -> None:
     secret = ask("My locker code is 4417. Remember it.")
     await run(engine, secret, greedy(4), subject="mallory-target")
