@@ -62,8 +62,9 @@ class LLMSettings(ServiceSettings):
     prefix_cache_entries: int = Field(default=32, ge=0, le=200)
     """Finished sequences kept in the KV cache for requests that start the same way."""
     prefix_cache_cells: int | None = Field(default=None, ge=0)
-    """KV cells those may hold at most (default: the whole context). They give way to
-    running requests whenever these need the room."""
+    """KV cells those may hold at most (default: half the context), but for the newest,
+    kept whatever its length. They give way to running requests whenever these need
+    the room."""
     grammar_step_budget_ms: float = Field(default=10.0, ge=0, le=10_000)
     """A sequence whose grammar took longer than this for one token is sampled beside the
     batch from then on, sitting out steps until its token is ready, so that a dear

@@ -163,7 +163,7 @@ class Engine:
         self._prefill_chunk = prefill_chunk
         self._batch = max(batch_size, prefill_chunk + self.parallel, self.parallel + 16)
         self._cache_entries = cache_entries
-        self._cache_cells = cache_cells if cache_cells is not None else self.n_ctx
+        self._cache_cells = cache_cells if cache_cells is not None else self.n_ctx // 2
         self._grammar_step_ms = grammar_step_ms
         self.budget_s = budget_s
         """A generation's wall-clock budget (GEMMA_GENERATION_BUDGET_S)."""

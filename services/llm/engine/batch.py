@@ -668,14 +668,15 @@ class Scheduler:
                 model.share(sequence.slot, slot, sequence.position)
                 public = min(sequence.request.public_prefix, sequence.position)
                 tokens = np.asarray(sequence.history, dtype=np.int32)
-                self.cache.add(slot, tokens, sequence.request.subject, public)
-                self._trim_cache()
+                self._trim_cache(sparing=self.cache.add(slot, tokens, sequence.request.subject, public))
         model.forget(sequence.slot)
         self._free_slots.append(sequence.slot)
 
-    def _trim_cache(self) -> None:
+    def _trim_cache(self, sparing: Entry) -> None:
+        """Older entries out until the cache is within its budget. The newest stays, however
+        long: a conversation's latest turn is what its next turn starts from."""
         while self.cache.cells > self.cache.budget_cells:
-            evicted = self.cache.evict_oldest()
+            evicted = self.cache.evict_oldest(sparing=sparing)
             if evicted is None:
                 return
             self.model.forget(evicted)
