@@ -69,16 +69,17 @@ def test_another_user_never_gets_a_hit_on_a_personal_prompt(llm: Llm, gpu_stack:
     writer = httpx.Client(
         base_url=gpu_stack["rag"].url, headers={"Authorization": f"Bearer {mint('rag:write', sub='carol')}"}
     )
-    fact = "Carol's locker number at the Harbor office is 318."
+    # A code no number in the answer's timings can spell ("318" once matched 0.3184 s).
+    fact = "Carol's locker code at the Harbor office is QX-318."
     assert writer.post("/v1/documents", json={"documents": [{"id": "locker", "text": fact}]}).status_code == 200
-    question = "What is Carol's locker number?"
+    question = "What is Carol's locker code?"
     carol, dave = mint("chat", "rag:read", sub="carol"), mint("chat", "rag:read", sub="dave")
     options: dict[str, Any] = {"temperature": 0, "rag": {"top_k": 3}}
 
     assert ask(llm, carol, question, **options).headers["X-Baton-Cache"] == "miss"
     mine = ask(llm, carol, question, **options)
     assert mine.headers["X-Baton-Cache"] == "hit"
-    assert "318" in str(mine.json()["sources"])  # her memory is in the prompt: personal
+    assert "QX-318" in str(mine.json()["sources"])  # her memory is in the prompt: personal
     theirs = ask(llm, dave, question, **options)
     assert theirs.headers["X-Baton-Cache"] == "miss"
-    assert theirs.json()["sources"] == [] and "318" not in theirs.text
+    assert theirs.json()["sources"] == [] and "QX-318" not in theirs.text
