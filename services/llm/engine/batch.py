@@ -726,7 +726,7 @@ class Scheduler:
                 continue
             # Room: the cells it would share with its entry are there already. Other
             # entries give way first; the entry itself last (the prompt is then read whole).
-            while self._cells_in_use() + need - (reuse if entry is not None else 0) > model.cells:
+            while short := self._cells_in_use() + need - (reuse if entry else 0) > model.cells:
                 evicted = self.cache.evict_oldest(sparing=entry)
                 if evicted is None and entry is not None:
                     evicted, entry, reuse = self.cache.evict_oldest(), None, 0
@@ -734,7 +734,7 @@ class Scheduler:
                     break
                 model.forget(evicted)
                 self.cache.give_back(evicted)
-            if self._cells_in_use() + need - (reuse if entry is not None else 0) > model.cells:
+            if short:
                 return  # waits for room that the running sequences will give back
             generation = self._queue.pop()
             try:
