@@ -1,4 +1,5 @@
-"""The gateway's app: ``create_app(settings)``; one address for every service.
+"""The gateway's app: ``create_app(parts)`` (parts.py; settings are built into parts);
+one address for every service.
 
 Paths go to the service the routing table (services/gateway/routes.py) names;
 ``/v1/models`` merges the services' models; ``/health``, ``/ready`` and the web
@@ -22,37 +23,38 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from services.gateway.console import mount_console
+from services.gateway.parts import Parts, build
 from services.gateway.proxy import Proxy, checked_target
 from services.gateway.routes import MODELS_FROM, service_for
 from services.gateway.settings import GatewaySettings
 from shared import __version__
 from shared.errors import NotFound, install_error_handlers
-from shared.metrics import Metrics
-from shared.settings import load_settings
 from shared.web import RequestContextMiddleware
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 CLIENT_GONE = 499
 
 
-def create_app(settings: GatewaySettings | None = None) -> FastAPI:
-    settings = settings or load_settings(GatewaySettings)
-    proxy = Proxy(settings.upstreams(), settings.connect_timeout_s)
+def create_app(parts: Parts | GatewaySettings | None = None) -> FastAPI:
+    if not isinstance(parts, Parts):
+        parts = build(parts)
+    made = parts
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            await proxy.aclose()
+            await made.close()
 
     app = FastAPI(
         title="baton gateway", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
-    app.state.settings, app.state.proxy = settings, proxy  # the routes' dependencies
+    settings = made.settings
+    app.state.settings, app.state.proxy = settings, made.proxy  # the routes' dependencies
     install_error_handlers(app)
     app.add_middleware(
-        RequestContextMiddleware, metrics=Metrics("gateway"), max_body_bytes=int(settings.max_body_mb * 1_048_576)
+        RequestContextMiddleware, metrics=made.metrics, max_body_bytes=int(settings.max_body_mb * 1_048_576)
     )
     app.include_router(router)
     mount_console(app, settings.dev_token_file)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -15,6 +16,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from harness.servers import REPO_ROOT, UvicornThread, free_port
 from services.gateway.app import create_app
+from services.gateway.parts import build
+from services.gateway.proxy import Proxy
 from services.gateway.routes import ROUTES, service_for
 from services.gateway.settings import GatewaySettings
 
@@ -200,3 +203,29 @@ def test_a_service_that_is_down_is_503_with_retry_after_and_without_its_address(
         ready = httpx.get(f"{server.url}/ready").json()
         assert ready["status"] == "ready" and ready["services"]["rag"] == "not ready"
         assert ready["services"]["llm"] == "ready"
+
+
+class CannedProxy(Proxy):
+    """A proxy whose services answer from a table, so the gateway's own routes run in
+    this process without a service listening anywhere."""
+
+    def __init__(self, answers: dict[tuple[str, str], tuple[int, Any]]) -> None:
+        super().__init__({name: "http://services.invalid" for name in ("llm", "transcription", "rag")}, 1.0)
+        self.answers = answers
+
+    async def get_json(self, service: str, path: str, headers: dict[str, str]) -> tuple[int, Any]:
+        return self.answers.get((service, path), (502, None))
+
+
+async def test_the_gateway_built_from_parts_uses_the_proxy_it_is_given() -> None:
+    listed = {"object": "list", "data": [{"id": "gemma", "object": "model"}]}
+    proxy = CannedProxy({("llm", "/v1/models"): (200, listed), ("llm", "/ready"): (200, {"status": "ready"})})
+    app = create_app(build(GatewaySettings(), proxy=proxy))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as http,
+    ):
+        assert (await http.get("/v1/models")).json()["data"] == listed["data"]
+        states = (await http.get("/ready")).json()["services"]
+        assert states["llm"] == "ready" and states["rag"] == "not ready"
+    assert proxy.client.is_closed  # the app's end closed the parts it was given
