@@ -1,6 +1,7 @@
 -- Every transition of the GPU lease, as one atomic script.
 --
--- The clock is Redis' own (TIME), in milliseconds, for every timestamp and deadline.
+-- The clock is Redis' own (TIME), in milliseconds, for every timestamp and deadline
+-- (a test may give its own, ARGV 9, to step through grace periods without waiting).
 -- Each call first brings the state up to date (expiry, dead waiters, grant to the
 -- head of the queue, yield requests and revocation), then does its operation.
 -- It returns a JSON object: {now, events, next_at, ...}. cjson writes an empty
@@ -11,7 +12,9 @@
 --       8 arrival counter  9 meta (hash)
 -- ARGV: 1 op  2 epoch expected by the caller  3 max_batch_wait_ms  4 yield_grace_ms
 --       5 history_size  6 max_queue  7 min_fence (highest fence the caller has seen)
---       8 key prefix (for the per-lease "ended" markers)  9.. op arguments
+--       8 key prefix (for the per-lease "ended" markers)
+--       9 the time in ms ('' in production: Redis' TIME; a test's clock otherwise)
+--       10.. op arguments
 --
 -- Device memory: the card's size (meta card_mb, 0 when unknown: a CPU) and each
 -- holder's declared need (meta vram:<holder>, from its last request) decide whether
@@ -32,8 +35,11 @@ local max_queue = tonumber(ARGV[6])
 local min_fence = tonumber(ARGV[7])
 local prefix = ARGV[8]
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(ARGV[9])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 
 local events = {}
 
@@ -53,17 +59,17 @@ local function reply(body)
 end
 
 if op == 'init' then
-  -- ARGV 9: epoch to create if none  10: epoch this coordinator knew ('' if none)
-  --      11: quarantine length in ms when the data was lost  12: waiter heartbeat ms
-  --      13: the card's memory in MB (0: unknown)  14: guaranteed batch slice in ms
-  --      15: a holder's turn in ms (see outranked)  16: an interactive holder's least hold in ms
-  redis.call('HSET', K_META, 'card_mb', ARGV[13], 'batch_slice_ms', ARGV[14], 'turn_ms', ARGV[15],
-    'min_hold_ms', ARGV[16] or '0')
+  -- ARGV 10: epoch to create if none  11: epoch this coordinator knew ('' if none)
+  --      12: quarantine length in ms when the data was lost  13: waiter heartbeat ms
+  --      14: the card's memory in MB (0: unknown)  15: guaranteed batch slice in ms
+  --      16: a holder's turn in ms (see outranked)  17: an interactive holder's least hold in ms
+  redis.call('HSET', K_META, 'card_mb', ARGV[14], 'batch_slice_ms', ARGV[15], 'turn_ms', ARGV[16],
+    'min_hold_ms', ARGV[17] or '0')
   local stored = redis.call('GET', K_EPOCH)
   if stored then
     -- A (re)starting coordinator: queued waiters could not refresh their heartbeat
     -- while none ran, so each gets one fresh heartbeat window to come back.
-    local window = now + tonumber(ARGV[12])
+    local window = now + tonumber(ARGV[13])
     local flat = redis.call('HGETALL', K_WAITERS)
     for i = 1, #flat, 2 do
       local w = cjson.decode(flat[i + 1])
@@ -80,12 +86,12 @@ if op == 'init' then
   local counter = tonumber(redis.call('GET', K_FENCE) or '0')
   local floor = math.max(counter, min_fence, now)
   redis.call('SET', K_FENCE, string.format('%d', floor))
-  redis.call('SET', K_EPOCH, ARGV[9])
-  local lost = ARGV[10] ~= ''
+  redis.call('SET', K_EPOCH, ARGV[10])
+  local lost = ARGV[11] ~= ''
   local quarantine = 0
-  if lost then quarantine = now + tonumber(ARGV[11]) end
+  if lost then quarantine = now + tonumber(ARGV[12]) end
   redis.call('HSET', K_META, 'quarantine_until', string.format('%d', quarantine))
-  return reply({epoch = ARGV[9], quarantine_until = quarantine, lost = lost})
+  return reply({epoch = ARGV[10], quarantine_until = quarantine, lost = lost})
 end
 
 if redis.call('GET', K_EPOCH) ~= ARGV[2] then
@@ -377,13 +383,13 @@ if op == 'advance' then
 end
 
 if op == 'enqueue' then
-  -- ARGV 9 waiter id  10 holder  11 priority  12 ttl_ms  13 heartbeat ms  14 lease id
-  --      15 the device memory the holder needs, in MB (0: none declared)
-  local id = ARGV[9]
+  -- ARGV 10 waiter id  11 holder  12 priority  13 ttl_ms  14 heartbeat ms  15 lease id
+  --      16 the device memory the holder needs, in MB (0: none declared)
+  local id = ARGV[10]
   local w = waiter_get(id)
   if w then
     if not w.granted then
-      w.hb_until = now + tonumber(ARGV[13])
+      w.hb_until = now + tonumber(ARGV[14])
       redis.call('HSET', K_WAITERS, id, cjson.encode(w))
     end
   else
@@ -391,8 +397,8 @@ if op == 'enqueue' then
       local l0, next0 = advance()
       return reply({full = true, next_at = next0})
     end
-    w = {holder = ARGV[10], priority = ARGV[11], ttl_ms = tonumber(ARGV[12]), requested_at = now,
-         hb_until = now + tonumber(ARGV[13]), lease_id = ARGV[14], vram_mb = tonumber(ARGV[15]) or 0}
+    w = {holder = ARGV[11], priority = ARGV[12], ttl_ms = tonumber(ARGV[13]), requested_at = now,
+         hb_until = now + tonumber(ARGV[14]), lease_id = ARGV[15], vram_mb = tonumber(ARGV[16]) or 0}
     if w.priority == 'batch' then
       w.waited_before = tonumber(redis.call('HGET', K_META, 'waited:' .. w.holder) or '0')
     end
@@ -409,9 +415,9 @@ if op == 'enqueue' then
 end
 
 if op == 'leave' then
-  -- ARGV 9 waiter id  10 mode: 'take' returns a grant made in the meantime,
+  -- ARGV 10 waiter id  11 mode: 'take' returns a grant made in the meantime,
   -- 'cancel' releases it (the caller is gone).
-  local id, mode = ARGV[9], ARGV[10]
+  local id, mode = ARGV[10], ARGV[11]
   local l = lease_get()
   local body = {}
   if l and l.waiter == id and now < l.expires_at then
@@ -430,9 +436,9 @@ if op == 'leave' then
 end
 
 if op == 'heartbeat' then
-  -- ARGV 9 heartbeat ms  10.. waiter ids
-  local until_ = now + tonumber(ARGV[9])
-  for i = 10, #ARGV do
+  -- ARGV 10 heartbeat ms  11.. waiter ids
+  local until_ = now + tonumber(ARGV[10])
+  for i = 11, #ARGV do
     local w = waiter_get(ARGV[i])
     if w and not w.granted then
       w.hb_until = until_
@@ -444,9 +450,9 @@ if op == 'heartbeat' then
 end
 
 if op == 'renew' then
-  -- ARGV 9 lease id
+  -- ARGV 10 lease id
   local l, next_at = advance()
-  if not l or l.lease_id ~= ARGV[9] then return gone(ARGV[9]) end
+  if not l or l.lease_id ~= ARGV[10] then return gone(ARGV[10]) end
   if l.revoked == 1 then return reply({gone = 'revoked'}) end
   l.expires_at = now + l.ttl_ms
   redis.call('HSET', K_LEASE, 'expires_at', string.format('%d', l.expires_at))
@@ -455,14 +461,14 @@ if op == 'renew' then
 end
 
 if op == 'release' then
-  -- ARGV 9 lease id  10 hand-over path ('' if not reported)  11 its duration in ms.
+  -- ARGV 10 lease id  11 hand-over path ('' if not reported)  12 its duration in ms.
   -- One advance, after the release: it also expires and grants.
   local l = lease_get()
-  if not l or l.lease_id ~= ARGV[9] or now >= l.expires_at then
+  if not l or l.lease_id ~= ARGV[10] or now >= l.expires_at then
     advance()
-    return gone(ARGV[9])
+    return gone(ARGV[10])
   end
-  end_lease(l, 'released', ARGV[10], ARGV[11])
+  end_lease(l, 'released', ARGV[11], ARGV[12])
   local _, next_at = advance()
   return reply({released = true, next_at = next_at})
 end
@@ -475,9 +481,9 @@ if op == 'status' then
 end
 
 if op == 'history' then
-  -- ARGV 9 limit
+  -- ARGV 10 limit
   local l, next_at = advance()
-  local limit = tonumber(ARGV[9])
+  local limit = tonumber(ARGV[10])
   local items = {}
   if l and limit > 0 then
     items[1] = {fence = l.fence, holder = l.holder, priority = l.priority, requested_at = l.requested_at,

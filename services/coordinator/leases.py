@@ -132,8 +132,12 @@ class LeaseManager:
         metrics: CoordinatorMetrics | None = None,
         card_mb: int = 0,
         audit: Audit | None = None,
+        clock: Callable[[], int] | None = None,
     ) -> None:
+        """``clock``: the time in milliseconds, for a test that steps through the policy's
+        grace periods; by default every timestamp and deadline is Redis' own clock."""
         self._redis = redis
+        self._clock = clock
         self._audit = audit
         self._audits: set[asyncio.Task[None]] = set()
         self._settings = settings
@@ -191,6 +195,7 @@ class LeaseManager:
             s.max_queue,
             self._min_fence,
             s.key_prefix,
+            "" if self._clock is None else self._clock(),
             *args,
         ]
         try:
@@ -348,6 +353,11 @@ class LeaseManager:
                 self._deadline = loop.time() + 0.5
 
     # -- operations ----------------------------------------------------------
+
+    async def tick(self) -> None:
+        """Bring the lease up to date now (expiry, grants, yield requests, revocation), as
+        the timer does at each deadline; for a test whose clock has just moved."""
+        await self._call("advance")
 
     async def acquire(
         self,

@@ -1,13 +1,15 @@
-"""The coordinator on a real Redis: its app served in this process over real HTTP
-(``serve_coordinator``: a thread, started in milliseconds), or a real process
-(``start_coordinator``) for the tests about processes (restarts, limits across
-processes); and helpers to drive either."""
+"""The coordinator on a real Redis: its lease manager alone on a test clock
+(``leases``: the policy's grace periods stepped through, never waited out), its app
+served in this process over real HTTP (``serve_coordinator``: a thread, started in
+milliseconds), or a real process (``start_coordinator``) for the tests about processes
+(restarts, limits across processes); and helpers to drive them."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,13 @@ import pytest
 
 from harness.servers import RedisServer, Served, ServiceProcess, UvicornThread
 from services.coordinator.app import create_app
+from services.coordinator.leases import Grant, LeaseManager
 from services.coordinator.settings import CoordinatorSettings
+from shared.events import EventBus, Subscription
 from shared.gpu import GpuClient
 from shared.settings import AuthSettings
 from shared.sse_reader import aread_events
+from shared.store import open_redis
 from tests.conftest import Mint
 
 StartCoordinator = Callable[..., ServiceProcess]
@@ -50,6 +55,92 @@ def start_coordinator(redis_server: RedisServer, key_prefix: str, log_dir: Path)
     yield start
     for service in started:
         service.stop()
+
+
+class Clock:
+    """A test's time in milliseconds: it moves only when the test moves it."""
+
+    def __init__(self) -> None:
+        self.ms = int(time.time() * 1000)
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+class Leases:
+    """One ``LeaseManager`` on the real Redis and the real script, timed by a ``Clock``."""
+
+    def __init__(self, manager: LeaseManager, clock: Clock) -> None:
+        self.manager = manager
+        self.clock = clock
+        self.waiting: list[asyncio.Task[Grant]] = []
+
+    async def advance(self, ms: int) -> None:
+        """Move the clock, then run the script as the manager's timer would at a deadline."""
+        self.clock.ms += ms
+        await self.manager.tick()
+
+    async def until(self, at_s: float) -> None:
+        """Move the clock to ``at_s`` (a timestamp the manager gave, in seconds)."""
+        await self.advance(round(at_s * 1000) - self.clock.ms)
+
+    async def acquire(self, holder: str, priority: str = "interactive", ttl_ms: int = 60000) -> Grant:
+        return await self.manager.acquire(holder, priority, ttl_ms, wait_ms=0)  # type: ignore[arg-type]
+
+    async def enqueue(self, holder: str, priority: str, position: int, ttl_ms: int = 60000) -> asyncio.Task[Grant]:
+        """A waiting acquire, once it is queued at ``position`` (1-based)."""
+        task = asyncio.create_task(self.manager.acquire(holder, priority, ttl_ms, wait_ms=60000))  # type: ignore[arg-type]
+        self.waiting.append(task)
+        async with asyncio.timeout(10):
+            while len(await self.queue()) != position:
+                await asyncio.sleep(0)
+        return task
+
+    async def queue(self) -> list[str]:
+        return [waiter["holder"] for waiter in (await self.manager.status())["queue"]]
+
+    async def holder(self) -> str | None:
+        found: str | None = (await self.manager.status())["holder"]
+        return found
+
+
+async def next_event(events: Subscription, kind: str) -> dict[str, Any]:
+    """The next event of ``kind`` on a subscription of the manager's bus."""
+    async with asyncio.timeout(10):
+        while (event := await events.get()) is not None:
+            if event["type"] == kind:
+                return event
+    raise AssertionError(f"the bus ended before a {kind} event")
+
+
+MakeLeases = Callable[..., Awaitable[Leases]]
+
+
+@pytest.fixture
+async def leases(redis_server: RedisServer, key_prefix: str, auth_settings: AuthSettings) -> AsyncIterator[MakeLeases]:
+    """``leases(**settings)``: a started manager on a test clock. A waiter's heartbeat
+    lasts a minute of that clock, so the steps a test takes never drop it."""
+    made: list[Leases] = []
+    redis = open_redis(redis_server.url, 5.0)
+
+    async def make(**settings: Any) -> Leases:
+        defaults: dict[str, Any] = {"waiter_heartbeat_ms": 60000, "other_services": "interactive"}
+        chosen = CoordinatorSettings(
+            auth=auth_settings, redis_url=redis_server.url, key_prefix=key_prefix, **(defaults | settings)
+        )
+        clock = Clock()
+        manager = LeaseManager(redis, chosen, EventBus(), clock=clock)
+        await manager.start()
+        made.append(Leases(manager, clock))
+        return made[-1]
+
+    yield make
+    for gpu in made:
+        for task in gpu.waiting:  # a test that failed may leave one waiting
+            task.cancel()
+        await asyncio.gather(*gpu.waiting, return_exceptions=True)
+        await gpu.manager.stop()
+    await redis.aclose()
 
 
 ServeCoordinator = Callable[..., Served]

@@ -1,16 +1,18 @@
-"""Who goes next, and when a holder is asked (then forced) to give the card back."""
+"""Who goes next, and when a holder is asked (then forced) to give the card back: through
+the API, and on the lease manager with a test clock where the rule is about time (the
+grace periods are stepped through, never waited out)."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
 import httpx
 import pytest
 
+from services.coordinator.leases import LeaseGone
 from shared.gpu import GpuClient, LeaseLost, LeaseRequest
-from tests.services.coordinator.conftest import Api, Events, ServeCoordinator, Served
+from tests.services.coordinator.conftest import Api, Events, MakeLeases, ServeCoordinator, Served, next_event
 
 ApiFactory = Callable[[Served], Api]
 
@@ -48,27 +50,26 @@ async def test_interactive_before_batch_and_fifo_within_each(
     assert fences == sorted(fences) and len(set(fences)) == 6
 
 
-async def test_a_starving_batch_waiter_goes_first(serve_coordinator: ServeCoordinator, api_factory: ApiFactory) -> None:
-    api = api_factory(serve_coordinator(max_batch_wait_ms=400, yield_grace_ms=60000))
-    held = (await api.acquire("llm")).json()
-    batch = await enqueue(api, "transcription", "batch", 1)
+async def test_a_starving_batch_waiter_goes_first(leases: MakeLeases) -> None:
+    gpu = await leases(max_batch_wait_ms=400, yield_grace_ms=60000)
+    held = await gpu.acquire("llm")
+    batch = await gpu.enqueue("transcription", "batch", 1)
 
     # Until the batch waiter has waited long enough, an interactive newcomer goes first...
-    state = await api.gpu()
-    assert state["queue"][0]["waiting_ms"] < 400
-    interactive = await enqueue(api, "chat", "interactive", 2)
-    assert [w["holder"] for w in (await api.gpu())["queue"]] == ["chat", "transcription"]
+    await gpu.advance(399)
+    assert (await gpu.manager.status())["queue"][0]["waiting_ms"] < 400
+    interactive = await gpu.enqueue("chat", "interactive", 2)
+    assert await gpu.queue() == ["chat", "transcription"]
 
-    # ...once it has waited longer than COORDINATOR_MAX_BATCH_WAIT_MS, it is next.
-    async with asyncio.timeout(5):
-        while (await api.gpu())["queue"][0]["holder"] != "transcription":
-            await asyncio.sleep(0.02)
-    await api.release(held["lease_id"])
-    granted = (await batch).json()
-    assert granted["holder"] == "transcription"
-    assert granted["waited_ms"] >= 400
-    await api.release(granted["lease_id"])
-    assert (await interactive).json()["holder"] == "chat"
+    # ...once it has waited COORDINATOR_MAX_BATCH_WAIT_MS, it is next.
+    await gpu.advance(1)
+    assert await gpu.queue() == ["transcription", "chat"]
+    await gpu.manager.release(held.lease_id)
+    granted = await batch
+    assert granted.holder == "transcription"
+    assert granted.waited_ms >= 400
+    await gpu.manager.release(granted.lease_id)
+    assert (await interactive).holder == "chat"
 
 
 async def test_yield_is_requested_at_once_and_cleared_when_nobody_waits(
@@ -93,52 +94,54 @@ async def test_yield_is_requested_at_once_and_cleared_when_nobody_waits(
 
 
 async def test_a_holder_that_ignores_the_yield_is_revoked_and_the_waiter_waits_for_its_ttl(
-    serve_coordinator: ServeCoordinator, api_factory: ApiFactory, events_for: Callable[[Served], Events]
+    leases: MakeLeases,
 ) -> None:
-    coordinator = serve_coordinator(yield_grace_ms=300)
-    api = api_factory(coordinator)
-    stubborn = (await api.acquire("transcription", "batch", ttl_ms=2000)).json()
-    async with events_for(coordinator) as events:
-        waiter = asyncio.create_task(api.acquire("llm", "interactive", wait_ms=10000))
-        await events.wait_for(lambda e: e["type"] == "yield_requested")
+    gpu = await leases(yield_grace_ms=300)
+    stubborn = await gpu.acquire("transcription", "batch", ttl_ms=2000)
+    async with gpu.manager.bus.subscribe() as events:
+        waiter = await gpu.enqueue("llm", "interactive", 1)
+        await next_event(events, "yield_requested")
         # It keeps renewing, but does not release.
-        last_expiry = stubborn["expires_at"]
-        while True:
-            renewed = await api.renew(stubborn["lease_id"])
-            if renewed.status_code != 200:
-                break
-            last_expiry = renewed.json()["expires_at"]
-            await asyncio.sleep(0.05)
-        revoked = await events.wait_for(lambda e: e["type"] == "revoked")
-    assert renewed.status_code == 410
-    assert renewed.json()["error"]["code"] == "revoked"
-    assert revoked["fence"] == stubborn["fence"]
-    grant = (await waiter).json()
-    assert grant["holder"] == "llm"
-    assert grant["granted_at"] >= last_expiry - 0.002  # never before the revoked lease's TTL ran out
-    history = await api.history(limit=2)
+        last_expiry = stubborn.expires_at
+        with pytest.raises(LeaseGone) as gone:
+            for _ in range(100):  # 5 s of its clock, far past the grace
+                await gpu.advance(50)
+                last_expiry = (await gpu.manager.renew(stubborn.lease_id)).expires_at
+        revoked = await next_event(events, "revoked")
+    assert gone.value.reason == "revoked"
+    assert revoked["fence"] == stubborn.fence
+    await gpu.until(last_expiry - 0.001)
+    assert await gpu.holder() == "transcription"  # revoked, yet its TTL still runs
+    await gpu.until(last_expiry)
+    grant = await waiter
+    assert grant.holder == "llm"
+    assert grant.granted_at >= last_expiry - 0.002  # never before the revoked lease's TTL ran out
+    history = await gpu.manager.history(2)
     assert history[1]["end"] == "revoked"
     assert history[1]["ended_at"] >= last_expiry - 0.002
 
 
-async def test_a_holder_that_ignores_a_batch_waiter_is_revoked_too(
-    serve_coordinator: ServeCoordinator, api_factory: ApiFactory
-) -> None:
+async def test_a_holder_that_ignores_a_batch_waiter_is_revoked_too(leases: MakeLeases) -> None:
     """Any waiter starts the grace period once the holder has had its turn: an
     interactive holder cannot keep a job queued by ignoring its yield requests."""
-    api = api_factory(serve_coordinator(yield_grace_ms=200, max_batch_wait_ms=60000, turn_ms=300))
-    held = (await api.acquire("llm", "interactive", ttl_ms=2000)).json()
-    waiter = await enqueue(api, "transcription", "batch", 1)
+    gpu = await leases(yield_grace_ms=200, max_batch_wait_ms=60000, turn_ms=300)
+    held = await gpu.acquire("llm", "interactive", ttl_ms=2000)
+    waiter = await gpu.enqueue("transcription", "batch", 1)
     asked = []
-    async with asyncio.timeout(10):
-        while (renewed := await api.renew(held["lease_id"])).status_code == 200:
-            asked.append(renewed.json()["yield_requested"])
-            await asyncio.sleep(0.05)
+    expiry = held.expires_at
+    with pytest.raises(LeaseGone) as gone:
+        for _ in range(100):  # 5 s of its clock, far past its turn and the grace
+            await gpu.advance(50)
+            renewed = await gpu.manager.renew(held.lease_id)
+            asked.append(renewed.yield_requested)
+            expiry = renewed.expires_at
     assert asked == sorted(asked), "once asked, asked until it gives the card back"
-    assert renewed.status_code == 410 and renewed.json()["error"]["code"] == "revoked"
-    grant = (await waiter).json()
-    assert grant["holder"] == "transcription"
-    revoked = (await api.history(2))[1]
+    assert True in asked and False in asked
+    assert gone.value.reason == "revoked"
+    await gpu.until(expiry)
+    grant = await waiter
+    assert grant.holder == "transcription"
+    revoked = (await gpu.manager.history(2))[1]
     assert revoked["end"] == "revoked"
     assert revoked["ended_at"] - revoked["granted_at"] >= 0.3 + 0.2  # its turn, then the grace
 
@@ -179,37 +182,38 @@ async def test_only_a_waiter_that_outranks_the_holder_asks_before_its_turn(
 
 
 async def test_an_interactive_holder_keeps_the_card_its_least_hold_before_another_service_asks(
-    serve_coordinator: ServeCoordinator, api_factory: ApiFactory
+    leases: MakeLeases,
 ) -> None:
     """The soak's swap storm: the LLM and an upload, each asked to yield the instant it
     was granted. A batch holder is still asked at once (the upload-job case above)."""
-    api = api_factory(serve_coordinator(min_hold_ms=1000, turn_ms=60000))
-    held = (await api.acquire("transcription", "interactive", ttl_ms=5000)).json()
-    queued = await enqueue(api, "llm", "interactive", 1)
-    assert (await api.renew(held["lease_id"])).json()["yield_requested"] is False  # within its least hold
-    async with asyncio.timeout(20):
-        while not (await api.renew(held["lease_id"])).json()["yield_requested"]:
-            await asyncio.sleep(0.05)
-    asked_after = time.time() - held["granted_at"]
+    gpu = await leases(min_hold_ms=1000, turn_ms=60000)
+    held = await gpu.acquire("transcription", "interactive", ttl_ms=5000)
+    queued = await gpu.enqueue("llm", "interactive", 1)
+    assert (await gpu.manager.renew(held.lease_id)).yield_requested is False  # within its least hold
+    for _ in range(100):  # 5 s of its clock
+        if (await gpu.manager.renew(held.lease_id)).yield_requested:
+            break
+        await gpu.advance(50)
+    asked_after = gpu.clock.ms / 1000 - held.granted_at
     assert asked_after >= 1.0  # not before the least hold
     assert asked_after < 30  # and long before the turn
-    await api.release(held["lease_id"])
-    assert (await queued).json()["holder"] == "llm"
+    assert asked_after == pytest.approx(1.0, abs=0.002)  # at its first renewal past it
+    await gpu.manager.release(held.lease_id)
+    assert (await queued).holder == "llm"
 
 
-async def test_a_peer_gets_the_card_after_the_holders_turn(
-    serve_coordinator: ServeCoordinator, api_factory: ApiFactory
-) -> None:
-    api = api_factory(serve_coordinator(turn_ms=1000))
-    before = time.monotonic()
-    held = (await api.acquire("transcription", "interactive", ttl_ms=5000)).json()
-    queued = await enqueue(api, "transcription", "interactive", 1)
-    async with asyncio.timeout(20):
-        while not (await api.renew(held["lease_id"])).json()["yield_requested"]:
-            await asyncio.sleep(0.05)
-    assert time.monotonic() - before >= 1.0
-    await api.release(held["lease_id"])
-    assert (await queued).status_code == 201
+async def test_a_peer_gets_the_card_after_the_holders_turn(leases: MakeLeases) -> None:
+    gpu = await leases(turn_ms=1000)
+    held = await gpu.acquire("transcription", "interactive", ttl_ms=5000)
+    queued = await gpu.enqueue("transcription", "interactive", 1)
+    for _ in range(100):  # 5 s of its clock
+        if (await gpu.manager.renew(held.lease_id)).yield_requested:
+            break
+        await gpu.advance(50)
+    assert (await gpu.manager.status())["yield_requested"]
+    assert gpu.clock.ms / 1000 - held.granted_at >= 1.0 - 0.001
+    await gpu.manager.release(held.lease_id)
+    assert (await queued).holder == "transcription"
 
 
 async def test_the_client_sees_the_yield_and_hands_over(
