@@ -22,6 +22,7 @@ from services.coordinator.leases import (
 from services.coordinator.settings import CoordinatorSettings
 from shared.auth import SERVICE_SUBJECT_PREFIX
 from shared.errors import APIError, BadRequest, Gone, NotAllowed, ServiceUnavailable, TooManyRequests
+from shared.openapi import answers
 from shared.protocol.coordinator import GpuStatus, Handover, HistoryEntry, LeaseGrant, LeaseRequest, Renewal
 from shared.web import Caller, calling, signed_in, stream_slot, until_disconnected
 from shared.web import principal as principal_of
@@ -144,7 +145,12 @@ async def history(manager: Manager, limit: int = Query(default=50, ge=1, le=1000
     return [HistoryEntry(**item) for item in await manager.history(limit)]
 
 
-@router.get("/events", dependencies=readers, response_class=EventSourceResponse)
+@router.get(
+    "/events",
+    dependencies=readers,
+    response_class=EventSourceResponse,
+    responses=answers("text/event-stream", description="The lease's events as they happen (subscribed first)"),
+)
 async def events(request: Request, manager: Manager) -> EventSourceResponse:
     slot = await stream_slot(request)  # a user watching counts against their streams
 

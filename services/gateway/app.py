@@ -24,11 +24,11 @@ from starlette.requests import ClientDisconnect
 
 from services.gateway.console import mount_console
 from services.gateway.parts import Parts, build
-from services.gateway.proxy import Proxy, checked_target
+from services.gateway.proxy import RETRY_AFTER_S, UNREACHABLE, Proxy, checked_target
 from services.gateway.routes import MODELS_FROM, service_for
 from services.gateway.settings import GatewaySettings
 from shared import __version__
-from shared.errors import NotFound, install_error_handlers
+from shared.errors import NotFound, ServiceUnavailable, install_error_handlers
 from shared.web import RequestContextMiddleware
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
@@ -105,6 +105,8 @@ async def models(request: Request, proxy: Relay) -> Response:
     headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "x-request-id")}
     answers = await asyncio.gather(*(proxy.get_json(name, "/v1/models", headers) for name in MODELS_FROM))
     first_status, first_body = answers[0]
+    if first_body is None and first_status == UNREACHABLE:
+        raise _down(MODELS_FROM[0])
     if first_status != 200:
         return JSONResponse(first_body or {}, status_code=first_status)
     data: list[Any] = []
@@ -127,6 +129,9 @@ async def model(model_id: str, request: Request, proxy: Relay) -> Response:
     first_status, first_body = answers[0]
     if first_status in (401, 403):
         return JSONResponse(first_body or {}, status_code=first_status)
+    for name, (status, body) in zip(MODELS_FROM, answers, strict=True):
+        if body is None and status == UNREACHABLE:
+            raise _down(name)  # it may serve the model: "no such model" would be a guess
     raise NotFound(f"the model {model_id!r} does not exist", param="model", code="model_not_found")
 
 
@@ -140,6 +145,16 @@ async def relay(path: str, request: Request, proxy: Relay) -> Response:
         return await proxy.forward(service, request)
     except ClientDisconnect:
         return Response(status_code=CLIENT_GONE)  # nobody is left to read it
+
+
+def _down(service: str) -> ServiceUnavailable:
+    """A service that did not answer a GET of the gateway's own: 503, as a relayed request
+    to it would be, naming the service and never its address."""
+    return ServiceUnavailable(
+        f"the {service} service is not answering (starting or restarting); try again shortly",
+        retry_after_s=RETRY_AFTER_S,
+        code="service_unavailable",
+    )
 
 
 def _supervisor(path: Path | None) -> dict[str, Any]:

@@ -56,6 +56,8 @@ WRITTEN_HERE = frozenset({"date", "server"})
 
 REQUEST_ID = "x-request-id"
 FAILED_EVENT = "service_failed"
+UNREACHABLE = 502
+"""``get_json``'s status (with no body) for a service that did not answer."""
 RETRY_AFTER_S = 1.0
 """What a client is told to wait when a service is down: the supervisor starts it again
 within seconds."""
@@ -197,7 +199,7 @@ class Proxy:
         try:
             response = await self.client.get(self.upstreams[service] + path, headers=headers)
         except httpx.TransportError:
-            return 502, None
+            return UNREACHABLE, None
         try:
             return response.status_code, response.json()
         except ValueError:

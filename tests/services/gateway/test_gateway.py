@@ -14,12 +14,14 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from harness.routes import walk
 from harness.servers import REPO_ROOT, UvicornThread, free_port
 from services.gateway.app import create_app
 from services.gateway.parts import build
 from services.gateway.proxy import Proxy
 from services.gateway.routes import ROUTES, service_for
 from services.gateway.settings import GatewaySettings
+from shared.openapi import honest_openapi
 
 
 @pytest.mark.parametrize(
@@ -229,3 +231,26 @@ async def test_the_gateway_built_from_parts_uses_the_proxy_it_is_given() -> None
         states = (await http.get("/ready")).json()["services"]
         assert states["llm"] == "ready" and states["rag"] == "not ready"
     assert proxy.client.is_closed  # the app's end closed the parts it was given
+
+
+async def test_every_route_of_the_gateways_own_answers_in_process_as_documented() -> None:
+    """Its own routes, each asked once through the app built from parts, every service
+    down: a model list it cannot ask for is 503 in the envelope (it was a bare 502 ``{}``),
+    and a model it cannot look up is 503, not a guess of 404."""
+    app = create_app(build(GatewaySettings(), proxy=CannedProxy({})))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as http,
+    ):
+        answers = await walk(http, honest_openapi(app))
+        down = await http.get("/v1/models/gemma")
+    assert {(a.method, a.path) for a in answers} == {
+        ("GET", "/health"),
+        ("GET", "/ready"),
+        ("GET", "/v1/models"),
+        ("GET", "/v1/models/{model_id}"),
+    }
+    assert [a for a in answers if (a.status >= 500 and a.status != 503) or not a.as_documented] == []
+    assert {a.path: a.status for a in answers}["/v1/models"] == 503
+    assert down.status_code == 503 and down.json()["error"]["code"] == "service_unavailable"
+    assert down.headers["retry-after"] == "1" and "services.invalid" not in down.text

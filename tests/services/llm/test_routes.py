@@ -15,9 +15,11 @@ import httpx
 import pytest
 
 from baton.demo.databases import build
+from harness.routes import walk
 from harness.samples import WEATHER_TOOL
 from harness.servers import RedisServer, environment, free_port
 from services.llm.app import create_app
+from shared.openapi import honest_openapi
 from shared.sse_reader import read_json
 from tests.conftest import Mint
 
@@ -158,3 +160,17 @@ async def test_text_to_sql_and_its_seed_shapes(http: httpx.AsyncClient) -> None:
     assert info["model"] == "smollm2-135m-instruct" and info["context_size"] == 2048
     unknown = await http.post("/v1/sql", json={"question": "How many?", "database": "nope"})
     assert unknown.status_code in (400, 404) and unknown.json()["error"]["param"] == "database"
+
+
+async def test_every_route_answers_in_process_as_documented(llm_app: App) -> None:
+    """Each operation of /openapi.json asked once with the least a client sends (an empty
+    body, ``x`` for an id), with every scope: no 5xx, no 405, each status documented."""
+    async with llm_app.client() as http:
+        document = honest_openapi(llm_app.app)
+        http.headers["Authorization"] = f"Bearer {llm_app.mint()}"
+        answers = await walk(http, document)
+    walked = {(a.method, a.path) for a in answers}
+    assert walked == {(m.upper(), p) for p, ops in document["paths"].items() for m in ops}
+    wrong = [a for a in answers if a.status >= 500 or a.status == 405 or not a.as_documented]
+    assert wrong == [], wrong
+    assert len(answers) >= 20

@@ -20,12 +20,14 @@ from openai.types.audio import Transcription, TranscriptionSegment, Transcriptio
 from openai.types.audio.transcription import UsageDuration
 from pydantic import TypeAdapter
 
+from harness.routes import walk
 from harness.servers import RedisServer
 from services.transcription.app import create_app
 from services.transcription.parts import build
 from services.transcription.schemas import JobEvent, TranscriptDelta, TranscriptDone
 from services.transcription.settings import TranscriptionSettings
-from shared.auth import ON_BEHALF_OF
+from shared.auth import ON_BEHALF_OF, SCOPES
+from shared.openapi import honest_openapi
 from shared.settings import AuthSettings
 from shared.sse_reader import read_json
 from tests.conftest import Mint
@@ -286,3 +288,16 @@ async def test_a_job_from_upload_to_index_is_its_owners_alone(tx_app: App, http:
     assert len(sent) == 1 and sent[0]["source"] == "meeting.ogg" and sent[0]["recorded_at"].startswith("2026-12-01")
     assert tx_app.indexed.for_whom[tx_app.indexed.bodies.index(sent[0])] == "tester"
     assert " ".join(s["text"] for s in sent[0]["segments"]).split() == done["text"].split()
+
+
+async def test_every_route_answers_in_process_as_documented(tx_app: App) -> None:
+    """Each operation of /openapi.json asked once with the least a client sends (an empty
+    body, ``x`` for an id), with every scope: no 5xx, no 405, each status documented."""
+    document = honest_openapi(tx_app.app)
+    async with tx_app.client(*SCOPES) as http:
+        answers = await walk(http, document)
+    walked = {(a.method, a.path) for a in answers}
+    assert walked == {(m.upper(), p) for p, ops in document["paths"].items() for m in ops}
+    wrong = [a for a in answers if a.status >= 500 or a.status == 405 or not a.as_documented]
+    assert wrong == [], wrong
+    assert len(answers) >= 15
