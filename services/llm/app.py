@@ -9,13 +9,13 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from services.llm.answer import ClientGone
+from services.llm.chat.answer import ClientGone
+from services.llm.chat.routes import client_gone, router
 from services.llm.completions.routes import router as completions_router
 from services.llm.engine import Engine, can_offload
 from services.llm.parts import Parts, build
 from services.llm.responses.routes import router as responses_router
 from services.llm.responses.store import ResponseLinks
-from services.llm.routes import client_gone, router
 from services.llm.settings import LLMSettings
 from services.llm.sql.routes import router as sql_router
 from shared import __version__

@@ -9,16 +9,16 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.llm.backends import BackendsFileError
-from services.llm.backends import load as load_backends
-from services.llm.cache import ResponseCache
-from services.llm.chat import ChatMetrics, ChatService
-from services.llm.conversations import ConversationStore
+from services.llm.backends.config import BackendsFileError
+from services.llm.backends.config import load as load_backends
+from services.llm.backends.remote import BackendMetrics, Remote
+from services.llm.chat.cache import ResponseCache
+from services.llm.chat.service import ChatMetrics, ChatService
+from services.llm.conversations.store import ConversationStore
 from services.llm.engine import Engine
 from services.llm.engine.grammar import GrammarLimits
 from services.llm.gpu_policy import GpuPolicy, GpuPolicyMetrics
 from services.llm.memories import Memories
-from services.llm.remote import BackendMetrics, Remote
 from services.llm.settings import LLMSettings
 from services.llm.sql.databases import BadDatabaseUrl, Database, open_database
 from services.llm.sql.service import SqlService

@@ -94,7 +94,7 @@ class LLMSettings(ServiceSettings):
     Unset: estimated from the GGUF's size (shared.gpu.vram_estimate_mb), which leaves out
     a long context's KV cache: set it on a card where memory is tight."""
     backends_file: Path | None = None
-    """A YAML file of remote OpenAI-compatible backends and routing rules (services/llm/backends.py)."""
+    """A YAML file of remote OpenAI-compatible backends and routing rules (services/llm/backends/config.py)."""
     sql_databases: dict[str, str] = Field(default_factory=dict)
     """Databases ``POST /v1/sql`` may name, as JSON: ``{"inventory": "sqlite:////data/inventory.db",
     "sales": "postgresql://reader@db/sales"}``. SQLite files are opened read-only; on

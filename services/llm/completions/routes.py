@@ -1,5 +1,5 @@
 """``POST /v1/completions``: each prompt a session of its own in the batch, the answers
-read together as the response's choices (services/llm/choices.py)."""
+read together as the response's choices (services/llm/chat/choices.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from services.llm.answer import Answer
-from services.llm.chat import ChatService
-from services.llm.choices import Ended, close_all, merged, whole_choices
+from services.llm.chat.answer import Answer
+from services.llm.chat.choices import Ended, close_all, merged, whole_choices
+from services.llm.chat.job import Job
+from services.llm.chat.routes import Chat, Chatter, opened
+from services.llm.chat.schemas import Usage
+from services.llm.chat.service import ChatService
+from services.llm.chat.streaming import closing
+from services.llm.chat.translate import check_tokens
 from services.llm.completions.schemas import (
     DEFAULT_MAX_TOKENS,
     MAX_PROMPTS,
@@ -23,11 +28,6 @@ from services.llm.completions.schemas import (
     LegacyLogprobs,
 )
 from services.llm.engine import Params, Prompt, TokenLogprob
-from services.llm.job import Job
-from services.llm.routes import Chat, Chatter, opened
-from services.llm.schemas import Usage
-from services.llm.streaming import closing
-from services.llm.translate import check_tokens
 from shared.errors import BadRequest
 from shared.openapi import answers
 from shared.sse import DONE, frame

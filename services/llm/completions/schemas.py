@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
-from services.llm.schemas import (
+from services.llm.chat.schemas import (
     MAX_LOGIT_BIAS,
     StreamOptions,
     Usage,

@@ -30,7 +30,7 @@ from services.llm.engine.grammar import GrammarGuard, GrammarLimits, GrammarRefu
 from services.llm.engine.model import Model, Shape
 from services.llm.engine.prompts import Message, Prompt, Vocabulary, into_system
 from services.llm.engine.sampling import SamplingParams
-from services.llm.schema_grammar import Unenforceable, gbnf
+from services.llm.tools.schema_grammar import Unenforceable, gbnf
 
 __all__ = [
     "BadSchema",
@@ -76,7 +76,7 @@ class Params:
     json_schema: dict[str, Any] | None = None
     json_object: bool = False
     grammar: str | None = None
-    """GBNF that constrains the output (tool calls, services.llm.tools; text-to-SQL)."""
+    """GBNF that constrains the output (tool calls, services.llm.tools.calls; text-to-SQL)."""
     grammar_param: str = "tools"
     """The request field ``grammar`` was made from, named when it is refused."""
     logit_bias: dict[int, float] = field(default_factory=dict)

@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.llm.answer import Answer, Done
+from services.llm.chat.answer import Answer, Done
 from services.llm.responses.schemas import ResponseRequest
-from services.llm.tools import ToolCall, parse_calls
+from services.llm.tools.calls import ToolCall, parse_calls
 from shared.sse import frame
 
 

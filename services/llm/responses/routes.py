@@ -7,13 +7,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from services.llm.answer import Done
+from services.llm.chat.answer import Done
+from services.llm.chat.routes import Chat, Chatter, Conversations, Translate, answer_whole, fresh_wanted, opened
+from services.llm.chat.streaming import closing
 from services.llm.responses.render import Shape, events, output, status_of
 from services.llm.responses.schemas import ResponseEvent, ResponseObject, ResponseRequest
 from services.llm.responses.store import ResponseLinks
 from services.llm.responses.translate import chat_request, renamed
-from services.llm.routes import Chat, Chatter, Conversations, Translate, answer_whole, fresh_wanted, opened
-from services.llm.streaming import closing
 from shared.errors import APIError
 from shared.openapi import answers
 from shared.web import stream_slot

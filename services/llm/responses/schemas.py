@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.llm.schemas import null_is_the_default, nulls_and_refusals
-from services.llm.tools import NAME
+from services.llm.chat.schemas import null_is_the_default, nulls_and_refusals
+from services.llm.tools.calls import NAME
 from shared.wire import Boolean, Number, PositiveInteger
 
 TEXT_PART: dict[str, Any] = {

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from services.llm.conversations import Conversation, ConversationStore
+from services.llm.conversations.store import Conversation, ConversationStore
 from shared.errors import NotFound
 
 LINK_TTL_S = 30 * 24 * 3600

@@ -8,8 +8,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from services.llm.chat.schemas import ChatCompletionRequest
 from services.llm.responses.schemas import ResponseRequest, SchemaFormat, TextOptions
-from services.llm.schemas import ChatCompletionRequest
 from shared.errors import BadRequest
 
 TEXT_PARTS = ("input_text", "output_text", "text")

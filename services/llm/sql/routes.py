@@ -9,10 +9,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 
-from services.llm.answer import whole
-from services.llm.chat import ChatService
+from services.llm.chat.answer import whole
+from services.llm.chat.routes import Chat
+from services.llm.chat.service import ChatService
 from services.llm.engine import Params
-from services.llm.routes import Chat
 from services.llm.sql.schemas import SeedInfo, SeedQueryRequest, SeedQueryResponse, SqlRequest, SqlResponse
 from services.llm.sql.service import Result, SqlService, Target
 from shared.web import calling, signed_in, until_disconnected

@@ -13,8 +13,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from services.llm.chat.job import Job
 from services.llm.engine import Message, Params
-from services.llm.job import Job
 from services.llm.sql.check import Checked, Refused, check
 from services.llm.sql.databases import Database, DatabaseUnavailable, QueryFailed, QueryTimeout
 from services.llm.sql.grammar import focused, select_grammar

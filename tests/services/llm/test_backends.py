@@ -22,8 +22,8 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from harness.servers import Served, UvicornThread, free_port, wait_until
-from services.llm.backends import BackendsFileError, load
-from services.llm.remote import Breaker
+from services.llm.backends.config import BackendsFileError, load
+from services.llm.backends.remote import Breaker
 from shared.gpu import LeaseRequest
 from shared.presets import PRESETS
 from tests.conftest import Mint
@@ -434,7 +434,7 @@ def test_vllm_as_a_backend_streams_and_reports_usage(start_llm: StartLlm, tmp_pa
 
 
 async def test_rules_route_by_hint_and_prompt_size_and_count_only_when_asked(tmp_path: Path) -> None:
-    from services.llm.remote import BackendMetrics, Remote
+    from services.llm.backends.remote import BackendMetrics, Remote
     from shared.metrics import Metrics
 
     path = backends_file(

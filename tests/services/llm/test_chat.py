@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from harness.servers import RedisServer, Served, ServiceProcess, wait_until
-from services.llm.schemas import ChatCompletionChunk
+from services.llm.chat.schemas import ChatCompletionChunk
 from shared.gpu import LeaseRequest
 from shared.sse_reader import read_events
 from tests.services.llm.conftest import Llm, StartLlm, closed_url

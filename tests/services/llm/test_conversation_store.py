@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from harness.servers import RedisServer
-from services.llm.conversations import ConversationStore, size_of
+from services.llm.conversations.store import ConversationStore, size_of
 from shared.errors import TooManyRequests, install_error_handlers
 
 

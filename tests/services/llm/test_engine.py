@@ -20,8 +20,8 @@ from services.llm.sql.check import check
 from services.llm.sql.grammar import select_grammar
 from services.llm.sql.schema import parse_ddl
 from services.llm.sql.service import prompt as sql_prompt
-from services.llm.tools import grammar as tools_grammar
-from services.llm.tools import parse_calls, parse_tools, with_tools
+from services.llm.tools.calls import grammar as tools_grammar
+from services.llm.tools.calls import parse_calls, parse_tools, with_tools
 from shared.presets import resolve
 
 PATH, _ = resolve("smollm2-135m-instruct", "llm")

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from services.llm.chat.prompting import ContextTooLong, fit
 from services.llm.engine import Engine, Message
 from services.llm.memories import Passage
-from services.llm.prompting import ContextTooLong, fit
 from shared.presets import resolve
 
 CONTEXT = 512

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 BARE = """
 import llama_cpp
-from services.llm.schema_grammar import gbnf
+from services.llm.tools.schema_grammar import gbnf
 from shared.presets import resolve
 params = llama_cpp.llama_model_default_params()
 params.vocab_only = True

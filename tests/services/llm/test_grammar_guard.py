@@ -13,10 +13,10 @@ import pytest
 
 from services.llm.engine import BadSchema, Params, grammar_text
 from services.llm.engine.grammar import GrammarGuard, GrammarLimits, GrammarRefused, check_schema, nesting
-from services.llm.schema_grammar import gbnf
 from services.llm.sql.grammar import focused, select_grammar, spelled
 from services.llm.sql.schema import parse_ddl
-from services.llm.tools import BadTool, calls_schema, grammar, parse_tools
+from services.llm.tools.calls import BadTool, calls_schema, grammar, parse_tools
+from services.llm.tools.schema_grammar import gbnf
 from shared.presets import resolve
 
 LIMITS = GrammarLimits()

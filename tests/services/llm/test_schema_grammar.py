@@ -11,7 +11,7 @@ from llama_cpp import llama_grammar
 
 from services.llm.engine import BadSchema, Params, grammar_text
 from services.llm.engine.grammar import GrammarLimits
-from services.llm.schema_grammar import Unenforceable, decimal_rules, gbnf, integer_bounds, integer_rule
+from services.llm.tools.schema_grammar import Unenforceable, decimal_rules, gbnf, integer_bounds, integer_rule
 
 RANGES = [(None, None), (0, None), (None, 0), (1, 7), (1, 600), (-5, 5), (-120, -3), (None, -7), (13, None), (0, 0)]
 

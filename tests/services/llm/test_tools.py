@@ -13,8 +13,8 @@ import pytest
 from llama_cpp import llama_grammar
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
 
-from services.llm.schemas import ChatMessage, prompt_messages
-from services.llm.tools import BadTool, chosen, grammar, parse_calls, parse_tools
+from services.llm.chat.schemas import ChatMessage, prompt_messages
+from services.llm.tools.calls import BadTool, chosen, grammar, parse_calls, parse_tools
 from tests.services.llm.conftest import Llm
 
 WEATHER: Any = {

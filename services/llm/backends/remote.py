@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 
-from services.llm.answer import Answer, Done
-from services.llm.backends import Backend, Backends
+from services.llm.backends.config import Backend, Backends
+from services.llm.chat.answer import Answer, Done
 from services.llm.engine import Message, Params
 from services.llm.memories import Passage, sources
 from shared.errors import BadGateway, BadRequest, ServiceUnavailable, TooManyRequests

@@ -9,12 +9,12 @@ from typing import Any
 
 from fastapi import Response
 
-from services.llm.answer import Answer, Done
-from services.llm.chat import Answering
-from services.llm.choices import Ended, close_all, merged
+from services.llm.chat.answer import Answer, Done
+from services.llm.chat.choices import Ended, close_all, merged
+from services.llm.chat.schemas import logprobs_out
+from services.llm.chat.service import Answering
 from services.llm.engine import TokenLogprob
-from services.llm.schemas import logprobs_out
-from services.llm.tools import parse_calls
+from services.llm.tools.calls import parse_calls
 from shared.limits import StreamSlot
 from shared.sse import DONE, ClosingStream, frame
 

@@ -9,7 +9,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from services.llm.answer import Answer, ClientGone, Done, whole
+from services.llm.chat.answer import Answer, ClientGone, Done, whole
 from services.llm.engine import TokenLogprob
 
 

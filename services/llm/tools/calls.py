@@ -25,7 +25,7 @@ from typing import Any
 
 from services.llm.engine import into_system
 from services.llm.engine.grammar import GrammarLimits, GrammarRefused, check_schema
-from services.llm.schema_grammar import Unenforceable, gbnf, rebased
+from services.llm.tools.schema_grammar import Unenforceable, gbnf, rebased
 
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_PARALLEL = 8

@@ -10,19 +10,19 @@ from dataclasses import dataclass, replace
 
 from pydantic import BaseModel
 
-from services.llm.chat import ChatService
-from services.llm.conversations import ConversationStore
-from services.llm.engine import Params
-from services.llm.engine.grammar import GrammarLimits
-from services.llm.job import Job
-from services.llm.schemas import (
+from services.llm.chat.job import Job
+from services.llm.chat.schemas import (
     ChatCompletionRequest,
     RagOptions,
     SchemaFormat,
     SeedChatRequest,
     prompt_messages,
 )
-from services.llm.tools import BadTool, Tool, chosen, grammar, parse_tools, with_tools
+from services.llm.chat.service import ChatService
+from services.llm.conversations.store import ConversationStore
+from services.llm.engine import Params
+from services.llm.engine.grammar import GrammarLimits
+from services.llm.tools.calls import BadTool, Tool, chosen, grammar, parse_tools, with_tools
 from shared.errors import BadRequest
 from shared.web import Caller
 

@@ -18,9 +18,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import numpy as np
 
-from services.llm.answer import Answer, ClientGone, Done
-from services.llm.cache import Cached, ResponseCache
-from services.llm.conversations import Conversation, ConversationStore
+from services.llm.backends.remote import Remote, RemoteSession, Upstream
+from services.llm.chat.answer import Answer, ClientGone, Done
+from services.llm.chat.cache import Cached, ResponseCache
+from services.llm.chat.job import Job
+from services.llm.chat.prompting import ContextTooLong, Fitted, fit, with_memories
+from services.llm.conversations.store import Conversation, ConversationStore
 from services.llm.engine import (
     BadSchema,
     Cancelled,
@@ -35,10 +38,7 @@ from services.llm.engine import (
 from services.llm.engine.grammar import GrammarRefused
 from services.llm.engine.kv import common_prefix
 from services.llm.gpu_policy import Ask, GpuBusy, GpuPolicy, Seat
-from services.llm.job import Job
 from services.llm.memories import Memories, Passage, sources
-from services.llm.prompting import ContextTooLong, Fitted, fit, with_memories
-from services.llm.remote import Remote, RemoteSession, Upstream
 from services.llm.settings import LLMSettings
 from shared.aio import Interrupted, unless
 from shared.errors import BadRequest, NotFound, TooManyRequests

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
-from services.llm.tools import MAX_PARALLEL, NAME, rendered_calls, rendered_result
+from services.llm.tools.calls import MAX_PARALLEL, NAME, rendered_calls, rendered_result
 from shared.protocol.rag import QueryFilter
 from shared.wire import Boolean, Fraction, Integer, Number, PositiveInteger, TopK
 
@@ -61,7 +61,7 @@ class ChatMessage(BaseModel):
 
 def prompt_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     """The messages as the chat template takes them: assistant calls and tool results in
-    the fallback format of services.llm.tools."""
+    the fallback format of services.llm.tools.calls."""
     calls_by_id: dict[str, str] = {}
     out = []
     for message in messages:
@@ -132,7 +132,7 @@ TOOL_SCHEMA: dict[str, Any] = {
         },
     },
 }
-"""What the service checks itself (services.llm.tools.parse_tools), so that its 400 names the tool."""
+"""What the service checks itself (services.llm.tools.calls.parse_tools), so that its 400 names the tool."""
 
 
 class FunctionName(BaseModel):

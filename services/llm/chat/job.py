@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.llm.conversations import Conversation
+from services.llm.chat.schemas import RagOptions
+from services.llm.conversations.store import Conversation
 from services.llm.engine import Message, Params, Prompt
-from services.llm.schemas import RagOptions
 
 
 @dataclass

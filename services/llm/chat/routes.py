@@ -12,12 +12,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from services.llm.answer import Done, whole
-from services.llm.chat import Answering, ChatService
-from services.llm.choices import Whole, close_all, whole_choices
-from services.llm.conversations import ConversationStore
-from services.llm.job import Job
-from services.llm.schemas import (
+from services.llm.chat.answer import Done, whole
+from services.llm.chat.choices import Whole, close_all, whole_choices
+from services.llm.chat.job import Job
+from services.llm.chat.schemas import (
     AssistantMessage,
     BatonExtras,
     ChatCompletion,
@@ -36,9 +34,11 @@ from services.llm.schemas import (
     Usage,
     logprobs_out,
 )
-from services.llm.streaming import closing, extras, openai_frames, seed_frames, usage_of
-from services.llm.tools import parse_calls
-from services.llm.translate import Translator
+from services.llm.chat.service import Answering, ChatService
+from services.llm.chat.streaming import closing, extras, openai_frames, seed_frames, usage_of
+from services.llm.chat.translate import Translator
+from services.llm.conversations.store import ConversationStore
+from services.llm.tools.calls import parse_calls
 from shared.limits import StreamSlot
 from shared.openapi import answers
 from shared.protocol.models import ModelCard, ModelList, found_model

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from services.llm.answer import Done
-    from services.llm.job import Job
+    from services.llm.chat.answer import Done
+    from services.llm.chat.job import Job
     from services.llm.memories import Passage
 
 
