@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -78,32 +78,50 @@ def token(fuzzed: LaunchedStack) -> str:
 
 
 @pytest.fixture(scope="module")
-def coordinator_fuzzed(
+def side_runs(
     fuzzed: LaunchedStack, token: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[subprocess.Popen[str], Path]]:
-    """The coordinator's run starts first and goes on beside the others: its cases mostly
-    wait (on leases and their deadlines), 137 in 126 s, where the other services' runs
-    are busy with thousands. One run each way (2026-12-07): beside the others it ran 134
-    cases and they ran about as many as one after another (RAG 6,023 vs 5,266,
-    transcription 5,522 vs 5,087, LLM 2,128 vs 2,378), the file in 238 s instead of 367;
-    all four at once cut the LLM's cases to 200."""
-    folder = tmp_path_factory.mktemp("fuzz-coordinator")
-    process = schemathesis(fuzzed, "coordinator", token, folder)
-    yield process, folder
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+) -> Iterator[dict[str, tuple[subprocess.Popen[str], Path]]]:
+    """The runs that start together, before the LLM's: RAG's, transcription's and the
+    coordinator's, whose cases mostly wait (on leases and their deadlines) and which goes
+    on beside the LLM's run too. All four at once cut the LLM's cases to 200 (of about
+    2,100), so the LLM's run starts once RAG's and transcription's have ended. Their
+    cases mostly wait on I/O, not the CPU: one after another (each beside the
+    coordinator) they ran RAG 6,023 and transcription 5,522 cases, the file 238 s; side
+    by side 6,514 and 6,494, the LLM 2,825 and the coordinator 160, the file 161 s
+    (one run each, 2026-12-07)."""
+    runs = {}
+    for service in SIDE:
+        folder = tmp_path_factory.mktemp(f"fuzz-{service}")
+        runs[service] = (schemathesis(fuzzed, service, token, folder), folder)
+    yield runs
+    for process, _ in runs.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
-@pytest.mark.parametrize("service", ["rag", "transcription", "llm", "coordinator"])
+SIDE = ("rag", "transcription", "coordinator")
+
+
+@pytest.mark.parametrize("service", [*SIDE[:2], "llm", SIDE[2]])
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     fuzzed: LaunchedStack,
     token: str,
-    coordinator_fuzzed: tuple[subprocess.Popen[str], Path],
+    side_runs: dict[str, tuple[subprocess.Popen[str], Path]],
     service: str,
     tmp_path: Path,
+    record_property: Callable[[str, object], None],
 ) -> None:
-    if service == "coordinator":
-        finished(*coordinator_fuzzed)
+    if service in side_runs:
+        process, folder = side_runs[service]
     else:
-        finished(schemathesis(fuzzed, service, token, tmp_path), tmp_path)
+        process, folder = schemathesis(fuzzed, service, token, tmp_path), tmp_path
+    finished(process, folder)
+    record_property(f"measured: schemathesis, {service}", cases(folder))
+
+
+def cases(folder: Path) -> str:
+    """What schemathesis says it ran (its summary's test-case line)."""
+    lines = (folder / "out.log").read_text(errors="replace").splitlines()
+    found = [line.strip() for line in lines if "test cases" in line.lower() or "generated" in line.lower()]
+    return found[-1] if found else "(no count in its output)"
