@@ -73,3 +73,12 @@ def walk_sync(client: TestClient, document: dict[str, Any]) -> list[Answer]:
             body = response.read().decode(errors="replace") if wanted else ""
         answers.append(ask.answer(response.status_code, body))
     return answers
+
+
+def misanswered(answers: list[Answer], document: dict[str, Any]) -> list[Answer]:
+    """The answers a test of every route refuses: a 5xx, a 405 (the route not reached), or
+    a status the document does not give. Every operation of ``document`` must have been
+    asked."""
+    asked = {(a.method, a.path) for a in answers}
+    assert asked == {(method.upper(), path) for path, ops in document["paths"].items() for method in ops}
+    return [a for a in answers if a.status >= 500 or a.status == 405 or not a.as_documented]
