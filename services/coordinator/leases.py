@@ -167,10 +167,16 @@ class LeaseManager:
     async def stop(self) -> None:
         """Stop timers. Waiters stay queued in Redis: callers retry with their waiter id."""
         self._stopping = True
+        self._wake.set()
         if self._ticker is not None:
+            # Cancelling alone is not enough on Python 3.11: asyncio.wait_for swallows a
+            # cancellation that arrives as its wait ends (the timer firing, or the wake
+            # above), and the loop went on; a test's teardown waited on it for 600 s.
+            # The loop also stops at its next turn once ``_stopping`` is set.
             self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+            # gather: the timer's CancelledError is a result here, while one that cancels
+            # the caller of stop still reaches it (suppressing it swallowed both).
+            await asyncio.gather(self._ticker, return_exceptions=True)
 
     @property
     def epoch(self) -> str | None:
@@ -328,7 +334,7 @@ class LeaseManager:
     async def _tick_loop(self) -> None:
         loop = asyncio.get_running_loop()
         heartbeat_every = self._settings.waiter_heartbeat_ms / 3000.0
-        while True:
+        while not self._stopping:
             now = loop.time()
             wake_at = self._deadline if self._deadline is not None else now + 5.0
             if self._waiters:

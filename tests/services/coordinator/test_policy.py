@@ -234,3 +234,16 @@ async def test_the_client_sees_the_yield_and_hands_over(
     with pytest.raises(LeaseLost):
         lease.check()
     await granted.release()
+
+
+async def test_the_manager_stops_even_when_its_timer_wakes_as_it_is_cancelled(leases: MakeLeases) -> None:
+    """Python 3.11's asyncio.wait_for swallows a cancellation that arrives as its wait
+    ends: a timer woken at that moment went on, and a teardown waited on it for 600 s."""
+    for _ in range(20):
+        gpu = await leases()
+        held = await gpu.acquire("llm")  # a deadline: the timer has something to wait for
+        gpu.manager._wake.set()  # the timer's wait ends in the same turn as the cancel
+        stopping = asyncio.create_task(gpu.manager.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=10)
+        assert stopping in done, "the manager's timer went on after it was cancelled"
+        await gpu.manager.release(held.lease_id)
