@@ -7,7 +7,9 @@ The runtime is Debian's podman behind its Docker API, driven by Debian's docker-
 built on a local Debian base (build argument), Chroma from the pinned chromadb and
 Redis from Debian's redis-server (docker/local/). The compose file the test runs is
 derived from compose.yaml: the CPU variant of compose.cpu.yaml applied (docker-compose v1
-has no ``!reset``), the local images named, free host ports.
+has no ``!reset``), the local images named, each service published on a host port the
+runtime picks as it binds (a port picked beforehand can be taken by another socket
+before the container binds it: that failed a CI run), read back once it is up.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import yaml
 
 from harness.apt import Unavailable
 from harness.containers import Podman, ensure_installed
-from harness.servers import REPO_ROOT, free_port, wait_until
+from harness.servers import REPO_ROOT, wait_until
 from harness.speech import long_meeting
 from tests.conftest import Mint
 from tests.test_compose import SERVICES, SETTINGS, load
@@ -58,7 +60,7 @@ def dockerfile_arg(name: str) -> str:
     return match.group(1)
 
 
-def derive(compose: dict[str, Any], images: dict[str, str], ports: dict[str, int]) -> dict[str, Any]:
+def derive(compose: dict[str, Any], images: dict[str, str]) -> dict[str, Any]:
     """compose.yaml as a CPU box without registry access runs it."""
     derived = copy.deepcopy(compose)
     cpu = load("compose.cpu.yaml")["services"]
@@ -71,8 +73,8 @@ def derive(compose: dict[str, Any], images: dict[str, str], ports: dict[str, int
             **cpu.get(name, {}).get("environment", {}),
             **TEST_ENV.get(name, {}),
         }
-        if name in ports:
-            service["ports"] = [f"127.0.0.1:{ports[name]}:{PORTS[name]}"]
+        if name in PORTS:
+            service["ports"] = [f"127.0.0.1::{PORTS[name]}"]  # the host port: whichever is free at bind time
         service["volumes"] = [re.sub(r"^\./", f"{REPO_ROOT}/", volume) for volume in service.get("volumes", [])]
     return derived
 
@@ -106,6 +108,13 @@ class Compose:
                 inspected = json.loads(self.podman("inspect", found[0]))[0]
                 states[service] = inspected["State"].get("Health", {}).get("Status", "") or inspected["State"]["Status"]
         return states
+
+    def published(self, service: str) -> str:
+        """The host address (127.0.0.1:port) the runtime published the service's port on."""
+        result = self("port", service, str(PORTS[service]))
+        address = result.stdout.strip()
+        assert result.returncode == 0 and re.fullmatch(r"127\.0\.0\.1:\d+", address), result.stdout + result.stderr
+        return address
 
     def logs(self) -> str:
         return self("logs", "--no-color", "--tail", "40").stdout[-12000:]
@@ -189,10 +198,8 @@ def stack(
     secret = folder / "jwt.secret"
     secret.write_text(jwt_secret)
     secret.chmod(0o644)  # read by the services' uid 10001 through the compose secret
-    ports = {name: free_port() for name in PORTS}
     file = folder / "compose.yaml"
-    file.write_text(yaml.safe_dump(derive(load("compose.yaml"), images, ports), sort_keys=False))
-    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    file.write_text(yaml.safe_dump(derive(load("compose.yaml"), images), sort_keys=False))
     with podman.api() as socket, podman.healthchecks(PROJECT):
         compose = Compose(podman, file, secret, socket)
         compose("down", "-v", "--remove-orphans")  # a run that was killed left it up
@@ -210,7 +217,7 @@ def stack(
             except AssertionError:
                 raise AssertionError(f"{compose.health()}\n{compose.logs()}") from None
             FIGURES["up to healthy (s)"] = round(time.monotonic() - started)
-            yield compose, urls
+            yield compose, {name: f"http://{compose.published(name)}" for name in PORTS}
         finally:
             down = compose("down", "-v", "--remove-orphans", timeout=300)
             left = podman("volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}")
