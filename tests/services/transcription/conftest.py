@@ -22,11 +22,13 @@ SPEECH = Path(__file__).resolve().parents[3] / "baton" / "demo" / "speech"
 MEETING = SPEECH / "meeting.ogg"
 REFERENCES: dict[str, str] = json.loads((SPEECH / "references.json").read_text())
 TEST_BEAM = 1
-"""The beam the tests decode with unless they say otherwise: greedy search takes about a
-third less CPU than the shipped beam of 5 (tiny.en, the meeting, 2 cores: 2.2 s against
-3.4 s), and what these tests assert (hand-overs, checkpoints, ownership, formats) is the
-same either way, since each compares transcripts decoded alike. The tests of accuracy
-decode as shipped."""
+"""The beam the service processes here decode with unless a test says otherwise: greedy
+search takes about a third less CPU than the shipped beam of 5 (tiny.en, the meeting, 2
+cores: 2.2 s against 3.4 s), and what these tests assert (hand-overs, checkpoints,
+ownership) is the same either way, since each compares transcripts decoded alike. The
+accuracy tests decode as shipped, and so does the in-process app (test_routes.py), whose
+speaker tests check words of short clips that greedy search gets wrong ("finance team"
+heard as "fine and steam")."""
 
 
 def words(text: str) -> list[str]:

@@ -31,7 +31,7 @@ from shared.openapi import honest_openapi
 from shared.settings import AuthSettings
 from shared.sse_reader import read_json
 from tests.conftest import Mint
-from tests.services.transcription.conftest import MEETING, SPEECH, TEST_BEAM, silence
+from tests.services.transcription.conftest import MEETING, SPEECH, silence
 
 
 class Indexed:
@@ -81,7 +81,6 @@ async def tx_app(
         max_upload_mb=1,
         max_duration_s=100,
         index_retry_max_s=1,
-        beam_size=TEST_BEAM,
     )
     indexed = Indexed()
     app = create_app(build(settings, rag_transport=httpx.MockTransport(indexed)))
