@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,7 +70,10 @@ def test_the_console_works_in_firefox(firefox: Firefox, launched: LaunchedStack)
     answer = "document.querySelector('#messages .assistant')"
     assert firefox.run(f"{answer}.querySelector('.error')") is None
     assert firefox.run(f"{answer}.querySelectorAll('.piece').length") > 1
-    assert "meeting.ogg at " in firefox.run(f"{answer}.querySelector('.source').textContent")
+    # A transcript of the meeting: this test's upload, or the Chromium test's (the meeting
+    # three times over) when it ran first on the same stack and its passage ranks higher.
+    source = firefox.run(f"{answer}.querySelector('.source').textContent")
+    assert re.search(r"\bmeeting(-x3)?\.ogg at ", source), source
 
     until(firefox, "document.querySelectorAll('#timeline .bar').length > 0", 30, "the timeline")
     holders = firefox.run("[...document.querySelectorAll('#timeline .lane')].map((l) => l.dataset.holder)")
