@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import Path as FastApiPath
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
@@ -18,12 +19,13 @@ from services.coordinator.leases import (
     QueueFull,
     StoreUnavailable,
     WaitOver,
+    Withdrawn,
 )
 from services.coordinator.settings import CoordinatorSettings
 from shared.auth import SERVICE_SUBJECT_PREFIX
 from shared.errors import APIError, BadRequest, Gone, NotAllowed, ServiceUnavailable, TooManyRequests
 from shared.openapi import answers
-from shared.protocol.coordinator import GpuStatus, Handover, HistoryEntry, LeaseGrant, LeaseRequest, Renewal
+from shared.protocol.coordinator import WAITER_ID, GpuStatus, Handover, HistoryEntry, LeaseGrant, LeaseRequest, Renewal
 from shared.web import Caller, calling, signed_in, stream_slot, until_disconnected
 from shared.web import principal as principal_of
 
@@ -45,6 +47,7 @@ DOMAIN_ERRORS: dict[type[Exception], Callable[[Any], APIError]] = {
     WaitOver: lambda exc: ServiceUnavailable(
         "the GPU was not granted within wait_ms", retry_after_s=exc.retry_after_s, code="wait_over"
     ),
+    Withdrawn: lambda exc: Gone("this ask was withdrawn (DELETE /v1/waiters/{waiter_id})", code="withdrawn"),
 }
 """How the lease manager's errors are answered (the app maps them once: shared.errors.map_errors)."""
 
@@ -84,7 +87,12 @@ def _lease_id(lease_id: str) -> str:
     return lease_id
 
 
-@router.post("/leases", status_code=201, response_model=LeaseGrant)
+@router.post(
+    "/leases",
+    status_code=201,
+    response_model=LeaseGrant,
+    responses={410: {"description": "The ask was withdrawn before this request of it arrived"}},
+)
 async def acquire(
     body: LeaseRequest, request: Request, name: Service, manager: Manager, settings: Settings
 ) -> Response:
@@ -113,6 +121,19 @@ async def acquire(
         return Response(status_code=499)  # the caller left; nobody reads this
     # Dumped, not validated again: the grant was built from the script's own output.
     return JSONResponse(grant.model_dump(exclude={"requested_at"}), status_code=201)
+
+
+@router.delete("/waiters/{waiter_id}", status_code=204)
+async def withdraw(
+    waiter_id: Annotated[str, FastApiPath(pattern=WAITER_ID, description="The ask's waiter_id.")],
+    _: Service,
+    manager: Manager,
+) -> Response:
+    """Take an ask back: it leaves the queue, a lease already granted to it is released,
+    and the ask arriving later is refused. For a holder that stopped reading its
+    ``POST /v1/leases`` (cancelled) and cannot know whether the grant was made."""
+    await manager.withdraw(waiter_id)
+    return Response(status_code=204)
 
 
 @router.post("/leases/{lease_id}/renew", responses=GONE)

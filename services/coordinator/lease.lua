@@ -387,6 +387,10 @@ if op == 'enqueue' then
   --      16 the device memory the holder needs, in MB (0: none declared)
   local id = ARGV[10]
   local w = waiter_get(id)
+  if not w and redis.call('EXISTS', prefix .. 'withdrawn:' .. id) == 1 then
+    local _, next_w = advance()
+    return reply({withdrawn = true, next_at = next_w})
+  end
   if w then
     if not w.granted then
       w.hb_until = now + tonumber(ARGV[14])
@@ -416,8 +420,13 @@ end
 
 if op == 'leave' then
   -- ARGV 10 waiter id  11 mode: 'take' returns a grant made in the meantime,
-  -- 'cancel' releases it (the caller is gone).
+  -- 'cancel' releases it (the caller is gone), 'withdraw' too, for a caller that took
+  -- its ask back and may not have seen the grant (ARGV 12: how long, in ms, an enqueue
+  -- of this id is refused afterwards: its request may reach the store after this).
   local id, mode = ARGV[10], ARGV[11]
+  if mode == 'withdraw' then
+    redis.call('SET', prefix .. 'withdrawn:' .. id, '1', 'PX', tonumber(ARGV[12]))
+  end
   local l = lease_get()
   local body = {}
   if l and l.waiter == id and now < l.expires_at then

@@ -51,8 +51,17 @@ class WaitOver(Exception):
         self.retry_after_s = retry_after_s
 
 
+WITHDRAWN_KEPT_MS = 600_000
+"""How long a withdrawn waiter's id is refused: longer than any request can take to
+reach the store (its wait is at most 5 minutes)."""
+
+
 class CallerGone(Exception):
     """The caller disconnected while waiting; it left the queue."""
+
+
+class Withdrawn(Exception):
+    """The ask was taken back (``withdraw``) before this request of it arrived."""
 
 
 class LeaseGone(Exception):
@@ -399,6 +408,8 @@ class LeaseManager:
             )
             if result.get("full"):
                 raise QueueFull(retry_after_s=1.0)
+            if result.get("withdrawn"):
+                raise Withdrawn()
             if "grant" in result:
                 return _grant_from(result["grant"])
             waited = "no"
@@ -448,6 +459,12 @@ class LeaseManager:
             yield_requested=bool(result["yield_requested"]),
             free_memory=bool(result.get("free_memory", False)),
         )
+
+    async def withdraw(self, waiter_id: str) -> None:
+        """A caller takes back its ask, not knowing whether it was granted (it stopped
+        reading the answer): the waiter leaves the queue, a lease granted to it is
+        released, and a request of that waiter arriving later is refused."""
+        await self._call("leave", waiter_id, "withdraw", WITHDRAWN_KEPT_MS)
 
     async def release(self, lease_id: str, handover: str = "", handover_ms: float = 0.0) -> None:
         """``handover``: what the holder did with the device (a ``Handover``), kept in the history."""

@@ -35,6 +35,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/query", "rag"),
     Route("/v1/stats", "rag"),
     Route("/v1/leases", "coordinator", subtree=True),
+    Route("/v1/waiters", "coordinator", subtree=True),
     Route("/v1/gpu", "coordinator"),
     Route("/v1/events", "coordinator"),
     Route("/v1/history", "coordinator"),

@@ -53,6 +53,7 @@ class GpuClient:
         self.http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s, transport=transport)
         self._leases: dict[int, Lease] = {}
         self._leases_lock = threading.Lock()
+        self._withdrawals: set[asyncio.Task[None]] = set()
         self._watch = watch_events
         self._events_thread: threading.Thread | None = None
         self._events_http: httpx.Client | None = None
@@ -180,6 +181,11 @@ class GpuClient:
                 response = await self.http.post(
                     "/v1/leases", json=body, headers=self.auth_headers(), timeout=remaining + self._timeout_s
                 )
+            except asyncio.CancelledError:
+                # The coordinator may have granted the lease as we stopped reading: ask it
+                # to take the ask back, or the card stays held, unused, until its TTL.
+                self._withdraw_soon(waiter_id)
+                raise
             except httpx.TransportError as exc:
                 # The coordinator may be restarting: ask again with the same waiter id.
                 if time.monotonic() >= give_up:
@@ -189,7 +195,13 @@ class GpuClient:
                 await asyncio.sleep(0.2)
                 continue
             if response.status_code == 201:
-                return await self._adopt(LeaseGrant.model_validate_json(response.content), sent)
+                grant = LeaseGrant.model_validate_json(response.content)
+                try:
+                    return await self._adopt(grant, sent)
+                except asyncio.CancelledError:
+                    self.forget(grant.fence)
+                    self._withdraw_soon(waiter_id)
+                    raise
             if response.status_code == 429:
                 raise GpuUnavailable("GPU queue full", retry_after_s=_retry_after(response), reason="queue_full")
             if response.status_code == 503 and time.monotonic() < give_up and _error_code(response) != "wait_over":
@@ -200,6 +212,25 @@ class GpuClient:
                 retry_after_s=_retry_after(response),
                 reason=_error_code(response) or str(response.status_code),
             )
+
+    def _withdraw_soon(self, waiter_id: str) -> None:
+        """Take an ask back in the background (its caller was cancelled): the coordinator
+        drops it from the queue, or releases what it granted to it."""
+        task = asyncio.get_running_loop().create_task(self._withdraw(waiter_id), name="gpu-withdraw")
+        self._withdrawals.add(task)
+        task.add_done_callback(self._withdrawals.discard)
+
+    async def _withdraw(self, waiter_id: str) -> None:
+        for attempt in range(3):
+            try:
+                response = await self.http.delete(f"/v1/waiters/{waiter_id}", headers=self.auth_headers())
+            except httpx.TransportError as exc:
+                log.info("could not withdraw a GPU ask yet", extra={"error": type(exc).__name__})
+                await asyncio.sleep(0.2 * (attempt + 1))
+                continue
+            if response.status_code != 204:
+                log.warning("the coordinator refused to withdraw a GPU ask", extra={"status": response.status_code})
+            return
 
     async def _adopt(self, grant: LeaseGrant, sent: float) -> Lease:
         lease = Lease(self, grant, sent, asyncio.get_running_loop())
@@ -244,6 +275,8 @@ class GpuClient:
                 sock.shutdown(socket.SHUT_RDWR)
 
     async def aclose(self) -> None:
+        if self._withdrawals:  # a moment, so that no ask outlives the client
+            await asyncio.wait(set(self._withdrawals), timeout=self._timeout_s)
         self._closed.set()
         self._hang_up_events()
         with self._leases_lock:

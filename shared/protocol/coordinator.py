@@ -16,6 +16,10 @@ worker (to restart from a checkpoint), moved its weights off (unload, offload), 
 everything (nothing needed the memory)."""
 
 
+WAITER_ID = r"^[A-Za-z0-9_-]{8,64}$"
+"""A waiter id: the client's own, random (shared.gpu's are 24 hex digits)."""
+
+
 class LeaseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -32,7 +36,7 @@ class LeaseRequest(BaseModel):
     )
     waiter_id: str | None = Field(
         default=None,
-        pattern=r"^[A-Za-z0-9_-]{8,64}$",
+        pattern=WAITER_ID,
         description="Idempotency key: asking again with the same id keeps the place in the queue "
         "(and returns the grant if it was made while the connection was broken).",
     )

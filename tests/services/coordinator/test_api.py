@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from harness.routes import misanswered, walk
+from shared.gpu import GpuClient, LeaseRequest
 from tests.conftest import Mint
 from tests.services.coordinator.conftest import Api, Events, ServeCoordinator, Served
 
@@ -118,6 +119,77 @@ async def test_a_waiter_whose_connection_drops_leaves_the_queue(
         left = await events.wait_for(lambda e: e["type"] == "left_queue", timeout_s=2)
     assert (left["holder"], left["reason"]) == ("impatient", "disconnected")
     assert (await api.gpu())["queue"] == []
+
+
+async def test_a_withdrawn_ask_leaves_the_card_free_whenever_it_was_granted(
+    serve_coordinator: ServeCoordinator, api_factory: ApiFactory
+) -> None:
+    """``DELETE /v1/waiters/{id}``: for a holder that stopped reading its ask's answer.
+    Granted already: the lease is released. Still queued: it leaves the queue. Not
+    arrived yet: it is refused when it does."""
+    api = api_factory(serve_coordinator())
+    granted = await api.acquire("llm", waiter_id="granted-before-the-withdrawal")
+    assert granted.status_code == 201
+    assert (await api.http.delete("/v1/waiters/granted-before-the-withdrawal")).status_code == 204
+    assert (await api.gpu())["holder"] is None
+    assert (await api.history(1))[0]["end"] == "released"
+
+    holder = (await api.acquire("transcription", "batch")).json()
+    queued = asyncio.create_task(api.acquire("llm", wait_ms=60000, waiter_id="queued-then-withdrawn"))
+    await api.wait_queue(1)
+    assert (await api.http.delete("/v1/waiters/queued-then-withdrawn")).status_code == 204
+    assert (await api.gpu())["queue"] == []
+    queued.cancel()  # as its client does: it stopped reading
+    await api.release(holder["lease_id"])
+    assert (await api.gpu())["holder"] is None
+
+    assert (await api.http.delete("/v1/waiters/overtaken-by-its-withdrawal")).status_code == 204
+    late = await api.acquire("llm", waiter_id="overtaken-by-its-withdrawal")
+    assert late.status_code == 410 and late.json()["error"]["code"] == "withdrawn"
+    assert (await api.gpu())["holder"] is None
+    assert (await api.http.delete("/v1/waiters/x")).status_code == 400  # not a waiter id
+
+
+class UnreadGrants(httpx.AsyncBaseTransport):
+    """Forwards each request; the answer to ``POST /v1/leases`` is received and never
+    handed on: its caller is cancelled between the grant and reading it."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.granted = asyncio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.method == "POST" and request.url.path == "/v1/leases":
+            await response.aread()
+            self.granted.set()
+            await asyncio.Event().wait()  # until cancelled
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_client_cancelled_as_its_lease_is_granted_leaves_the_card_free(
+    serve_coordinator: ServeCoordinator, api_factory: ApiFactory, gpu_factory: Callable[..., GpuClient]
+) -> None:
+    """The LLM asks for the card as a request arrives and takes the ask back when the
+    request needs none (a cached answer, a remote backend): cancelled as the grant was
+    on its way, it held the card, unused, for the lease's TTL (found: a transcription
+    waited 8 s behind a chat answered by a backend)."""
+    coordinator = serve_coordinator()
+    api = api_factory(coordinator)
+    transport = UnreadGrants()
+    client = gpu_factory(coordinator, "llm", transport=transport, watch_events=False)
+    asking = asyncio.create_task(client.acquire(LeaseRequest("llm", wait_s=10, ttl_ms=60000)))
+    await asyncio.wait_for(transport.granted.wait(), 10)
+    assert (await api.gpu())["holder"] == "llm"
+    asking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asking
+    await client.aclose()  # it waits for the withdrawal it sent
+    assert (await api.gpu())["holder"] is None
+    assert (await api.history(1))[0]["end"] == "released"
 
 
 async def test_history_records_how_each_grant_ended(

@@ -41,6 +41,7 @@ from shared.openapi import honest_openapi
         ("/v1/query", "rag"),
         ("/v1/stats", "rag"),
         ("/v1/leases/l1/renew", "coordinator"),
+        ("/v1/waiters/w1", "coordinator"),
         ("/v1/gpu", "coordinator"),
         ("/v1/events", "coordinator"),
         ("/v1/history", "coordinator"),
