@@ -71,9 +71,17 @@ def _processes(stack: Stack) -> dict[str, Any]:
 
 
 def chat(
-    stack: Stack, question: str, *, rag: bool, top_k: int, max_tokens: int, out: TextIO = sys.stdout
+    stack: Stack,
+    question: str,
+    *,
+    rag: bool,
+    top_k: int,
+    max_tokens: int,
+    rag_filter: dict[str, str] | None = None,
+    out: TextIO = sys.stdout,
 ) -> dict[str, Any]:
-    """Stream the answer, then its sources."""
+    """Stream the answer, then its sources (``rag_filter``: the memories it may use, as
+    the chat API's ``rag.filter``)."""
     with stack.client("llm", timeout_s=600) as http:
         model = check(http.get("/v1/models"), "llm").json()["data"][0]["id"]
         body: dict[str, Any] = {
@@ -81,7 +89,7 @@ def chat(
             "max_tokens": max_tokens, "temperature": 0,
         }  # fmt: skip
         if rag:
-            body["rag"] = {"top_k": top_k}
+            body["rag"] = {"top_k": top_k, **({"filter": rag_filter} if rag_filter else {})}
         answer: list[str] = []
         final: dict[str, Any] = {}
         with http.stream("POST", "/v1/chat/completions", json=body) as response:

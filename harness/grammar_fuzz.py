@@ -2,9 +2,11 @@
 and a runner that sends each through the service's gates and, when they pass, through
 the real model.
 
-``python -m harness.grammar_fuzz COUNT SEED`` runs COUNT of them in this process
-and prints one JSON line of what happened; it must exit 0 (a segfault is exit -11). The
-test (tests/services/llm/test_grammar_fuzz.py) runs it in a child process for that reason.
+``python -m harness.grammar_fuzz COUNT SEED [SHARD/SHARDS]`` runs COUNT of them in this
+process (with SHARD/SHARDS, the ones whose index is SHARD modulo SHARDS: the same bombs
+over several processes) and prints one JSON line of what happened; it must exit 0 (a
+segfault is exit -11). The test (tests/services/llm/test_grammar_fuzz.py) runs it in
+child processes for that reason.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def gbnf_bomb(rng: random.Random) -> str:
     )
 
 
-def run(count: int, seed: int) -> dict[str, Any]:
+def run(count: int, seed: int, shard: int = 0, shards: int = 1) -> dict[str, Any]:
     import llama_cpp
 
     from services.llm.engine import BadSchema, Params, grammar_text
@@ -111,11 +113,15 @@ def run(count: int, seed: int) -> dict[str, Any]:
     dearest_ms = 0.0
     started = time.monotonic()
     for index in range(count):
-        if index % 5 == 4:
-            text, param = gbnf_bomb(rng), "tools"
+        # Every bomb is drawn, in every shard, so that each index is the same bomb.
+        bomb: str | dict[str, Any] = gbnf_bomb(rng) if index % 5 == 4 else document(rng)
+        if index % shards != shard:
+            continue
+        if isinstance(bomb, str):
+            text, param = bomb, "tools"
         else:
             try:
-                found = grammar_text(Params(max_tokens=4, json_schema=document(rng)), limits)
+                found = grammar_text(Params(max_tokens=4, json_schema=bomb), limits)
             except BadSchema:
                 outcomes["refused by the schema gate"] += 1
                 continue
@@ -140,7 +146,8 @@ def run(count: int, seed: int) -> dict[str, Any]:
 
 def main() -> None:
     count, seed = int(sys.argv[1]), int(sys.argv[2])
-    print(json.dumps(run(count, seed)))
+    shard, shards = (int(n) for n in (sys.argv[3] if len(sys.argv) > 3 else "0/1").split("/"))
+    print(json.dumps(run(count, seed, shard, shards)))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,11 @@ def run(settings: LauncherSettings, *, keep: bool, question: str = QUESTION, out
         out.write("\n2. Indexing the transcript as memories... ")
         out.write("done\n" if commands.wait_indexed(stack, job["job_id"]) else "still pending (RAG unreachable?)\n")
         out.write(f"\n3. Asking: {question}\n\n")
-        answer = commands.chat(stack, question, rag=True, top_k=3, max_tokens=80, out=out)
+        # From this transcript's memories: on a stack that already holds other
+        # transcripts of the same meeting, those can rank first (a test run saw it).
+        answer = commands.chat(
+            stack, question, rag=True, top_k=3, max_tokens=80, rag_filter={"job_id": job["job_id"]}, out=out
+        )
         out.write("\n4. How the GPU was handed over:\n")
         commands.status(stack, out=out)
         cited = [s for s in answer["sources"] if s.get("metadata", {}).get("job_id") == job["job_id"]]
