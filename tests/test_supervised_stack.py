@@ -33,6 +33,13 @@ BACK_WITHIN_S = 10.0
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LaunchedStack]:
     made = LaunchedStack(tmp_path_factory.mktemp("supervised") / "run")
     made.env["BATON_RESTART_BACKOFF_S"] = "0.2"
+    # A killed service's lease is the coordinator's until its TTL (15 s as shipped): the
+    # new process waits that out before it holds the card again. Shorter here, so that
+    # the tests wait less for what they do not measure (the services' tests use 2 s).
+    made.env["GEMMA_LEASE_TTL_MS"] = made.env["TRANSCRIPTION_LEASE_TTL_MS"] = "4000"
+    # Greedy decoding, as the transcription service's tests: the job test compares two
+    # transcripts of this one service, not their words (docs/testing.md).
+    made.env["TRANSCRIPTION_BEAM_SIZE"] = "1"
     made.up()
     yield made
     made.down()
