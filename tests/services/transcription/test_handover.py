@@ -88,10 +88,16 @@ def long_recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(start_tx: StartTx) -> Iterator[dict[str, Any]]:
-    """The meeting's job transcript, unpreempted."""
-    tx = start_tx()
-    yield wait_for_job(tx, tx.submit(MEETING))
+def reference(tx: Tx) -> dict[str, Any]:
+    """The meeting's job transcript, unpreempted (by the module's service as configured
+    by default: each test that kills or stops a service has one of its own)."""
+    return wait_for_job(tx, tx.submit(MEETING))
+
+
+@pytest.fixture(scope="module")
+def big(start_tx: StartTx) -> Tx:
+    """A service that takes the long recording, for the tests that leave it as they found it."""
+    return start_tx(**BIG)
 
 
 async def take_gpu(tx: Tx, vram_mb: int = 0) -> Any:
@@ -140,8 +146,8 @@ def test_a_worker_that_dies_mid_window_is_replaced(start_tx: StartTx, reference:
     assert len(worker_pids(tx.service)) == 2
 
 
-def test_a_paused_upload_gives_the_unpreempted_transcript(start_tx: StartTx, long_recording: Path) -> None:
-    tx = start_tx(**BIG)
+def test_a_paused_upload_gives_the_unpreempted_transcript(big: Tx, long_recording: Path) -> None:
+    tx = big
     unpreempted = tx.transcribe(long_recording, response_format="verbose_json")
     assert unpreempted.status_code == 200
 
@@ -166,9 +172,9 @@ def test_a_paused_upload_gives_the_unpreempted_transcript(start_tx: StartTx, lon
 
 
 @pytest.fixture(scope="module")
-def long_text(start_tx: StartTx, long_recording: Path) -> str:
+def long_text(big: Tx, long_recording: Path) -> str:
     """The long recording's transcript, uploaded alone."""
-    response = start_tx(**BIG).transcribe(long_recording)
+    response = big.transcribe(long_recording)
     assert response.status_code == 200
     text: str = response.json()["text"]
     return text
@@ -201,11 +207,11 @@ def test_the_interactive_path_stops_at_its_fence_when_the_lease_is_lost(
 
 
 def test_a_worker_stopped_by_its_own_fence_resumes_at_the_next_renewal(
-    start_tx: StartTx, long_recording: Path, long_text: str
+    big: Tx, long_recording: Path, long_text: str
 ) -> None:
     """A renewal answered after the lease's local deadline: the worker has stopped itself,
     yet the service still holds the lease. The renewal resumes it; nothing else would."""
-    tx = start_tx(**BIG)
+    tx = big
     result: dict[str, httpx.Response] = {}
     upload = threading.Thread(target=lambda: result.setdefault("r", tx.transcribe(long_recording)))
     upload.start()
@@ -221,11 +227,10 @@ def test_a_worker_stopped_by_its_own_fence_resumes_at_the_next_renewal(
 
 
 def test_two_uploads_at_once_take_turns_not_milliseconds(
-    start_tx: StartTx, record_property: Callable[[str, object], None]
+    tx: Tx, record_property: Callable[[str, object], None]
 ) -> None:
     """Two uploads of one service hold the card in turns (COORDINATOR_TURN_MS), not
     one pause per few milliseconds each, and each gets its own transcript."""
-    tx = start_tx()
     started = time.monotonic()
     alone = tx.transcribe(MEETING).json()["text"]
     one = time.monotonic() - started

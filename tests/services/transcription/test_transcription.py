@@ -98,8 +98,13 @@ def test_a_job_transcribes_the_long_recording_and_reports_progress(
     wait_until(lambda: tx.job(job_id)["indexed"], 30, "the transcript to be indexed")
 
 
-def test_a_preempted_job_gives_exactly_the_unpreempted_transcript(tx: Tx) -> None:
-    reference = wait_for_job(tx, tx.submit(MEETING))
+@pytest.fixture(scope="module")
+def reference(tx: Tx) -> dict[str, Any]:
+    """The meeting's job, unpreempted, by a service configured as ``start_tx()`` makes it."""
+    return wait_for_job(tx, tx.submit(MEETING))
+
+
+def test_a_preempted_job_gives_exactly_the_unpreempted_transcript(tx: Tx, reference: dict[str, Any]) -> None:
 
     async def preempt_twice(job_id: str) -> list[int]:
         asker = tx.holder("llm")
@@ -142,9 +147,8 @@ def test_a_preempted_job_gives_exactly_the_unpreempted_transcript(tx: Tx) -> Non
     assert all(g["end"] == "released" for g in grants[:4])
 
 
-def test_killing_the_service_mid_job_resumes_from_the_checkpoint(start_tx: StartTx) -> None:
+def test_killing_the_service_mid_job_resumes_from_the_checkpoint(start_tx: StartTx, reference: dict[str, Any]) -> None:
     tx = start_tx()
-    reference = wait_for_job(tx, tx.submit(MEETING))
     job_id = tx.submit(MEETING)
     wait_until(lambda: len(tx.job(job_id)["segments"]) > 0, 60, "a first checkpoint")
     tx.service.kill()
