@@ -1,8 +1,8 @@
 #!/bin/sh
 # One service's virtual environment in /opt/venv, from the pinned lock (run by docker/Dockerfile).
-#   build-venv deps "<extras>"   the dependencies only (extras separated by spaces): a layer that a change of Baton's
-#                                source does not invalidate
-#   build-venv project           Baton itself, without dependencies
+#   build-venv deps "<extras>"   the dependencies only (extras separated by spaces), and a .pth that makes
+#                                /opt/app importable: Baton's source, which the images copy there last, so
+#                                that a change of it leaves this layer as it is
 # PYTHON_DIST (a build argument) picks the interpreter: "standalone", uv's CPython
 # (downloaded; it runs on any base, the CUDA images included), or "system", the base
 # image's own python3 (no download; the runtime base must then be the same image).
@@ -32,12 +32,11 @@ case "$1" in
     if [ -d /wheels ]; then set -- "$@" --find-links /wheels; fi
     # Dependencies of pyproject.toml (and the extra), at the versions of the lock.
     uv pip install --python /opt/venv -c requirements.lock -r pyproject.toml "$@"
-    ;;
-  project)
-    uv pip install --python /opt/venv --no-deps .
+    site=$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    echo /opt/app > "${site}/baton-app.pth"
     ;;
   *)
-    echo "usage: build-venv deps <extra> | build-venv project" >&2
+    echo "usage: build-venv deps <extras>" >&2
     exit 2
     ;;
 esac

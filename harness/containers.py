@@ -208,19 +208,44 @@ class Podman:
                 self._service.kill()
 
     @contextmanager
-    def healthchecks(self, project: str, every_s: float = 2.0) -> Iterator[None]:
-        """Run the containers' healthchecks: podman leaves their timers to systemd."""
+    def healthchecks(self, project: str, every_s: float = 1.0, healthy_every_s: float = 10.0) -> Iterator[None]:
+        """Run the containers' healthchecks: podman leaves their timers to systemd. Those
+        not healthy yet every ``every_s``, side by side, so that compose starts the next
+        service about as soon as the ones it depends on are ready (one after another,
+        every 2 s, a stack of four levels took 20-24 s to be healthy); the healthy ones
+        every ``healthy_every_s``."""
         stop = threading.Event()
+        checked: dict[str, float] = {}
+
+        def check(container: str) -> None:
+            _run(["podman", "healthcheck", "run", container], env=self.env, timeout=60)
 
         def loop() -> None:
             while not stop.wait(every_s):
                 listed = _run(
-                    ["podman", "ps", "-q", "--filter", f"label=com.docker.compose.project={project}"],
+                    [
+                        "podman",
+                        "ps",
+                        "--filter",
+                        f"label=com.docker.compose.project={project}",
+                        "--format",
+                        "{{.ID}} {{.Status}}",
+                    ],
                     env=self.env,
                     timeout=60,
                 )
-                for container in listed.stdout.split():
-                    _run(["podman", "healthcheck", "run", container], env=self.env, timeout=60)
+                now = time.monotonic()
+                due = []
+                for line in listed.stdout.splitlines():
+                    container, _, status = line.partition(" ")
+                    if "(healthy)" not in status or now - checked.get(container, 0.0) >= healthy_every_s:
+                        due.append(container)
+                        checked[container] = now
+                runs = [threading.Thread(target=check, args=(container,), daemon=True) for container in due]
+                for run in runs:
+                    run.start()
+                for run in runs:
+                    run.join(60)
 
         thread = threading.Thread(target=loop, name="healthchecks", daemon=True)
         thread.start()
